@@ -1,0 +1,1 @@
+"""Triton GPU decode paths for kvcodec's codecs (installed as `kvcodec.kernels`)."""

@@ -1,0 +1,121 @@
+"""Library entry points: pack/unpack files, encode/decode bytes, open lazily."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Callable
+
+import torch
+
+from . import format as fmt
+from .cache import KVCache
+from .codec import ChunkInfo, Codec
+from .dtypes import dtype_name, tensor_bytes
+from .errors import CodecError, InputError, KVCError
+from .reader import KVCReader
+from .registry import get_codec
+from .writer import KVCWriter, atomic_output
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def as_kvcache(cache) -> KVCache:
+    """Accept a KVCache, a transformers DynamicCache or a legacy tuple of (key, value) pairs."""
+    return cache if isinstance(cache, KVCache) else KVCache.from_hf(cache)
+
+
+def make_codec(codec: str | Codec, options: dict) -> Codec:
+    if isinstance(codec, Codec):
+        if options:
+            raise CodecError("pass options either to the codec object or as keywords, not both")
+        return codec
+    return get_codec(codec, **options)
+
+
+def _header(cache: KVCache, codec: Codec, chunk_tokens: int) -> fmt.Header:
+    def spec(t: torch.Tensor) -> fmt.TensorSpec:
+        b, h, n, d = t.shape
+        return fmt.TensorSpec(b, h, n, d, dtype_name(t.dtype))
+
+    for i, lay in enumerate(cache.layers):
+        b, h, n, d = lay.key.shape
+        if max(b, h, d, lay.value.shape[3]) > fmt.MAX_DIM or n > fmt.MAX_TOKENS:
+            raise InputError(f"layer {i} shape {tuple(lay.key.shape)} exceeds the format's bounds")
+    return fmt.Header(
+        layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0])
+                for l in cache.layers],
+        codecs=[fmt.CodecEntry(codec.codec_id, codec.name, codec.get_config())],
+        chunk_tokens=chunk_tokens,
+        layout=cache.layout,
+        token_ids_shape=None if cache.token_ids is None else tuple(cache.token_ids.shape),
+        metadata=dict(cache.metadata),
+    )
+
+
+def write_cache(cache: KVCache, sink, codec: Codec, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Encode `cache` into the binary stream `sink`, one chunk at a time; return bytes written."""
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= fmt.MAX_TOKENS:
+        raise InputError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
+    writer = KVCWriter(sink, _header(cache, codec, chunk_tokens))
+    context = [bytes(b) for b in codec.fit(cache)]
+    for ordinal, blob in enumerate(context):
+        writer.add_blob(0, ordinal, blob)
+    if cache.token_ids is not None:
+        writer.add_blob(fmt.CONTAINER_OWNER, 0, tensor_bytes(cache.token_ids))
+    for i, lay in enumerate(cache.layers):
+        if lay.positions is not None:
+            writer.add_blob(fmt.CONTAINER_OWNER, 1 + i, tensor_bytes(lay.positions))
+    for i, lay in enumerate(cache.layers):
+        for t, tensor in enumerate((lay.key, lay.value)):
+            for start in range(0, tensor.shape[2], chunk_tokens):
+                chunk = tensor[:, :, start:start + chunk_tokens]
+                info = ChunkInfo(i, fmt.TENSORS[t], start, tuple(chunk.shape), chunk.dtype)
+                payload = codec.encode(chunk, info, context)
+                writer.add_record(i, t, start, chunk.shape, dtype_name(chunk.dtype), 0, payload)
+        if progress:
+            progress(i + 1)
+    return writer.finish()
+
+
+def pack(cache, dest, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+         overwrite: bool = True, progress: Callable[[int], None] | None = None, **options) -> int:
+    """Write `cache` to `dest` (a path or a binary file object) as `.kvc`; return its size.
+
+    A path is written under a temporary name and renamed when complete.
+    """
+    cache, codec = as_kvcache(cache), make_codec(codec, options)
+    if isinstance(dest, (str, os.PathLike)):
+        with atomic_output(dest, overwrite) as f:
+            return write_cache(cache, f, codec, chunk_tokens, progress)
+    return write_cache(cache, dest, codec, chunk_tokens, progress)
+
+
+def encode(cache, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **options) -> bytes:
+    """The `.kvc` bytes of `cache`, for key-value stores."""
+    buf = io.BytesIO()
+    write_cache(as_kvcache(cache), buf, make_codec(codec, options), chunk_tokens)
+    return buf.getvalue()
+
+
+def open(src) -> KVCReader:  # noqa: A001 - mirrors the built-in on purpose
+    """A lazy reader over a path, a binary file object or bytes."""
+    return KVCReader(src)
+
+
+def unpack(src, device=None, *, strict: bool = True, progress: Callable[[int], None] | None = None) -> KVCache:
+    """Decode a whole `.kvc` (path, file object or bytes). `strict` also checks that every byte
+    of the file is accounted for, so any corruption is reported."""
+    with KVCReader(src) as reader:
+        if strict:
+            reader.check_layout()
+        return reader.read_cache(device=device, progress=progress)
+
+
+def decode(data, device=None) -> KVCache:
+    """Inverse of `encode`."""
+    return unpack(data, device=device)
+
+
+__all__ = ["pack", "unpack", "open", "encode", "decode", "write_cache", "as_kvcache", "KVCError"]

@@ -1,0 +1,128 @@
+"""`KVCache`: the in-memory data model every codec and file layout converts to and from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .dtypes import dtype_name
+from .errors import InputError
+
+
+@dataclass
+class LayerKV:
+    """One layer: key `[batch, heads, tokens, head_dim]`, value likewise (head_dim may differ).
+
+    `positions` (int64, `[tokens]` or `[heads, tokens]`) are the original sequence positions of
+    the kept tokens; None means 0..tokens-1.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerKV]
+    token_ids: torch.Tensor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = "legacy"
+
+    def __post_init__(self):
+        validate(self)
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.key, lay.value))
+
+    def __iter__(self):
+        return iter((lay.key, lay.value) for lay in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to(self, device=None, dtype=None) -> "KVCache":
+        layers = [LayerKV(lay.key.to(device=device, dtype=dtype), lay.value.to(device=device, dtype=dtype),
+                          lay.positions) for lay in self.layers]
+        return KVCache(layers, self.token_ids, dict(self.metadata), self.layout)
+
+    def equal(self, other: "KVCache") -> bool:
+        """Bit-exact equality of every tensor, dtype included."""
+        if len(self.layers) != len(other.layers):
+            return False
+        for a, b in zip(self.layers, other.layers):
+            for x, y in ((a.key, b.key), (a.value, b.value)):
+                if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.cpu(), y.cpu()):
+                    return False
+        return True
+
+    # -- transformers --------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, cache, metadata: dict[str, str] | None = None) -> "KVCache":
+        """From a transformers `DynamicCache` (or the legacy tuple of (key, value) pairs)."""
+        if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
+            pairs = [(lay.keys, lay.values) for lay in cache.layers]
+        elif hasattr(cache, "key_cache"):
+            pairs = list(zip(cache.key_cache, cache.value_cache))
+        elif isinstance(cache, (tuple, list)):
+            pairs = list(cache)
+        else:
+            raise InputError(f"cannot read a cache from {type(cache).__name__}")
+        for i, (k, v) in enumerate(pairs):
+            if k is None or v is None:
+                raise InputError(f"layer {i} of the cache is empty (was the model run with use_cache=True?)")
+        layers = [LayerKV(k.detach(), v.detach()) for k, v in pairs]
+        return cls(layers, metadata=dict(metadata or {}), layout="hf")
+
+    def to_hf(self, config=None, device=None):
+        """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        for i, lay in enumerate(self.layers):
+            cache.update(lay.key.to(device), lay.value.to(device), i)
+        return cache
+
+
+def validate(cache: KVCache) -> None:
+    """Raise InputError unless the cache has the shapes, dtypes and types the format stores."""
+    if not isinstance(cache.layers, list) or not cache.layers:
+        raise InputError("a cache needs at least one layer")
+    for i, lay in enumerate(cache.layers):
+        for name, t in (("key", lay.key), ("value", lay.value)):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"layer {i} {name} is a {type(t).__name__}, not a tensor")
+            if t.dim() != 4:
+                raise InputError(
+                    f"layer {i} {name} has shape {tuple(t.shape)}; expected 4 dims [batch, heads, tokens, head_dim]"
+                )
+            dtype_name(t.dtype)
+            if min(t.shape[0], t.shape[1], t.shape[3]) < 1:
+                raise InputError(f"layer {i} {name} has an empty batch, head or head_dim axis: {tuple(t.shape)}")
+        if lay.key.shape[:3] != lay.value.shape[:3]:
+            raise InputError(
+                f"layer {i}: key {tuple(lay.key.shape)} and value {tuple(lay.value.shape)} differ in batch, heads or tokens"
+            )
+        if lay.positions is not None:
+            p = lay.positions
+            tokens, heads = lay.key.shape[2], lay.key.shape[1]
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.int64:
+                raise InputError(f"layer {i} positions must be an int64 tensor")
+            if p.dim() == 1:
+                lay.positions = p = p.reshape(1, -1)
+            if p.dim() != 2 or p.shape[1] != tokens or p.shape[0] not in (1, heads):
+                raise InputError(f"layer {i} positions have shape {tuple(p.shape)}; expected [{tokens}] or [{heads}, {tokens}]")
+    if cache.token_ids is not None:
+        t = cache.token_ids
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() not in (1, 2):
+            raise InputError("token_ids must be an integer tensor [tokens] or [batch, tokens]")
+        cache.token_ids = t.to(torch.int64).reshape(1, -1) if t.dim() == 1 else t.to(torch.int64)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cache.metadata.items()):
+        raise InputError("metadata must map strings to strings")

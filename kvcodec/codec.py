@@ -1,0 +1,86 @@
+"""The codec interface: one small class per codec, encoding and decoding one chunk."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from .errors import CodecError
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a codec knows about the chunk it codes: where it sits and its exact shape."""
+
+    layer: int
+    tensor: str  # "key" or "value"
+    token_start: int
+    shape: tuple[int, int, int, int]  # batch, heads, tokens, head_dim
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        b, h, t, d = self.shape
+        return b * h * t * d
+
+
+class Codec:
+    """Base class. Subclasses set the class attributes, take their options as keyword
+    arguments of `__init__` (validated there), and implement `encode` and `decode`.
+
+    `fit` may compute shared context from the whole cache before any chunk is encoded
+    (entropy tables, ...): the blobs it returns are stored once per file and handed to every
+    `encode`/`decode` call as `context`.
+    """
+
+    codec_id: ClassVar[int]
+    name: ClassVar[str]
+    lossless: ClassVar[bool]
+    description: ClassVar[str] = ""
+
+    def __init__(self):
+        """Codecs without options keep this signature; others list their options here."""
+
+    def get_config(self) -> dict:
+        """JSON-serializable options; `from_config(get_config())` rebuilds an equal codec."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {k: getattr(self, k) for k in params if k != "self"}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Codec":
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(config) - set(params) - {"self"})
+        if unknown:
+            known = ", ".join(k for k in params if k != "self") or "none"
+            raise CodecError(f"codec {cls.name!r} has no option {unknown[0]!r} (options: {known})")
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"codec {cls.name!r}: {exc}") from None
+
+    def fit(self, cache) -> list[bytes]:
+        return []
+
+    def encode(self, chunk: torch.Tensor, info: ChunkInfo, context: Sequence[bytes]) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def check_payload_length(payload, expected: int, info: ChunkInfo, codec: str) -> None:
+    if len(payload) != expected:
+        raise CodecError(
+            f"{codec} payload of layer {info.layer} {info.tensor} tokens {info.token_start}+{info.shape[2]} "
+            f"is {len(payload)} bytes; its shape needs {expected}"
+        )

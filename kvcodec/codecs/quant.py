@@ -1,0 +1,95 @@
+"""`quant`: asymmetric grouped integer quantization (2/3/4/8 bits), bit-packed.
+
+Keys are grouped per channel along tokens and values per token along channels: key outliers
+sit in fixed channels, value outliers do not (KIVI). Group minima and scales are float16 so
+that `code * scale` is exact in float32 and every decoder, fused or not, is bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..codec import ChunkInfo, Codec, check_payload_length
+from ..errors import CodecError
+from . import bitpack
+
+FP16_MAX = 65504.0
+
+
+def _round_to_half(x: torch.Tensor, toward: float) -> torch.Tensor:
+    """float32 -> float16 rounded toward -inf (toward < 0) or +inf (toward > 0)."""
+    h = x.to(torch.float16)
+    off = h.float() > x if toward < 0 else h.float() < x
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, toward * float("inf"))), h)
+
+
+class QuantCodec(Codec):
+    codec_id = 4
+    name = "quant"
+    lossless = False
+    description = "grouped asymmetric integer quantization; keys per channel, values per token"
+
+    def __init__(self, bits: int = 4, group_size: int = 64):
+        if bits not in bitpack.SUPPORTED_BITS or isinstance(bits, bool):
+            raise ValueError(f"bits must be one of {bitpack.SUPPORTED_BITS}, not {bits!r}")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or not 1 <= group_size <= 65536:
+            raise ValueError(f"group_size must be an integer from 1 to 65536, not {group_size!r}")
+        self.bits = bits
+        self.group_size = group_size
+
+    # Groups run along tokens (axis 2) for keys and along channels (axis 3) for values.
+    def _axis(self, info: ChunkInfo) -> int:
+        return 2 if info.tensor == "key" else 3
+
+    def _param_shape(self, info: ChunkInfo) -> tuple[int, ...]:
+        shape = list(info.shape)
+        axis = self._axis(info)
+        shape[axis] = -(-shape[axis] // self.group_size)
+        return tuple(shape)
+
+    def payload_length(self, info: ChunkInfo) -> int:
+        n_groups = int(np.prod(self._param_shape(info)))
+        return 4 * n_groups + bitpack.packed_length(info.numel, self.bits)
+
+    def encode(self, chunk, info, context):
+        x = chunk.detach().to("cpu", torch.float32)
+        if not torch.isfinite(x).all() or x.abs().max() > FP16_MAX:
+            raise CodecError(
+                f"quant: layer {info.layer} {info.tensor} holds NaN, infinity or magnitudes beyond float16; "
+                "use a lossless codec"
+            )
+        axis, g = self._axis(info), self.group_size
+        n = x.shape[axis]
+        ng = -(-n // g)
+        pad = ng * g - n
+        if pad:  # repeat the last element so padding does not widen any group's range
+            x = torch.cat([x, x.narrow(axis, n - 1, 1).expand(*[pad if a == axis else s for a, s in enumerate(x.shape)])], axis)
+        grouped = x.unflatten(axis, (ng, g))
+        lo = _round_to_half(grouped.amin(axis + 1), -1)
+        hi = grouped.amax(axis + 1)
+        levels = (1 << self.bits) - 1
+        scale = _round_to_half((hi - lo.float()) / levels, +1)
+        m = lo.float().unsqueeze(axis + 1)
+        s = scale.float().unsqueeze(axis + 1)
+        q = torch.where(s > 0, torch.round((grouped - m) / torch.where(s > 0, s, 1.0)), 0.0)
+        q = q.clamp_(0, levels).to(torch.uint8).flatten(axis, axis + 1).narrow(axis, 0, n)
+        return b"".join(
+            (lo.contiguous().numpy().tobytes(), scale.contiguous().numpy().tobytes(),
+             bitpack.pack(q.contiguous().numpy().reshape(-1), self.bits))
+        )
+
+    def decode(self, payload, info, context):
+        check_payload_length(payload, self.payload_length(info), info, self.name)
+        pshape = self._param_shape(info)
+        n_groups = int(np.prod(pshape))
+        params = np.frombuffer(payload, dtype=np.float16, count=2 * n_groups)
+        m = torch.from_numpy(params[:n_groups].astype(np.float32)).reshape(pshape)
+        s = torch.from_numpy(params[n_groups:].astype(np.float32)).reshape(pshape)
+        codes = bitpack.unpack(memoryview(payload)[4 * n_groups:], info.numel, self.bits)
+        q = torch.from_numpy(codes.astype(np.float32)).reshape(info.shape)
+        axis = self._axis(info)
+        n = info.shape[axis]
+        m = m.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
+        s = s.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
+        return (q * s + m).to(info.dtype)

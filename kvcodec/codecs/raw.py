@@ -1,0 +1,24 @@
+"""`raw`: the chunk's bytes as they are in memory. The reference point for every ratio."""
+
+from __future__ import annotations
+
+from ..codec import ChunkInfo, Codec, check_payload_length
+from ..dtypes import tensor_bytes, tensor_from_bytes
+
+
+def raw_length(info: ChunkInfo) -> int:
+    return info.numel * info.dtype.itemsize
+
+
+class RawCodec(Codec):
+    codec_id = 1
+    name = "raw"
+    lossless = True
+    description = "uncompressed little-endian elements"
+
+    def encode(self, chunk, info, context):
+        return bytes(tensor_bytes(chunk))
+
+    def decode(self, payload, info, context):
+        check_payload_length(payload, raw_length(info), info, self.name)
+        return tensor_from_bytes(payload, info.dtype, info.shape)

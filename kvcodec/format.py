@@ -1,0 +1,324 @@
+"""Byte layout of the `.kvc` container (format_spec/kvc-v1.md): preamble, header, index,
+trailer, and their validation. Knows nothing of any codec's payload."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .dtypes import CODE_TO_NAME, DTYPES
+from .errors import ChecksumError, FormatError
+
+MAGIC = b"\x89KVC\r\n\x1a\n"
+END_MAGIC = b"KVC1END\n"
+INDEX_MAGIC = b"KVCX"
+MAJOR, MINOR = 1, 0
+ALIGN = 64
+PREAMBLE = struct.Struct("<8sHHII8sI")  # magic, major, minor, header_length, flags, reserved, crc
+TRAILER = struct.Struct("<QQII8s")  # index_offset, index_length, reserved, crc, end magic
+INDEX_HEAD = struct.Struct("<4sIIII12s")
+MAX_HEADER = 16 << 20
+MAX_LAYERS = 4096
+MAX_CODECS = 256
+MAX_DIM = 65536
+MAX_TOKENS = 2**31 - 1
+MAX_METADATA = 1024
+CONTAINER_OWNER = 0xFFFF
+TENSORS = ("key", "value")
+
+RECORD_DTYPE = np.dtype([
+    ("offset", "<u8"), ("length", "<u8"), ("crc32", "<u4"), ("layer", "<u4"),
+    ("tensor", "u1"), ("dtype", "u1"), ("codec_slot", "<u2"), ("codec_id", "<u4"),
+    ("token_start", "<u4"), ("batch", "<u4"), ("heads", "<u4"), ("tokens", "<u4"),
+    ("head_dim", "<u4"), ("reserved", "V12"),
+])
+BLOB_DTYPE = np.dtype([
+    ("offset", "<u8"), ("length", "<u8"), ("crc32", "<u4"), ("owner", "<u2"),
+    ("reserved0", "<u2"), ("ordinal", "<u4"), ("reserved1", "<u4"),
+])
+assert RECORD_DTYPE.itemsize == 64 and BLOB_DTYPE.itemsize == 32
+
+
+def crc32(*parts) -> int:
+    value = 0
+    for part in parts:
+        value = zlib.crc32(part, value)
+    return value
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+# -- header ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    batch: int
+    heads: int
+    tokens: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.heads, self.tokens, self.head_dim)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    key: TensorSpec
+    value: TensorSpec
+    position_rows: int | None = None  # None: positions not stored
+
+
+@dataclass(frozen=True)
+class CodecEntry:
+    id: int
+    name: str
+    config: dict
+
+
+@dataclass
+class Header:
+    layers: list[LayerSpec]
+    codecs: list[CodecEntry]
+    chunk_tokens: int
+    layout: str = "legacy"
+    token_ids_shape: tuple[int, int] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "layers": [{"key": asdict(l.key), "value": asdict(l.value),
+                        "positions": None if l.position_rows is None else {"rows": l.position_rows}}
+                       for l in self.layers],
+            "codecs": [asdict(c) for c in self.codecs],
+            "chunk_tokens": self.chunk_tokens,
+            "layout": self.layout,
+            "token_ids": None if self.token_ids_shape is None else
+            {"batch": self.token_ids_shape[0], "tokens": self.token_ids_shape[1]},
+            "metadata": self.metadata,
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Header":
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise FormatError(f"header is not valid UTF-8 JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc) -> "Header":
+        _check(isinstance(doc, dict), "header is not a JSON object")
+        layers = doc.get("layers")
+        _check(isinstance(layers, list) and 1 <= len(layers) <= MAX_LAYERS,
+               f"header needs 1 to {MAX_LAYERS} layers")
+        codecs = doc.get("codecs")
+        _check(isinstance(codecs, list) and 1 <= len(codecs) <= MAX_CODECS,
+               f"header needs 1 to {MAX_CODECS} codecs")
+        meta = doc.get("metadata", {})
+        _check(isinstance(meta, dict) and len(meta) <= MAX_METADATA and
+               all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()),
+               "header metadata must be an object of strings")
+        layout = doc.get("layout", "legacy")
+        _check(isinstance(layout, str) and len(layout) <= 64, "header layout must be a short string")
+        chunk = doc.get("chunk_tokens")
+        _check(_is_int(chunk, 1, MAX_TOKENS), "header chunk_tokens must be a positive integer")
+        ids = doc.get("token_ids")
+        if ids is not None:
+            _check(isinstance(ids, dict) and _is_int(ids.get("batch"), 1, MAX_DIM)
+                   and _is_int(ids.get("tokens"), 0, MAX_TOKENS), "header token_ids must be {batch, tokens}")
+            ids = (ids["batch"], ids["tokens"])
+        return cls(
+            layers=[_layer(i, lay) for i, lay in enumerate(layers)],
+            codecs=[_codec(i, c) for i, c in enumerate(codecs)],
+            chunk_tokens=chunk, layout=layout, token_ids_shape=ids, metadata=meta,
+        )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise FormatError(message)
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _tensor(where: str, t) -> TensorSpec:
+    _check(isinstance(t, dict), f"header {where} is not an object")
+    for k in ("batch", "heads", "head_dim"):
+        _check(_is_int(t.get(k), 1, MAX_DIM), f"header {where}.{k} must be an integer from 1 to {MAX_DIM}")
+    _check(_is_int(t.get("tokens"), 0, MAX_TOKENS), f"header {where}.tokens is out of range")
+    _check(t.get("dtype") in DTYPES, f"header {where}.dtype must be one of {', '.join(DTYPES)}")
+    return TensorSpec(t["batch"], t["heads"], t["tokens"], t["head_dim"], t["dtype"])
+
+
+def _layer(i: int, lay) -> LayerSpec:
+    _check(isinstance(lay, dict), f"header layer {i} is not an object")
+    k, v = _tensor(f"layer {i} key", lay.get("key")), _tensor(f"layer {i} value", lay.get("value"))
+    _check(k.shape[:3] == v.shape[:3], f"header layer {i}: key and value differ in batch, heads or tokens")
+    pos = lay.get("positions")
+    rows = None
+    if pos is not None:
+        _check(isinstance(pos, dict) and pos.get("rows") in (1, k.heads) and _is_int(pos.get("rows"), 1, MAX_DIM),
+               f"header layer {i} positions.rows must be 1 or the head count")
+        rows = pos["rows"]
+    return LayerSpec(k, v, rows)
+
+
+def _codec(i: int, c) -> CodecEntry:
+    _check(isinstance(c, dict) and _is_int(c.get("id"), 1, 0xFFFFFFFF) and isinstance(c.get("name"), str)
+           and len(c["name"]) <= 64 and isinstance(c.get("config"), dict), f"header codec {i} is malformed")
+    return CodecEntry(c["id"], c["name"], c["config"])
+
+
+# -- preamble and trailer --------------------------------------------------------------------
+def pack_preamble(header: bytes) -> bytes:
+    head = PREAMBLE.pack(MAGIC, MAJOR, MINOR, len(header), 0, bytes(8), 0)[:28]
+    return head + struct.pack("<I", crc32(head, header))
+
+
+def parse_preamble(data: bytes) -> int:
+    """Validate the fixed preamble; return the header length."""
+    if len(data) < PREAMBLE.size:
+        raise FormatError("file is too short to be a .kvc file")
+    magic, major, _minor, length, _flags, _reserved, _crc = PREAMBLE.unpack(data[:PREAMBLE.size])
+    if magic != MAGIC:
+        raise FormatError("not a .kvc file (bad magic)")
+    if major != MAJOR:
+        raise FormatError(f"unsupported .kvc major version {major} (this reader supports {MAJOR})")
+    if not 2 <= length <= MAX_HEADER:
+        raise FormatError(f"header length {length} is out of bounds")
+    return length
+
+
+def check_header_crc(preamble: bytes, header: bytes) -> None:
+    stored = struct.unpack("<I", preamble[28:32])[0]
+    if crc32(preamble[:28], header) != stored:
+        raise ChecksumError("header checksum mismatch: the file is corrupt")
+
+
+def pack_trailer(index_offset: int, index: bytes) -> bytes:
+    head = struct.pack("<QQI", index_offset, len(index), 0)
+    return head + struct.pack("<I", crc32(head, index)) + END_MAGIC
+
+
+def parse_trailer(data: bytes, file_size: int, data_start: int) -> tuple[int, int]:
+    """Validate the trailer; return (index_offset, index_length)."""
+    offset, length, _reserved, _crc, end = TRAILER.unpack(data)
+    if end != END_MAGIC:
+        raise FormatError("file has no end marker: it is truncated or still being written")
+    if offset % ALIGN or offset < data_start or offset + length + TRAILER.size != file_size:
+        raise FormatError("trailer points outside the file: the file is truncated or corrupt")
+    return offset, length
+
+
+def check_index_crc(trailer: bytes, index: bytes) -> None:
+    if crc32(trailer[:20], index) != struct.unpack("<I", trailer[20:24])[0]:
+        raise ChecksumError("index checksum mismatch: the file is corrupt")
+
+
+# -- index -----------------------------------------------------------------------------------
+def pack_index(records: np.ndarray, blobs: np.ndarray) -> bytes:
+    head = INDEX_HEAD.pack(INDEX_MAGIC, len(records), len(blobs), RECORD_DTYPE.itemsize, BLOB_DTYPE.itemsize, bytes(12))
+    return head + records.tobytes() + blobs.tobytes()
+
+
+def parse_index(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    if len(data) < INDEX_HEAD.size:
+        raise FormatError("index is too short")
+    magic, n_rec, n_blob, rec_size, blob_size, _ = INDEX_HEAD.unpack(data[:INDEX_HEAD.size])
+    _check(magic == INDEX_MAGIC, "index has a bad magic")
+    _check(rec_size >= RECORD_DTYPE.itemsize and blob_size >= BLOB_DTYPE.itemsize, "index entry sizes are too small")
+    _check(INDEX_HEAD.size + n_rec * rec_size + n_blob * blob_size == len(data), "index length disagrees with its counts")
+    body = np.frombuffer(data, dtype=np.uint8, offset=INDEX_HEAD.size)
+    rec = body[: n_rec * rec_size].reshape(n_rec, rec_size)[:, :RECORD_DTYPE.itemsize]
+    blob = body[n_rec * rec_size:].reshape(n_blob, blob_size)[:, :BLOB_DTYPE.itemsize]
+    return (np.ascontiguousarray(rec).view(RECORD_DTYPE).reshape(-1),
+            np.ascontiguousarray(blob).view(BLOB_DTYPE).reshape(-1))
+
+
+def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_start: int, data_end: int) -> None:
+    """Spec section 4, checks 3 to 6: every entry consistent with the header and in bounds."""
+    for what, table in (("record", records), ("blob", blobs)):
+        off, length = table["offset"].astype(np.uint64), table["length"].astype(np.uint64)
+        _check(not np.any(off % ALIGN), f"a {what} is not aligned")
+        _check(not np.any((off < data_start) | (off > data_end) | (length > np.uint64(data_end) - off)),
+               f"a {what} lies outside the payload region")
+    n_layers = len(header.layers)
+    _check(not np.any(records["layer"] >= n_layers), "a record names a layer the header does not have")
+    _check(not np.any(records["tensor"] > 1), "a record has an invalid tensor kind")
+    _check(not np.any(records["codec_slot"] >= len(header.codecs)), "a record names a codec slot the header does not have")
+    ids = np.array([c.id for c in header.codecs], dtype=np.uint32)
+    _check(np.array_equal(ids[records["codec_slot"]], records["codec_id"]), "a record's codec id disagrees with the header")
+    _check(not np.any(records["tokens"] == 0), "a record holds zero tokens")
+    groups = group_records(records)
+    for (layer, tensor), idx in groups.items():
+        spec = getattr(header.layers[layer], TENSORS[tensor])
+        r = records[idx]
+        _check(bool(np.all(r["dtype"] == DTYPES[spec.dtype][0]) and np.all(r["batch"] == spec.batch)
+                    and np.all(r["heads"] == spec.heads) and np.all(r["head_dim"] == spec.head_dim)),
+               f"records of layer {layer} {TENSORS[tensor]} disagree with the header's shape or dtype")
+        starts, ends = r["token_start"].astype(np.int64), r["token_start"].astype(np.int64) + r["tokens"]
+        _check(starts[0] == 0 and ends[-1] == spec.tokens and bool(np.all(starts[1:] == ends[:-1])),
+               f"records of layer {layer} {TENSORS[tensor]} do not tile its {spec.tokens} tokens")
+    for layer, spec in enumerate(header.layers):
+        for tensor in (0, 1):
+            if getattr(spec, TENSORS[tensor]).tokens and (layer, tensor) not in groups:
+                raise FormatError(f"layer {layer} {TENSORS[tensor]} has no records")
+    _validate_blobs(header, blobs)
+    extents = sorted([(int(o), int(n)) for o, n in zip(records["offset"], records["length"])] +
+                     [(int(o), int(n)) for o, n in zip(blobs["offset"], blobs["length"])])
+    for (o1, n1), (o2, _) in zip(extents, extents[1:]):
+        _check(o1 + n1 <= o2, "payloads overlap")
+
+
+def _validate_blobs(header: Header, blobs: np.ndarray) -> None:
+    keys = set()
+    for owner, ordinal in zip(blobs["owner"].tolist(), blobs["ordinal"].tolist()):
+        _check((owner, ordinal) not in keys, "two blobs share an owner and ordinal")
+        _check(owner == CONTAINER_OWNER or owner < len(header.codecs), "a blob names an unknown owner")
+        keys.add((owner, ordinal))
+    for slot in range(len(header.codecs)):
+        ords = sorted(o for w, o in keys if w == slot)
+        _check(ords == list(range(len(ords))), f"blobs of codec slot {slot} are not numbered 0..n-1")
+    required = container_blob_sizes(header)
+    present = {o: int(n) for w, o, n in zip(blobs["owner"].tolist(), blobs["ordinal"].tolist(), blobs["length"].tolist())
+               if w == CONTAINER_OWNER}
+    _check(present == required, "container blobs (token ids, positions) disagree with the header")
+
+
+def container_blob_sizes(header: Header) -> dict[int, int]:
+    sizes = {}
+    if header.token_ids_shape is not None:
+        sizes[0] = 8 * header.token_ids_shape[0] * header.token_ids_shape[1]
+    for i, lay in enumerate(header.layers):
+        if lay.position_rows is not None:
+            sizes[1 + i] = 8 * lay.position_rows * lay.key.tokens
+    return sizes
+
+
+def group_records(records: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """Record indices per (layer, tensor), in token order; duplicates of a start are an error."""
+    order = np.lexsort((records["token_start"], records["tensor"], records["layer"]))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order.tolist():
+        groups.setdefault((int(records["layer"][i]), int(records["tensor"][i])), []).append(i)
+    out = {}
+    for key, idx in groups.items():
+        arr = np.array(idx)
+        starts = records["token_start"][arr]
+        _check(len(np.unique(starts)) == len(starts), f"two records of layer {key[0]} share a token start")
+        out[key] = arr
+    return out
+
+
+def record_dtype_name(code: int) -> str:
+    return CODE_TO_NAME[code]

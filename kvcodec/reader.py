@@ -1,0 +1,281 @@
+"""Lazy `.kvc` reader: validates the header and index up front, then decodes only the
+records asked for. Works on paths, seekable binary files and in-memory bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .cache import KVCache, LayerKV
+from .codec import ChunkInfo, Codec
+from .dtypes import itemsize, torch_dtype
+from .errors import ChecksumError, CodecError, FormatError, KVCError
+from .registry import codec_class
+
+
+class _Source:
+    """Random access to bytes that never reads past the end or allocates beyond the request."""
+
+    def __init__(self, src):
+        self._own = False
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self._buf, self._file = memoryview(src).cast("B"), None
+            self.size = len(self._buf)
+            return
+        if isinstance(src, (str, os.PathLike)):
+            if os.path.isdir(src):
+                raise FormatError(f"{os.fspath(src)} is a directory")
+            src, self._own = open(src, "rb"), True
+        if not (hasattr(src, "seekable") and src.seekable()):
+            self._buf, self._file = memoryview(src.read()).cast("B"), None
+            self.size = len(self._buf)
+            return
+        self._buf, self._file = None, src
+        self.size = src.seek(0, io.SEEK_END)
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
+        if self._buf is not None:
+            return self._buf[offset:offset + length]
+        self._file.seek(offset)
+        data = self._file.read(length)
+        if len(data) != length:
+            raise FormatError("the file ended early (changed while reading?)")
+        return data
+
+    def close(self):
+        if self._own:
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    layer: int
+    tensor: str
+    token_start: int
+    tokens: int
+    offset: int
+    length: int
+    codec: str
+
+
+class KVCReader:
+    def __init__(self, src):
+        self._src = _Source(src)
+        try:
+            self._open()
+        except BaseException:
+            self._src.close()
+            raise
+
+    def _open(self):
+        src = self._src
+        if src.size < fmt.PREAMBLE.size + fmt.TRAILER.size:
+            raise FormatError("file is too short to be a .kvc file")
+        preamble = bytes(src.read(0, fmt.PREAMBLE.size))
+        header_len = fmt.parse_preamble(preamble)
+        header_bytes = bytes(src.read(fmt.PREAMBLE.size, min(header_len, src.size - fmt.PREAMBLE.size)))
+        if len(header_bytes) < header_len:
+            raise FormatError("file is truncated inside its header")
+        fmt.check_header_crc(preamble, header_bytes)
+        self.header = fmt.Header.from_bytes(header_bytes)
+        self.header_end = fmt.PREAMBLE.size + header_len
+        self.data_start = fmt.align(self.header_end)
+        trailer = bytes(src.read(src.size - fmt.TRAILER.size, fmt.TRAILER.size))
+        index_offset, index_len = fmt.parse_trailer(trailer, src.size, self.data_start)
+        index = bytes(src.read(index_offset, index_len))
+        fmt.check_index_crc(trailer, index)
+        self.records, self.blobs = fmt.parse_index(index)
+        fmt.validate_index(self.header, self.records, self.blobs, self.data_start, index_offset)
+        self.index_offset = index_offset
+        self._groups = fmt.group_records(self.records)
+        self._codecs: dict[int, Codec] = {}
+        self._contexts: dict[int, list[bytes]] = {}
+
+    # -- context management ------------------------------------------------------------------
+    def close(self):
+        self._src.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metadata ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.header.layers)
+
+    @property
+    def file_size(self) -> int:
+        return self._src.size
+
+    def record_infos(self) -> list[RecordInfo]:
+        return [RecordInfo(int(r["layer"]), fmt.TENSORS[r["tensor"]], int(r["token_start"]), int(r["tokens"]),
+                           int(r["offset"]), int(r["length"]), self.header.codecs[r["codec_slot"]].name)
+                for r in self.records]
+
+    def info(self) -> dict:
+        """A JSON-ready summary: shapes, codecs, metadata and stored bytes per layer."""
+        layers = []
+        for i, lay in enumerate(self.header.layers):
+            entry = {"index": i, "positions": lay.position_rows is not None}
+            for t, name in enumerate(fmt.TENSORS):
+                spec = getattr(lay, name)
+                idx = self._groups.get((i, t), np.array([], dtype=np.int64))
+                stored = int(self.records["length"][idx].sum())
+                raw = int(np.prod(spec.shape)) * itemsize(spec.dtype)
+                entry[name] = {"shape": list(spec.shape), "dtype": spec.dtype, "chunks": len(idx),
+                               "bytes": stored, "raw_bytes": raw,
+                               "codecs": sorted({self.header.codecs[s].name for s in self.records["codec_slot"][idx]})}
+            layers.append(entry)
+        raw = sum(l[n]["raw_bytes"] for l in layers for n in fmt.TENSORS)
+        return {
+            "format_version": f"{fmt.MAJOR}.{fmt.MINOR}",
+            "file_bytes": self.file_size,
+            "raw_bytes": raw,
+            "ratio": raw / self.file_size,
+            "layout": self.header.layout,
+            "chunk_tokens": self.header.chunk_tokens,
+            "codecs": [{"id": c.id, "name": c.name, "config": c.config} for c in self.header.codecs],
+            "token_ids": list(self.header.token_ids_shape) if self.header.token_ids_shape else None,
+            "metadata": dict(self.header.metadata),
+            "layers": layers,
+        }
+
+    # -- payload access ----------------------------------------------------------------------
+    def _checked(self, offset: int, length: int, crc: int, what: str):
+        data = self._src.read(offset, length)
+        if fmt.crc32(data) != crc:
+            raise ChecksumError(f"{what} checksum mismatch: the file is corrupt")
+        return data
+
+    def _codec(self, slot: int) -> Codec:
+        if slot not in self._codecs:
+            entry = self.header.codecs[slot]
+            try:
+                cls = codec_class(entry.id)
+            except CodecError:
+                raise CodecError(f"the file uses codec id {entry.id} ({entry.name!r}), which is not installed") from None
+            if cls.name != entry.name:
+                raise CodecError(f"codec id {entry.id} is {cls.name!r} here but {entry.name!r} in the file")
+            self._codecs[slot] = cls.from_config(entry.config)
+        return self._codecs[slot]
+
+    def _context(self, slot: int) -> list[bytes]:
+        if slot not in self._contexts:
+            mine = sorted((int(b["ordinal"]), b) for b in self.blobs if b["owner"] == slot)
+            self._contexts[slot] = [bytes(self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]),
+                                                        f"codec {slot} blob {o}")) for o, b in mine]
+        return self._contexts[slot]
+
+    def _container_blob(self, ordinal: int) -> np.ndarray:
+        for b in self.blobs:
+            if b["owner"] == fmt.CONTAINER_OWNER and b["ordinal"] == ordinal:
+                data = self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"container blob {ordinal}")
+                return np.frombuffer(data, dtype="<i8").copy()
+        raise FormatError(f"container blob {ordinal} is missing")
+
+    def decode_record(self, i: int) -> torch.Tensor:
+        r = self.records[i]
+        layer, tensor = int(r["layer"]), fmt.TENSORS[r["tensor"]]
+        spec = getattr(self.header.layers[layer], tensor)
+        info = ChunkInfo(layer, tensor, int(r["token_start"]),
+                         (int(r["batch"]), int(r["heads"]), int(r["tokens"]), int(r["head_dim"])),
+                         torch_dtype(spec.dtype))
+        where = f"layer {layer} {tensor} tokens {info.token_start}+{info.shape[2]}"
+        slot = int(r["codec_slot"])
+        codec = self._codec(slot)
+        payload = memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]), f"record of {where}"))
+        try:
+            out = codec.decode(payload, info, self._context(slot))
+        except KVCError:
+            raise
+        except Exception as exc:  # a codec bug or a plugin's own exception: report, don't crash
+            raise CodecError(f"codec {codec.name!r} failed on {where}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != info.shape or out.dtype != info.dtype:
+            raise CodecError(f"codec {codec.name!r} decoded {where} to the wrong shape or dtype")
+        return out
+
+    def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
+        spec = getattr(self.header.layers[layer], fmt.TENSORS[t])
+        out = torch.empty((spec.batch, spec.heads, stop - start, spec.head_dim), dtype=torch_dtype(spec.dtype),
+                          device=device)
+        for i in self._groups.get((layer, t), []):
+            r0 = int(self.records["token_start"][i])
+            r1 = r0 + int(self.records["tokens"][i])
+            if r1 <= start or r0 >= stop:
+                continue
+            chunk = self.decode_record(i)
+            lo, hi = max(r0, start), min(r1, stop)
+            out[:, :, lo - start:hi - start] = chunk[:, :, lo - r0:hi - r0].to(device)
+        return out
+
+    def _token_range(self, layer: int, tokens) -> tuple[int, int]:
+        n = self.header.layers[layer].key.tokens
+        if tokens is None:
+            return 0, n
+        if not isinstance(tokens, slice) or tokens.step not in (None, 1):
+            raise ValueError("tokens must be a slice with step 1")
+        start, stop, _ = tokens.indices(n)
+        return start, max(start, stop)
+
+    def _check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range (the file has {self.num_layers})")
+        return layer % self.num_layers
+
+    def read(self, layer: int, tokens: slice | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value of one layer, optionally a token range, decoding only the chunks needed."""
+        layer = self._check_layer(layer)
+        start, stop = self._token_range(layer, tokens)
+        return (self._read_tensor(layer, 0, start, stop, device), self._read_tensor(layer, 1, start, stop, device))
+
+    def positions(self, layer: int) -> torch.Tensor | None:
+        layer = self._check_layer(layer)
+        rows = self.header.layers[layer].position_rows
+        if rows is None:
+            return None
+        return torch.from_numpy(self._container_blob(1 + layer).reshape(rows, -1))
+
+    def token_ids(self) -> torch.Tensor | None:
+        shape = self.header.token_ids_shape
+        return None if shape is None else torch.from_numpy(self._container_blob(0).reshape(shape))
+
+    def read_cache(self, device=None, progress=None) -> KVCache:
+        """The whole cache. With `progress`, calls progress(layer_done) after each layer."""
+        layers = []
+        for i in range(self.num_layers):
+            k, v = self.read(i, device=device)
+            layers.append(LayerKV(k, v, self.positions(i)))
+            if progress:
+                progress(i + 1)
+        return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout)
+
+    def check_layout(self) -> None:
+        """Every byte of the file accounted for: items dense and aligned, all padding zero.
+        Together with the checksums this detects any flipped bit in the file."""
+        extents = sorted([(int(o), int(n)) for o, n in zip(self.records["offset"], self.records["length"])] +
+                         [(int(o), int(n)) for o, n in zip(self.blobs["offset"], self.blobs["length"])])
+        pos = self.header_end
+        for offset, length in extents + [(self.index_offset, 0)]:
+            gap = offset - pos
+            if gap < 0 or gap >= fmt.ALIGN or any(self._src.read(pos, gap)):
+                raise FormatError("the file has stray or non-zero bytes between its payloads: it is corrupt")
+            pos = offset + length
+
+    def verify(self) -> None:
+        """Check every checksum and the file's layout without decoding payloads."""
+        self.check_layout()
+        for r in self.records:
+            self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
+                          f"record of layer {int(r['layer'])} {fmt.TENSORS[r['tensor']]} tokens {int(r['token_start'])}")
+        for b in self.blobs:
+            self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"blob {int(b['ordinal'])}")

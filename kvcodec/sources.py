@@ -1,0 +1,225 @@
+"""Reading and writing caches in the layouts people already have on disk.
+
+`.pt` files are loaded with `weights_only=True` (no arbitrary unpickling); safetensors files
+use tensor names `layers.{i}.key` / `layers.{i}.value`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+from .cache import KVCache, LayerKV
+from .errors import InputError, KVCError
+from .writer import atomic_output
+
+LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
+TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
+SAFETENSORS_EXTENSION = ".safetensors"
+
+
+def _check_readable(path) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+    return path
+
+
+def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVCache:
+    """Load a cache file (.pt/.pth/.bin or .safetensors) in any supported layout."""
+    path = _check_readable(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == SAFETENSORS_EXTENSION:
+        return _load_safetensors(path)
+    if ext == ".kvc":
+        raise InputError(f"{path} is already a .kvc file")
+    if ext not in TORCH_EXTENSIONS:
+        raise InputError(f"{path}: unsupported extension {ext or '(none)'!r}; expected .pt, .pth, .bin or .safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{path} holds pickled Python objects other than tensors; refusing to unpickle them "
+            "(save plain tensors, lists, tuples or dicts)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
+        raise InputError(f"{path} is not a readable PyTorch file ({type(exc).__name__})") from None
+    return from_object(obj, layout, heads)
+
+
+def _is_tensor(x, dims: int | None = None) -> bool:
+    return isinstance(x, torch.Tensor) and (dims is None or x.dim() == dims)
+
+
+def detect_layout(obj) -> str:
+    if isinstance(obj, dict):
+        if {"keys", "values"} <= obj.keys() or {"key_cache", "value_cache"} <= obj.keys():
+            return "dict"
+        raise InputError(f"a dict cache needs 'keys'/'values' or 'key_cache'/'value_cache'; found {sorted(map(str, obj))[:8]}")
+    if _is_tensor(obj, 6) and obj.shape[1] == 2:
+        return "stacked"
+    if isinstance(obj, (list, tuple)) and obj:
+        if all(isinstance(p, (list, tuple)) and len(p) == 2 and _is_tensor(p[0], 4) and _is_tensor(p[1], 4) for p in obj):
+            return "legacy"
+        if len(obj) == 2 and _is_tensor(obj[0], 3) and _is_tensor(obj[1], 3):
+            return "cachegen"
+    raise InputError(f"cannot tell the cache layout of this {_describe(obj)}; pass --layout "
+                     "(legacy, dict, stacked or cachegen)")
+
+
+def _describe(obj) -> str:
+    if _is_tensor(obj):
+        return f"tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__} of {len(obj)} items"
+    return type(obj).__name__
+
+
+def from_object(obj, layout: str | None = None, heads: int | None = None) -> KVCache:
+    """A KVCache from a loaded Python object in the given (or detected) layout."""
+    layout = layout or detect_layout(obj)
+    try:
+        if layout == "legacy":
+            return _from_legacy(obj)
+        if layout == "dict":
+            return _from_dict(obj)
+        if layout == "stacked":
+            return _from_stacked(obj)
+        if layout == "cachegen":
+            return _from_cachegen(obj, heads)
+    except KVCError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError, AttributeError) as exc:
+        raise InputError(f"input does not match layout {layout!r}: {exc}") from None
+    raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS[:4])})")
+
+
+def _from_legacy(obj) -> KVCache:
+    if not isinstance(obj, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in obj):
+        raise InputError("legacy layout is a list of (key, value) pairs, one per layer")
+    return KVCache([LayerKV(k, v) for k, v in obj], layout="legacy")
+
+
+def _from_dict(obj) -> KVCache:
+    if not isinstance(obj, dict):
+        raise InputError("dict layout needs a dict with 'keys' and 'values'")
+    keys = obj.get("keys", obj.get("key_cache"))
+    values = obj.get("values", obj.get("value_cache"))
+    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)) or len(keys) != len(values):
+        raise InputError("dict layout needs equally long lists 'keys' and 'values'")
+    positions = obj.get("positions") or [None] * len(keys)
+    if len(positions) != len(keys):
+        raise InputError("'positions' needs one entry per layer")
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise InputError("'metadata' must be a dict of strings")
+    return KVCache([LayerKV(k, v, p) for k, v, p in zip(keys, values, positions)],
+                   token_ids=obj.get("token_ids"), metadata=dict(meta), layout="dict")
+
+
+def _from_stacked(obj) -> KVCache:
+    if not _is_tensor(obj, 6) or obj.shape[1] != 2:
+        raise InputError("stacked layout is one tensor [layers, 2, batch, heads, tokens, head_dim]")
+    return KVCache([LayerKV(layer[0], layer[1]) for layer in obj], layout="stacked")
+
+
+def _from_cachegen(obj, heads: int | None) -> KVCache:
+    if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and _is_tensor(obj[0], 3) and _is_tensor(obj[1], 3)):
+        raise InputError("cachegen layout is a pair of [layers, tokens, heads*head_dim] tensors")
+    if not heads:
+        raise InputError("cachegen layout needs --heads (the number of KV heads)")
+    k, v = obj
+    if k.shape[:2] != v.shape[:2] or k.shape[2] % heads or v.shape[2] % heads:
+        raise InputError(f"cachegen tensors {tuple(k.shape)} and {tuple(v.shape)} do not split into {heads} heads")
+
+    def split(t, i):
+        return t[i].reshape(t.shape[1], heads, -1).permute(1, 0, 2).unsqueeze(0).contiguous()
+
+    return KVCache([LayerKV(split(k, i), split(v, i)) for i in range(k.shape[0])], layout="cachegen")
+
+
+def _load_safetensors(path) -> KVCache:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            meta = f.metadata() or {}
+            layers, i = [], 0
+            while f"layers.{i}.key" in names and f"layers.{i}.value" in names:
+                pos = f.get_tensor(f"layers.{i}.positions") if f"layers.{i}.positions" in names else None
+                layers.append(LayerKV(f.get_tensor(f"layers.{i}.key"), f.get_tensor(f"layers.{i}.value"), pos))
+                i += 1
+            ids = f.get_tensor("token_ids") if "token_ids" in names else None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable safetensors file: {exc}") from None
+    if not layers:
+        raise InputError(f"{path} has no tensors named layers.0.key / layers.0.value")
+    return KVCache(layers, token_ids=ids, metadata=dict(meta), layout="safetensors")
+
+
+def to_object(cache: KVCache, layout: str):
+    """The cache as a plain Python object in `layout`, ready for torch.save."""
+    if layout == "legacy":
+        return tuple((l.key, l.value) for l in cache.layers)
+    if layout == "dict":
+        obj = {"keys": [l.key for l in cache.layers], "values": [l.value for l in cache.layers],
+               "metadata": dict(cache.metadata)}
+        if any(l.positions is not None for l in cache.layers):
+            obj["positions"] = [l.positions for l in cache.layers]
+        if cache.token_ids is not None:
+            obj["token_ids"] = cache.token_ids
+        return obj
+    shapes = {(tuple(l.key.shape), tuple(l.value.shape), l.key.dtype) for l in cache.layers}
+    if layout in ("stacked", "cachegen") and len(shapes) != 1:
+        raise InputError(f"layout {layout!r} needs all layers to have one shape and dtype; use legacy or dict")
+    if layout == "stacked":
+        if cache.layers[0].key.shape != cache.layers[0].value.shape:
+            raise InputError("stacked layout needs keys and values of one shape")
+        return torch.stack([torch.stack([l.key, l.value]) for l in cache.layers])
+    if layout == "cachegen":
+        if cache.layers[0].key.shape[0] != 1:
+            raise InputError("cachegen layout holds batch 1 only")
+
+        def merge(t):  # [1, heads, tokens, dim] -> [tokens, heads*dim]
+            return t[0].permute(1, 0, 2).reshape(t.shape[2], -1)
+
+        return (torch.stack([merge(l.key) for l in cache.layers]), torch.stack([merge(l.value) for l in cache.layers]))
+    raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+
+
+def save_cache(cache: KVCache, path, layout: str | None = None, overwrite: bool = False) -> str:
+    """Write a cache to .pt (in `layout`, default the one it came in) or .safetensors.
+    Returns the layout written."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext == SAFETENSORS_EXTENSION or layout == "safetensors":
+        if ext != SAFETENSORS_EXTENSION:
+            raise InputError("the safetensors layout needs an output name ending in .safetensors")
+        from safetensors.torch import save
+
+        tensors = {}
+        for i, l in enumerate(cache.layers):
+            tensors[f"layers.{i}.key"] = l.key.contiguous()
+            tensors[f"layers.{i}.value"] = l.value.contiguous()
+            if l.positions is not None:
+                tensors[f"layers.{i}.positions"] = l.positions.contiguous()
+        if cache.token_ids is not None:
+            tensors["token_ids"] = cache.token_ids.contiguous()
+        data = save(tensors, metadata=dict(cache.metadata))
+        with atomic_output(path, overwrite) as f:
+            f.write(data)
+        return "safetensors"
+    if ext not in TORCH_EXTENSIONS:
+        raise InputError(f"{path}: output must end in .pt, .pth, .bin or .safetensors")
+    layout = layout or (cache.layout if cache.layout in LAYOUTS[:4] else "legacy")
+    obj = to_object(cache, layout)
+    with atomic_output(path, overwrite) as f:
+        torch.save(obj, f)
+    return layout

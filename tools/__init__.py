@@ -1,0 +1,1 @@
+"""The `kvc` command-line tools (installed as `kvcodec.tools`)."""
