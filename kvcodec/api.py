@@ -79,7 +79,7 @@ def write_cache(cache: KVCache, sink, codec: Codec, chunk_tokens: int = DEFAULT_
     return writer.finish()
 
 
-def pack(cache, dest, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+def pack(cache, dest, /, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
          overwrite: bool = True, progress: Callable[[int], None] | None = None, **options) -> int:
     """Write `cache` to `dest` (a path or a binary file object) as `.kvc`; return its size.
 
@@ -92,7 +92,7 @@ def pack(cache, dest, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT
     return write_cache(cache, dest, codec, chunk_tokens, progress)
 
 
-def encode(cache, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **options) -> bytes:
+def encode(cache, /, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **options) -> bytes:
     """The `.kvc` bytes of `cache`, for key-value stores."""
     buf = io.BytesIO()
     write_cache(as_kvcache(cache), buf, make_codec(codec, options), chunk_tokens)

@@ -59,7 +59,7 @@ def codec_class(key: str | int) -> type[Codec]:
     return table[key]
 
 
-def get_codec(key: str | int, **options) -> Codec:
+def get_codec(key: str | int, /, **options) -> Codec:
     return codec_class(key).from_config(options)
 
 

@@ -44,7 +44,9 @@ def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVC
         raise InputError(f"{path}: unsupported extension {ext or '(none)'!r}; expected .pt, .pth, .bin or .safetensors")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a forbidden class or function: just garbage
+            raise InputError(f"{path} is not a readable PyTorch file (UnpicklingError)") from None
         raise InputError(
             f"{path} holds pickled Python objects other than tensors; refusing to unpickle them "
             "(save plain tensors, lists, tuples or dicts)"

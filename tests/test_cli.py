@@ -1,0 +1,204 @@
+"""The `kvc` command line: happy paths, and one clear line with a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec import sources
+from kvcodec.tools.cli import cli
+from conftest import synthetic_cache
+
+
+@pytest.fixture
+def cache_pt(tmp_path):
+    cache = synthetic_cache(layers=3, tokens=40, dtype=torch.bfloat16)
+    path = tmp_path / "cache.pt"
+    sources.save_cache(cache, path, layout="legacy")
+    return cache, path
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def assert_clean_error(code, output, pattern):
+    assert code != 0
+    assert "Traceback" not in output
+    lines = [l for l in output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvc: error:"), output
+    assert pattern in lines[0], output
+
+
+@pytest.mark.parametrize("codec, opts", [("raw", []), ("zstd", ["--opt", "level=9"]), ("quant", ["--opt", "bits=8"])])
+def test_pack_inspect_verify_unpack(tmp_path, cache_pt, codec, opts):
+    cache, path = cache_pt
+    code, out = run("pack", path, "-c", codec, *opts, "--chunk-tokens", 16)
+    assert code == 0, out
+    kvc = tmp_path / "cache.kvc"
+    assert kvc.exists()
+    code, out = run("inspect", kvc, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["codecs"][0]["name"] == codec and len(info["layers"]) == 3
+    assert info["layers"][0]["key"]["chunks"] == 3
+    code, out = run("inspect", kvc)
+    assert code == 0 and codec in out and "layer" in out
+    code, out = run("verify", kvc, "--against", path)
+    assert code == 0 and ("identical" in out if codec != "quant" else "lossy" in out), out
+    code, out = run("unpack", kvc, "-o", tmp_path / "back.pt")
+    assert code == 0, out
+    back = sources.load_cache(tmp_path / "back.pt")
+    assert back.layout == "legacy"
+    if codec != "quant":
+        assert back.equal(cache)
+
+
+def test_unpack_defaults_to_the_original_layout(tmp_path):
+    cache = synthetic_cache()
+    sources.save_cache(cache, tmp_path / "c.safetensors")
+    assert run("pack", tmp_path / "c.safetensors", "-c", "shuffle-zstd")[0] == 0
+    assert_clean_error(*run("unpack", tmp_path / "c.kvc"), "exists")
+    (tmp_path / "c.safetensors").unlink()
+    code, out = run("unpack", tmp_path / "c.kvc")
+    assert code == 0 and sources.load_cache(tmp_path / "c.safetensors").equal(cache)
+    code, out = run("unpack", tmp_path / "c.kvc", "-o", tmp_path / "d.pt", "--layout", "stacked")
+    assert code == 0 and sources.load_cache(tmp_path / "d.pt").layout == "stacked"
+
+
+def test_verify_fails_when_a_lossless_file_differs_from_the_original(tmp_path, cache_pt):
+    cache, path = cache_pt
+    run("pack", path)
+    cache.layers[1].value[0, 0, 0, 0] += 1
+    sources.save_cache(cache, tmp_path / "other.pt", layout="legacy")
+    code, out = run("verify", tmp_path / "cache.kvc", "--against", tmp_path / "other.pt")
+    assert code != 0 and "did not reproduce" in out
+
+
+def test_existing_output_is_refused_without_force(tmp_path, cache_pt):
+    _, path = cache_pt
+    assert run("pack", path)[0] == 0
+    before = (tmp_path / "cache.kvc").read_bytes()
+    assert_clean_error(*run("pack", path, "-c", "zstd"), "exists")
+    assert (tmp_path / "cache.kvc").read_bytes() == before
+    assert run("pack", path, "-c", "zstd", "--force")[0] == 0
+    assert (tmp_path / "cache.kvc").read_bytes() != before
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["pack", "{d}/missing.pt"], "no such file"),
+    (["pack", "{d}/notes.txt"], "extension"),
+    (["pack", "{d}/evil.pt"], "pickled"),
+    (["pack", "{d}/badshape.pt"], "--layout"),
+    (["pack", "{d}/cache.pt", "-c", "nope"], "unknown codec 'nope'"),
+    (["pack", "{d}/cache.pt", "-c", "quant", "--opt", "bits=5"], "bits"),
+    (["pack", "{d}/cache.pt", "-c", "quant", "--opt", "colour=red"], "no option 'colour'"),
+    (["pack", "{d}/cache.pt", "--opt", "noequals"], "KEY=VALUE"),
+    (["unpack", "{d}/random.kvc"], "not a .kvc file"),
+    (["unpack", "{d}/truncated.kvc"], "truncated"),
+    (["inspect", "{d}/empty.kvc"], "too short"),
+    (["verify", "{d}/flipped.kvc"], "corrupt"),
+    (["unpack", "{d}/flipped.kvc", "-o", "{d}/out.pt"], "corrupt"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, cache_pt, args, pattern):
+    _, path = cache_pt
+    d = tmp_path
+    (d / "notes.txt").write_text("hi")
+    _save_evil(d / "evil.pt")
+    torch.save((torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)), d / "badshape.pt")
+    (d / "random.kvc").write_bytes(os.urandom(4096))
+    good = kvcodec.encode(sources.load_cache(path), "zstd")
+    (d / "truncated.kvc").write_bytes(good[: len(good) // 2])
+    (d / "empty.kvc").write_bytes(b"")
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    (d / "flipped.kvc").write_bytes(bytes(flipped))
+    before = set(os.listdir(d))
+    assert_clean_error(*run(*[a.format(d=d) for a in args]), pattern)
+    assert set(os.listdir(d)) == before  # no output, partial or temporary, left behind
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _save_evil(path):
+    torch.save({"keys": [_Evil()], "values": []}, path)
+
+
+def test_codecs_lists_builtins():
+    code, out = run("codecs", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and {"raw", "zstd", "shuffle-zstd", "quant"} <= set(rows)
+    assert rows["quant"]["id"] == 4 and rows["quant"]["lossless"] is False
+    assert rows["quant"]["defaults"] == {"bits": 4, "group_size": 64}
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    """The installed `kvc` entry point, as a user's shell runs it."""
+    (tmp_path / "x.kvc").write_bytes(b"\x89KVC\r\n\x1a\n" + bytes(100))
+    proc = subprocess.run([sys.executable, "-m", "kvcodec.tools.cli", "unpack", str(tmp_path / "x.kvc")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("kvc: error:") and "Traceback" not in proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    from kvcodec import Codec
+    from kvcodec.codecs import RawCodec
+
+    class XorCodec(Codec):
+        """Raw bytes XOR a key kept in the file's shared context (exercises blobs)."""
+        codec_id = 5000
+        name = "xor-test"
+        lossless = True
+
+        def __init__(self, key: int = 90):
+            self.key = key
+
+        def fit(self, cache):
+            return [bytes([self.key])]
+
+        def encode(self, chunk, info, context):
+            raw = RawCodec().encode(chunk, info, context)
+            return bytes(b ^ context[0][0] for b in raw)
+
+        def decode(self, payload, info, context):
+            return RawCodec().decode(bytes(b ^ context[0][0] for b in payload), info, context)
+''')
+
+
+def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
+    cache, path = cache_pt
+    site = tmp_path / "site"
+    dist = site / "kvc_test_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (site / "kvc_test_plugin.py").write_text(PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvc-test-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[kvcodec.codecs]\nxor = kvc_test_plugin:XorCodec\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+
+    def kvc(*args):
+        return subprocess.run([sys.executable, "-m", "kvcodec.tools.cli", *map(str, args)],
+                              capture_output=True, text=True, env=env)
+
+    listed = kvc("codecs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {"id": 5000, "name": "xor-test"}.items() <= {k: v for r in json.loads(listed.stdout)
+                                                        for k, v in r.items() if r["name"] == "xor-test"}.items()
+    packed = kvc("pack", path, "-c", "xor-test", "--opt", "key=7", "-o", tmp_path / "x.kvc")
+    assert packed.returncode == 0, packed.stderr
+    assert kvc("verify", tmp_path / "x.kvc", "--against", path).returncode == 0
+    # without the plugin, the file still opens and names the missing codec
+    with pytest.raises(kvcodec.CodecError, match="5000.*xor-test.*not installed"):
+        kvcodec.open(tmp_path / "x.kvc").read(0)

@@ -1,0 +1,217 @@
+"""Hostile and damaged inputs: every one is a KVCError with a clear message, never a crash,
+a hang or an allocation beyond the file's size."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec import format as fmt
+from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
+from conftest import synthetic_cache
+
+CODECS = ("raw", "zstd", "shuffle-zstd", "quant")
+
+
+@pytest.fixture(scope="module")
+def files():
+    cache = synthetic_cache(layers=2, tokens=20, head_dim=8, positions=True, token_ids=True)
+    cache.metadata["room"] = "x" * 10000  # dropped by rewrite_header to make room for edits
+    return {c: (cache, kvcodec.encode(cache, c, chunk_tokens=8)) for c in CODECS}
+
+
+def rewrite_header(data: bytes, edit) -> bytes:
+    """Apply `edit` to the header JSON and fix the checksums, so only validation can object."""
+    header_len = struct.unpack("<I", data[12:16])[0]
+    doc = json.loads(data[32:32 + header_len])
+    doc["metadata"].pop("room")
+    edit(doc)
+    new = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    assert len(new) <= header_len
+    new = new + b" " * (header_len - len(new))
+    out = bytearray(data)
+    out[32:32 + header_len] = new
+    out[28:32] = struct.pack("<I", fmt.crc32(bytes(out[:28]), new))
+    return bytes(out)
+
+
+def rewrite_index(data: bytes, edit) -> bytes:
+    """Apply `edit` to the parsed record table and fix the index checksum."""
+    trailer = data[-32:]
+    offset, length = struct.unpack("<QQ", trailer[:16])
+    records, blobs = fmt.parse_index(data[offset:offset + length])
+    records = records.copy()
+    edit(records)
+    index = fmt.pack_index(records, blobs)
+    return data[:offset] + index + fmt.pack_trailer(offset, index)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_truncation_is_detected(files, codec):
+    _, data = files[codec]
+    for cut in range(0, len(data), 7):
+        with pytest.raises(FormatError):
+            kvcodec.decode(data[:cut])
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_flipped_bit_anywhere_is_detected(files, codec):
+    _, data = files[codec]
+    rnd = random.Random(codec)
+    for pos in range(len(data)):  # every byte, one random bit each
+        bad = bytearray(data)
+        bad[pos] ^= 1 << rnd.randrange(8)
+        with pytest.raises(KVCError):
+            kvcodec.decode(bytes(bad))
+
+
+def test_random_bytes_and_other_files_are_not_kvc():
+    rnd = random.Random(0)
+    for n in (0, 10, 100, 5000):
+        with pytest.raises(FormatError):
+            kvcodec.decode(bytes(rnd.randrange(256) for _ in range(n)))
+    with pytest.raises(FormatError, match="magic"):
+        kvcodec.decode(b"PK\x03\x04" + bytes(200))
+
+
+def test_unknown_major_version_is_rejected_and_minor_accepted(files):
+    cache, data = files["raw"]
+    major = bytearray(data)
+    major[8:10] = struct.pack("<H", 2)
+    with pytest.raises(FormatError, match="major version 2"):
+        kvcodec.decode(bytes(major))
+    minor = bytearray(data)
+    minor[10:12] = struct.pack("<H", 7)
+    minor[28:32] = struct.pack("<I", fmt.crc32(bytes(minor[:28]), bytes(minor[32:32 + struct.unpack("<I", data[12:16])[0]])))
+    assert kvcodec.decode(bytes(minor)).equal(cache)
+
+
+def test_unknown_header_members_are_ignored(files):
+    cache, data = files["raw"]
+    doc = json.loads(data[32:32 + struct.unpack("<I", data[12:16])[0]])
+    doc["future_field"] = 1
+    # re-encode with a longer header: build a new file from the parts
+    header = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    hdr = fmt.Header.from_bytes(header)
+    assert hdr.layers == fmt.Header.from_bytes(data[32:32 + struct.unpack("<I", data[12:16])[0]]).layers
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: [d["layers"][0][t].update(tokens=2**31 - 1, heads=65536, head_dim=65536) for t in ("key", "value")],
+     "disagree"),
+    (lambda d: d["layers"][0]["value"].update(tokens=10**12), "tokens"),
+    (lambda d: d["layers"][0]["key"].update(dtype="int8"), "dtype"),
+    (lambda d: d.update(layers=[]), "layers"),
+    (lambda d: d.update(layers=[0] * 4097), "layers"),
+    (lambda d: d["codecs"][0].update(id=0), "codec"),
+    (lambda d: d.update(metadata={"a": 1}), "metadata"),
+    (lambda d: d.update(token_ids={"batch": 1, "tokens": 10**9}), "token ids|container"),
+    (lambda d: d["layers"][0].update(positions={"rows": 99}), "positions"),
+])
+def test_hostile_header_values_are_refused(files, edit, message):
+    _, data = files["raw"]
+    with pytest.raises(FormatError, match=message):
+        kvcodec.decode(rewrite_header(data, edit))
+
+
+def test_header_length_beyond_file_or_bound(files):
+    _, data = files["raw"]
+    for length in (2**31, fmt.MAX_HEADER + 1, len(data)):
+        bad = bytearray(data)
+        bad[12:16] = struct.pack("<I", length)
+        with pytest.raises(FormatError):
+            kvcodec.decode(bytes(bad))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tokens", 2**32 - 1, "tile"),
+    ("length", 2**63, "outside"),
+    ("offset", 2**40, "outside"),
+    ("offset", 65, "aligned"),
+    ("layer", 7, "layer"),
+    ("tensor", 9, "tensor"),
+    ("codec_slot", 3, "slot"),
+    ("codec_id", 99, "codec id"),
+    ("heads", 10**6, "disagree"),
+])
+def test_hostile_index_values_are_refused(files, field, value, message):
+    _, data = files["raw"]
+
+    def edit(records):
+        records[field][0] = value
+
+    with pytest.raises(FormatError, match=message):
+        kvcodec.decode(rewrite_index(data, edit))
+
+
+def test_index_counts_claiming_huge_tables(files):
+    _, data = files["raw"]
+    offset, length = struct.unpack("<QQ", data[-32:-16])
+    index = bytearray(data[offset:offset + length])
+    index[4:8] = struct.pack("<I", 2**32 - 1)
+    with pytest.raises(FormatError, match="counts"):
+        kvcodec.decode(data[:offset] + bytes(index) + fmt.pack_trailer(offset, bytes(index)))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "shuffle-zstd", "quant", "raw"])
+def test_codec_payload_inconsistent_with_shape(files, codec):
+    """A record whose shape claims more than its payload can hold fails before allocating."""
+    cache, data = files[codec]
+
+    def grow(doc):
+        for name in ("key", "value"):
+            doc["layers"][0][name]["head_dim"] = 65536
+
+    def edit(records):
+        records["head_dim"][records["layer"] == 0] = 65536
+
+    bad = rewrite_index(rewrite_header(data, grow), edit)
+    with pytest.raises(CodecError, match="bytes|small"):
+        kvcodec.decode(bad)
+
+
+def test_unknown_codec_id_names_the_codec(files):
+    _, data = files["raw"]
+
+    def header(doc):
+        doc["codecs"][0].update(id=4242, name="fancy")
+
+    def index(records):
+        records["codec_id"][:] = 4242
+
+    reader = kvcodec.open(rewrite_index(rewrite_header(data, header), index))
+    with pytest.raises(CodecError, match="4242.*fancy.*not installed"):
+        reader.read(0)
+
+
+def test_a_file_still_being_written_is_reported(files):
+    _, data = files["raw"]
+    with pytest.raises(FormatError, match="truncated or still being written"):
+        kvcodec.decode(data[:-40] + bytes(40))
+
+
+def test_checksum_errors_name_the_damage(files):
+    _, data = files["raw"]
+    reader = kvcodec.open(data)
+    rec = reader.record_infos()[1]
+    bad = bytearray(data)
+    bad[rec.offset] ^= 0xFF
+    with pytest.raises(ChecksumError, match=f"layer {rec.layer} {rec.tensor}"):
+        kvcodec.open(bytes(bad)).read(rec.layer)
+
+
+def test_lazy_reader_still_reads_undamaged_layers(files):
+    cache, data = files["raw"]
+    reader = kvcodec.open(data)
+    rec = [r for r in reader.record_infos() if r.layer == 1][0]
+    bad = bytearray(data)
+    bad[rec.offset] ^= 1
+    damaged = kvcodec.open(bytes(bad))
+    assert torch.equal(damaged.read(0)[0], cache.layers[0].key)
+    with pytest.raises(ChecksumError):
+        damaged.read(1)
