@@ -1,0 +1,89 @@
+"""On SmolLM2-135M: captured caches restore to a DynamicCache that continues generation with
+identical logits for lossless codecs and close logits for 8-bit quant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec import capture, sources
+from kvcodec.tools.cli import cli
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.model
+PREFIX, CONTINUATION = 96, 32
+
+
+@pytest.fixture(scope="module")
+def context(real_model):
+    model, _ = real_model
+    _, text = capture.read_text("prose")
+    ids = capture.tokenize(text, PREFIX + CONTINUATION)
+    _, past = capture.prefill(ids[:, :PREFIX])
+    original = kvcodec.KVCache.from_hf(past)
+    with torch.no_grad():
+        reference = model(ids[:, PREFIX:], past_key_values=original.to_hf()).logits
+    return model, ids, original, reference
+
+
+def continue_logits(model, ids, cache):
+    with torch.no_grad():
+        return model(ids[:, PREFIX:], past_key_values=cache.to_hf()).logits
+
+
+def test_captured_cache_has_the_model_shape(context):
+    _, _, original, _ = context
+    assert original.num_layers == 30
+    assert all(l.key.shape == (1, 3, PREFIX, 64) and l.value.shape == (1, 3, PREFIX, 64) for l in original.layers)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "shuffle-zstd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_lossless_restore_gives_identical_logits(context, codec, dtype):
+    model, ids, original, reference = context
+    stored = original.to(dtype=dtype)
+    expected = reference if dtype == torch.float32 else continue_logits(model, ids, stored.to(dtype=torch.float32))
+    restored = kvcodec.decode(kvcodec.encode(stored, codec, chunk_tokens=40)).to(dtype=torch.float32)
+    assert torch.equal(continue_logits(model, ids, restored), expected)
+
+
+def test_restored_cache_drives_generate(context):
+    model, ids, original, _ = context
+    restored = kvcodec.decode(kvcodec.encode(original, "zstd"))
+    prompt = ids[:, :PREFIX + 1]  # the model must still see the token after the cached prefix
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        fresh = model.generate(prompt, **kwargs)
+        resumed = model.generate(prompt, past_key_values=restored.to_hf(), **kwargs)
+    assert torch.equal(fresh, resumed)
+
+
+def test_quant8_stays_close_on_the_real_model(context):
+    """8-bit grouped quantization: next-token KL below 1e-3 nats and >= 97% top-1 agreement."""
+    model, ids, original, reference = context
+    restored = kvcodec.decode(kvcodec.encode(original.to(dtype=torch.float16), "quant", bits=8))
+    logits = continue_logits(model, ids, restored.to(dtype=torch.float32))
+    p = reference.log_softmax(-1)
+    kl = float((p.exp() * (p - logits.log_softmax(-1))).sum(-1).mean())
+    top1 = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+    assert kl < 1e-3 and top1 >= 0.97, (kl, top1)
+    # a broken restore is visibly worse, so the bound above can fail
+    zeroed = kvcodec.KVCache([kvcodec.LayerKV(l.key, torch.zeros_like(l.value)) for l in original.layers])
+    broken = continue_logits(model, ids, zeroed)
+    kl_broken = float((p.exp() * (p - broken.log_softmax(-1))).sum(-1).mean())
+    assert kl_broken > 100 * kl
+
+
+def test_kvc_capture_then_pack(tmp_path, real_model):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["capture", "--tokens", "48", "-o", str(tmp_path / "c.pt"), "-q"])
+    assert out.exit_code == 0, out.output
+    cache = sources.load_cache(tmp_path / "c.pt")
+    assert cache.metadata["tokens"] == "48" and cache.token_ids.shape == (1, 48)
+    assert cache.layers[0].key.dtype == torch.float16 and cache.num_layers == 30
+    assert runner.invoke(cli, ["pack", str(tmp_path / "c.pt"), "-c", "quant", "-q"]).exit_code == 0
+    info = kvcodec.open(tmp_path / "c.kvc").info()
+    assert info["metadata"]["model"].startswith("SmolLM2") and info["ratio"] > 3.0
+    bad = runner.invoke(cli, ["capture", "--tokens", "100000", "-o", str(tmp_path / "d.pt")])
+    assert bad.exit_code == 1 and "fewer than" in bad.output and not (tmp_path / "d.pt").exists()
