@@ -1,0 +1,72 @@
+"""Regenerate the golden `.kvc` test vectors in this directory.
+
+For each vector: NAME.kvc, NAME.input.safetensors (the cache that was encoded, with its
+positions, token ids and metadata) and, for lossy codecs, NAME.expected.safetensors (what a
+decoder must produce). manifest.json records how each file was encoded.
+
+    python format_spec/vectors/make_vectors.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import zstandard
+
+import kvcodec
+from kvcodec import sources
+
+HERE = Path(__file__).parent
+
+# name: (codec, config, chunk_tokens, cache description)
+VECTORS = {
+    "raw-f16-mha": ("raw", {}, 4, dict(layers=2, heads=2, tokens=10, dims=(4, 4), dtype=torch.float16, ids=True)),
+    "zstd-bf16-mixed": ("zstd", {"level": 3}, 4,
+                        dict(layers=3, heads=2, tokens=[9, 3, 0], dims=(8, 4), dtype=torch.bfloat16, positions=True)),
+    "shuffle-zstd-f32-gqa": ("shuffle-zstd", {"level": 5}, 5,
+                             dict(layers=2, batch=2, heads=1, tokens=6, dims=(4, 4), dtype=torch.float32,
+                                  positions="per-head")),
+    "quant2-f16": ("quant", {"bits": 2, "group_size": 4}, 8, dict(layers=2, heads=2, tokens=13, dims=(8, 8), dtype=torch.float16)),
+    "quant3-bf16": ("quant", {"bits": 3, "group_size": 4}, 8, dict(layers=2, heads=2, tokens=13, dims=(8, 6), dtype=torch.bfloat16)),
+    "quant4-f16": ("quant", {"bits": 4, "group_size": 8}, 8, dict(layers=2, heads=3, tokens=11, dims=(8, 8), dtype=torch.float16)),
+    "quant8-f32": ("quant", {"bits": 8, "group_size": 5}, 6, dict(layers=1, heads=2, tokens=9, dims=(7, 7), dtype=torch.float32)),
+}
+
+
+def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False, positions=False) -> kvcodec.KVCache:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(layers):
+        n = tokens[i] if isinstance(tokens, list) else tokens
+        k = torch.randn(batch, heads, n, dims[0], generator=g) * (1 + 4 * (torch.arange(dims[0]) == 1))
+        v = torch.randn(batch, heads, n, dims[1], generator=g)
+        pos = None
+        if positions == "per-head":
+            pos = torch.stack([torch.arange(n) * (h + 1) for h in range(heads)]).to(torch.int64)
+        elif positions:
+            pos = torch.arange(n, dtype=torch.int64) + 100
+        out.append(kvcodec.LayerKV(k.to(dtype), v.to(dtype), pos))
+    token_ids = torch.randint(0, 50000, (batch, max(tokens) if isinstance(tokens, list) else tokens), generator=g) if ids else None
+    return kvcodec.KVCache(out, token_ids=token_ids, metadata={"model": "test-vector", "seed": str(seed)})
+
+
+def main() -> None:
+    manifest = {}
+    for seed, (name, (codec, config, chunk, desc)) in enumerate(VECTORS.items()):
+        cache = make_cache(seed, **desc)
+        sources.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
+        cache = sources.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
+        data = kvcodec.encode(cache, codec, chunk_tokens=chunk, **config)
+        (HERE / f"{name}.kvc").write_bytes(data)
+        lossless = kvcodec.codec_class(codec).lossless
+        if not lossless:
+            sources.save_cache(kvcodec.decode(data), HERE / f"{name}.expected.safetensors", overwrite=True)
+        manifest[name] = {"codec": codec, "config": config, "chunk_tokens": chunk, "lossless": lossless}
+    manifest["_zstd_library"] = zstandard.ZSTD_VERSION
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Golden vectors: the library and an independent spec-only decoder decode them to the stored
+tensors, and re-encoding the stored inputs reproduces the files byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+import kvcodec
+from kvcodec import sources
+from spec_reader import read_kvc
+
+VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
+MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
+NAMES = sorted(k for k in MANIFEST if not k.startswith("_"))
+
+
+def expected_cache(name):
+    path = VECTORS / f"{name}.expected.safetensors"
+    return sources.load_cache(path if path.exists() else VECTORS / f"{name}.input.safetensors")
+
+
+def test_there_is_a_vector_for_every_builtin_codec():
+    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant"}
+    assert {MANIFEST[n]["config"].get("bits") for n in NAMES if MANIFEST[n]["codec"] == "quant"} == {2, 3, 4, 8}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_library_decodes_vector(name):
+    data = (VECTORS / f"{name}.kvc").read_bytes()
+    got, want = kvcodec.decode(data), expected_cache(name)
+    assert got.equal(want) and got.metadata == want.metadata
+    for a, b in zip(got.layers, want.layers):
+        assert (a.positions is None and b.positions is None) or torch.equal(a.positions, b.positions)
+    assert (got.token_ids is None and want.token_ids is None) or torch.equal(got.token_ids, want.token_ids)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_only_decoder_agrees(name):
+    decoded = read_kvc((VECTORS / f"{name}.kvc").read_bytes())
+    want = expected_cache(name)
+    for i, lay in enumerate(want.layers):
+        for t, tensor in (("key", lay.key), ("value", lay.value)):
+            bits = tensor.contiguous().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+            assert np.array_equal(decoded[(i, t)].view(bits.numpy().dtype), bits.numpy()), (i, t)
+        if lay.positions is not None:
+            stored = np.frombuffer(decoded["blobs"][(0xFFFF, 1 + i)], "<i8").reshape(lay.positions.shape)
+            assert np.array_equal(stored, lay.positions.numpy())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reencoding_is_byte_identical(name):
+    entry = MANIFEST[name]
+    if entry["codec"] != "raw" and entry["codec"] != "quant" and list(zstandard.ZSTD_VERSION) != MANIFEST["_zstd_library"]:
+        pytest.skip(f"zstd output is fixed per library version; vectors were made with {MANIFEST['_zstd_library']}")
+    cache = sources.load_cache(VECTORS / f"{name}.input.safetensors")
+    data = kvcodec.encode(cache, entry["codec"], chunk_tokens=entry["chunk_tokens"], **entry["config"])
+    assert data == (VECTORS / f"{name}.kvc").read_bytes()
