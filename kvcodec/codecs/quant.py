@@ -92,4 +92,4 @@ class QuantCodec(Codec):
         n = info.shape[axis]
         m = m.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
         s = s.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
-        return (q * s + m).to(info.dtype)
+        return q.mul_(s).add_(m).to(info.dtype)
