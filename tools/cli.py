@@ -174,7 +174,7 @@ def inspect(file, as_json):
     from rich.table import Table
 
     console = Console()
-    codecs = ", ".join(f"{c['name']} {json.dumps(c['config'], separators=(',', '='))}" for c in info["codecs"])
+    codecs = ", ".join(" ".join([c["name"]] + [f"{k}={v}" for k, v in c["config"].items()]) for c in info["codecs"])
     console.print(f"[bold]{file}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
                   f"{_human(info['file_bytes'])} for {_human(info['raw_bytes'])} ({info['ratio']:.2f}x), "
                   f"layout {info['layout']}, chunks of {info['chunk_tokens']} tokens")
@@ -182,14 +182,16 @@ def inspect(file, as_json):
     if info["metadata"]:
         console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info["metadata"].items())))
     table = Table(show_edge=False)
-    for col in ("layer", "key", "value", "dtype", "codec", "bytes", "ratio", "chunks"):
+    for col in ("layer", "shape", "dtype", "codec", "bytes", "ratio", "chunks"):
         table.add_column(col, justify="right" if col in ("layer", "bytes", "ratio", "chunks") else "left")
     for lay in info["layers"]:
         k, v = lay["key"], lay["value"]
         stored = k["bytes"] + v["bytes"]
         raw = k["raw_bytes"] + v["raw_bytes"]
-        table.add_row(str(lay["index"]), "x".join(map(str, k["shape"])), "x".join(map(str, v["shape"])),
-                      k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
+        shape = "x".join(map(str, k["shape"]))
+        if v["shape"] != k["shape"]:
+            shape = f"K {shape} V {'x'.join(map(str, v['shape']))}"
+        table.add_row(str(lay["index"]), shape, k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
                       ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", _human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
     console.print(table)
