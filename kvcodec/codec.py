@@ -40,6 +40,9 @@ class Codec:
     name: ClassVar[str]
     lossless: ClassVar[bool]
     description: ClassVar[str] = ""
+    # Most decoded bytes one payload byte can yield. Readers refuse a record claiming more before
+    # allocating anything, so a hostile file cannot make them allocate beyond a multiple of its size.
+    max_expansion: ClassVar[float] = 32768.0
 
     def __init__(self):
         """Codecs without options keep this signature; others list their options here."""

@@ -193,6 +193,7 @@ class KVCReader:
         where = f"layer {layer} {tensor} tokens {info.token_start}+{info.shape[2]}"
         slot = int(r["codec_slot"])
         codec = self._codec(slot)
+        self._check_expansion(i)
         payload = memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]), f"record of {where}"))
         try:
             out = codec.decode(payload, info, self._context(slot))
@@ -204,15 +205,27 @@ class KVCReader:
             raise CodecError(f"codec {codec.name!r} decoded {where} to the wrong shape or dtype")
         return out
 
+    def _check_expansion(self, i: int) -> None:
+        r = self.records[i]
+        decoded = int(r["batch"]) * int(r["heads"]) * int(r["tokens"]) * int(r["head_dim"]) * \
+            itemsize(fmt.record_dtype_name(int(r["dtype"])))
+        codec = self._codec(int(r["codec_slot"]))
+        if decoded > codec.max_expansion * int(r["length"]) + 4096:
+            raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
+                              f"{int(r['length'])}-byte payload: the file is corrupt")
+
     def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
         spec = getattr(self.header.layers[layer], fmt.TENSORS[t])
+        needed = [i for i in self._groups.get((layer, t), [])
+                  if int(self.records["token_start"][i]) < stop
+                  and int(self.records["token_start"][i]) + int(self.records["tokens"][i]) > start]
+        for i in needed:  # before allocating the output: no record may claim more than it can hold
+            self._check_expansion(i)
         out = torch.empty((spec.batch, spec.heads, stop - start, spec.head_dim), dtype=torch_dtype(spec.dtype),
                           device=device)
-        for i in self._groups.get((layer, t), []):
+        for i in needed:
             r0 = int(self.records["token_start"][i])
             r1 = r0 + int(self.records["tokens"][i])
-            if r1 <= start or r0 >= stop:
-                continue
             chunk = self.decode_record(i)
             lo, hi = max(r0, start), min(r1, stop)
             out[:, :, lo - start:hi - start] = chunk[:, :, lo - r0:hi - r0].to(device)

@@ -171,7 +171,7 @@ def test_codec_payload_inconsistent_with_shape(files, codec):
         records["head_dim"][records["layer"] == 0] = 65536
 
     bad = rewrite_index(rewrite_header(data, grow), edit)
-    with pytest.raises(CodecError, match="bytes|small"):
+    with pytest.raises((CodecError, FormatError), match="bytes|small"):
         kvcodec.decode(bad)
 
 
@@ -215,3 +215,23 @@ def test_lazy_reader_still_reads_undamaged_layers(files):
     assert torch.equal(damaged.read(0)[0], cache.layers[0].key)
     with pytest.raises(ChecksumError):
         damaged.read(1)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_record_claiming_a_huge_tensor_is_refused_before_allocation(codec):
+    """Header and index agree on an enormous layer backed by a tiny payload: refused up front."""
+    cache = synthetic_cache(layers=1, tokens=20, head_dim=8)
+    cache.metadata["room"] = "x" * 100
+    data = kvcodec.encode(cache, codec, chunk_tokens=64)  # one record per tensor
+    huge = dict(tokens=2**31 - 1, heads=65536, head_dim=65536)
+
+    def header(doc):
+        for t in ("key", "value"):
+            doc["layers"][0][t].update(huge)
+
+    def index(records):
+        for k, v in huge.items():
+            records[k][:] = v
+
+    with pytest.raises(FormatError, match="claims .* bytes from a"):
+        kvcodec.decode(rewrite_index(rewrite_header(data, header), index))

@@ -29,6 +29,7 @@ class QuantCodec(Codec):
     name = "quant"
     lossless = False
     description = "grouped asymmetric integer quantization; keys per channel, values per token"
+    max_expansion = 16.0  # float32 output from 2-bit codes
 
     def __init__(self, bits: int = 4, group_size: int = 64):
         if bits not in bitpack.SUPPORTED_BITS or isinstance(bits, bool):

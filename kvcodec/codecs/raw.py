@@ -15,6 +15,7 @@ class RawCodec(Codec):
     name = "raw"
     lossless = True
     description = "uncompressed little-endian elements"
+    max_expansion = 1.0
 
     def encode(self, chunk, info, context):
         return bytes(tensor_bytes(chunk))

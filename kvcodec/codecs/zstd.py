@@ -22,6 +22,7 @@ class ZstdCodec(Codec):
     name = "zstd"
     lossless = True
     description = "Zstandard on the raw bytes"
+    max_expansion = float(MAX_EXPANSION)
 
     def __init__(self, level: int = 3):
         if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
