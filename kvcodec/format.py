@@ -274,10 +274,15 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
             if getattr(spec, TENSORS[tensor]).tokens and (layer, tensor) not in groups:
                 raise FormatError(f"layer {layer} {TENSORS[tensor]} has no records")
     _validate_blobs(header, blobs)
-    extents = sorted([(int(o), int(n)) for o, n in zip(records["offset"], records["length"])] +
-                     [(int(o), int(n)) for o, n in zip(blobs["offset"], blobs["length"])])
-    for (o1, n1), (o2, _) in zip(extents, extents[1:]):
+    spans = extents(records, blobs)
+    for (o1, n1), (o2, _) in zip(spans, spans[1:]):
         _check(o1 + n1 <= o2, "payloads overlap")
+
+
+def extents(records: np.ndarray, blobs: np.ndarray) -> list[tuple[int, int]]:
+    """(offset, length) of every payload and blob, in file order."""
+    return sorted(zip(records["offset"].tolist() + blobs["offset"].tolist(),
+                      records["length"].tolist() + blobs["length"].tolist()))
 
 
 def _validate_blobs(header: Header, blobs: np.ndarray) -> None:

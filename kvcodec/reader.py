@@ -275,10 +275,8 @@ class KVCReader:
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.
         Together with the checksums this detects any flipped bit in the file."""
-        extents = sorted([(int(o), int(n)) for o, n in zip(self.records["offset"], self.records["length"])] +
-                         [(int(o), int(n)) for o, n in zip(self.blobs["offset"], self.blobs["length"])])
         pos = self.header_end
-        for offset, length in extents + [(self.index_offset, 0)]:
+        for offset, length in fmt.extents(self.records, self.blobs) + [(self.index_offset, 0)]:
             gap = offset - pos
             if gap < 0 or gap >= fmt.ALIGN or any(self._src.read(pos, gap)):
                 raise FormatError("the file has stray or non-zero bytes between its payloads: it is corrupt")
