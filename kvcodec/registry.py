@@ -17,6 +17,7 @@ THIRD_PARTY_MIN_ID = 1024
 _by_id: dict[int, type[Codec]] = {}
 _by_name: dict[str, type[Codec]] = {}
 _plugins_loaded = False
+_plugin_errors: list[str] = []
 
 
 def register_codec(cls: type[Codec], *, builtin: bool = False) -> type[Codec]:
@@ -41,10 +42,8 @@ def _load_plugins() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             register_codec(ep.load())
-        except CodecError:
-            raise
-        except Exception as exc:  # a broken plugin must not take the library down
-            raise CodecError(f"codec plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from None
+        except Exception as exc:  # a broken plugin must not take the other codecs down
+            _plugin_errors.append(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
 
 
 def codec_class(key: str | int) -> type[Codec]:
@@ -55,7 +54,8 @@ def codec_class(key: str | int) -> type[Codec]:
     if key not in table:
         names = ", ".join(sorted(_by_name))
         what = f"id {key}" if isinstance(key, int) else repr(key)
-        raise CodecError(f"unknown codec {what} (available: {names})")
+        broken = f"; {'; '.join(_plugin_errors)}" if _plugin_errors else ""
+        raise CodecError(f"unknown codec {what} (available: {names}){broken}")
     return table[key]
 
 

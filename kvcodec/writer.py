@@ -14,7 +14,7 @@ import numpy as np
 
 from . import format as fmt
 from .dtypes import DTYPES
-from .errors import InputError
+from .errors import FormatError, InputError
 
 
 class KVCWriter:
@@ -27,6 +27,10 @@ class KVCWriter:
         head = header.to_bytes()
         if len(head) > fmt.MAX_HEADER:
             raise InputError(f"header is {len(head)} bytes; the format allows {fmt.MAX_HEADER} (too much metadata?)")
+        try:  # never write a file our own reader would refuse
+            fmt.Header.from_bytes(head)
+        except FormatError as exc:
+            raise InputError(f"cannot store this cache: {exc}") from None
         self._write(fmt.pack_preamble(head))
         self._write(head)
         self._pad()

@@ -185,7 +185,8 @@ def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
     dist.mkdir(parents=True)
     (site / "kvc_test_plugin.py").write_text(PLUGIN)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvc-test-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[kvcodec.codecs]\nxor = kvc_test_plugin:XorCodec\n")
+    (dist / "entry_points.txt").write_text(
+        "[kvcodec.codecs]\nxor = kvc_test_plugin:XorCodec\nbroken = kvc_test_plugin:NoSuchClass\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
 
     def kvc(*args):
@@ -199,6 +200,9 @@ def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
     packed = kvc("pack", path, "-c", "xor-test", "--opt", "key=7", "-o", tmp_path / "x.kvc")
     assert packed.returncode == 0, packed.stderr
     assert kvc("verify", tmp_path / "x.kvc", "--against", path).returncode == 0
+    # a broken plugin does not take the others down, and is named when its codec is asked for
+    missing = kvc("pack", path, "-c", "broken", "-o", tmp_path / "y.kvc")
+    assert missing.returncode == 1 and "'broken'" in missing.stderr and "failed to load" in missing.stderr
     # without the plugin, the file still opens and names the missing codec
     with pytest.raises(kvcodec.CodecError, match="5000.*xor-test.*not installed"):
         kvcodec.open(tmp_path / "x.kvc").read(0)

@@ -158,3 +158,10 @@ def test_read_rejects_bad_layer_and_step(small_cache):
         reader.read(99)
     with pytest.raises(ValueError):
         reader.read(0, tokens=slice(0, 10, 2))
+
+
+def test_writer_refuses_what_the_reader_would_refuse(tmp_path, small_cache):
+    small_cache.metadata.update({f"k{i}": "v" for i in range(2000)})  # more entries than the format allows
+    with pytest.raises(kvcodec.InputError, match="metadata"):
+        kvcodec.pack(small_cache, tmp_path / "x.kvc")
+    assert not list(tmp_path.iterdir())

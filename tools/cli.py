@@ -211,7 +211,7 @@ def verify(file, against, layout, heads):
         reader.verify()
         cache = reader.read_cache()
         lossless = all(kvcodec.codec_class(c.id).lossless for c in reader.header.codecs)
-    click.echo(f"{file}: checksums ok, {sum(len(l.key.shape) and 1 for l in cache.layers)} layers decode")
+    click.echo(f"{file}: checksums ok, {cache.num_layers} layers decode")
     if not against:
         return
     original = sources.load_cache(against, layout=layout, heads=heads)
