@@ -165,3 +165,11 @@ def test_writer_refuses_what_the_reader_would_refuse(tmp_path, small_cache):
     with pytest.raises(kvcodec.InputError, match="metadata"):
         kvcodec.pack(small_cache, tmp_path / "x.kvc")
     assert not list(tmp_path.iterdir())
+
+
+def test_progress_reports_each_layer(small_cache):
+    packed, unpacked = [], []
+    data = io.BytesIO()
+    kvcodec.pack(small_cache, data, codec="raw", progress=packed.append)
+    kvcodec.unpack(data.getvalue(), progress=unpacked.append)
+    assert packed == unpacked == list(range(1, small_cache.num_layers + 1))
