@@ -21,7 +21,7 @@ TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSION = ".safetensors"
 
 
-def _check_readable(path) -> str:
+def check_readable(path) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -34,7 +34,7 @@ def _check_readable(path) -> str:
 
 def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVCache:
     """Load a cache file (.pt/.pth/.bin or .safetensors) in any supported layout."""
-    path = _check_readable(path)
+    path = check_readable(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == SAFETENSORS_EXTENSION:
         return _load_safetensors(path)

@@ -6,10 +6,8 @@ temporary name and renamed only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 
 import click
 import torch
@@ -18,85 +16,10 @@ import kvcodec
 from kvcodec import api, sources
 from kvcodec.errors import InputError, KVCError
 
-EXIT_ERROR = 1
-
-
-class KvcGroup(click.Group):
-    """Turns every exception into one line on stderr (KVC_DEBUG=1 shows the traceback)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except KeyboardInterrupt:
-            click.echo("kvc: interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the user sees one line, never a traceback
-            if os.environ.get("KVC_DEBUG"):
-                raise
-            click.echo(f"kvc: error: {_message(exc)}", err=True)
-            sys.exit(EXIT_ERROR)
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, KVCError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        return f"{where}{exc.strerror or exc}"
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    return f"{type(exc).__name__}: {exc} (internal error; KVC_DEBUG=1 shows the traceback)"
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, label: str, quiet: bool):
-    """A rich progress bar on stderr when it is a terminal; yields an `update(done)` callback."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda done: bar.update(task, completed=done)
-
-
-def parse_options(pairs) -> dict:
-    """`--opt KEY=VALUE`: values are JSON when they parse (numbers, true/false), else strings."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"--opt expects KEY=VALUE, not {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
-def _output_path(path: str | None, source: str, suffix: str) -> str:
-    return path or os.path.splitext(source)[0] + suffix
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-layout_option = click.option("--layout", type=click.Choice(sources.LAYOUTS[:4]), default=None,
-                             help="Layout of a .pt input when it cannot be detected.")
-heads_option = click.option("--heads", type=click.IntRange(1), default=None,
-                            help="KV heads, for the cachegen [layers, tokens, heads*head_dim] layout.")
-force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-
+from .harness import bench_command, eval_command
+from .common import make_console
+from .common import (KvcGroup, existing, force_option, heads_option, human, layout_option, output_path,
+                     parse_options, progress_bar, quiet_option)
 
 @click.group(cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(kvcodec.__version__, prog_name="kvc")
@@ -117,7 +40,7 @@ def cli():
 @quiet_option
 def pack(input, output, codec, opts, chunk_tokens, layout, heads, force, quiet):
     """Compress a cache file (.pt or .safetensors) into a .kvc file."""
-    output = _output_path(output, input, ".kvc")
+    output = output_path(output, input, ".kvc")
     if os.path.abspath(output) == os.path.abspath(input):
         raise InputError("the output would overwrite the input; choose another -o")
     if os.path.exists(output) and not force:
@@ -127,7 +50,7 @@ def pack(input, output, codec, opts, chunk_tokens, layout, heads, force, quiet):
     with progress_bar(cache.num_layers, "packing", quiet) as update:
         size = api.pack(cache, output, the_codec, chunk_tokens=chunk_tokens, overwrite=force, progress=update)
     if not quiet:
-        click.echo(f"{output}: {_human(size)} ({cache.nbytes / size:.2f}x of {_human(cache.nbytes)}, "
+        click.echo(f"{output}: {human(size)} ({cache.nbytes / size:.2f}x of {human(cache.nbytes)}, "
                    f"codec {the_codec.name})", err=True)
 
 
@@ -141,10 +64,10 @@ def pack(input, output, codec, opts, chunk_tokens, layout, heads, force, quiet):
 @quiet_option
 def unpack(input, output, layout, force, quiet):
     """Decode a .kvc file back to .pt or .safetensors."""
-    with kvcodec.open(_existing(input)) as reader:
+    with kvcodec.open(existing(input)) as reader:
         stored = reader.header.layout
         suffix = ".safetensors" if (layout or stored) == "safetensors" else ".pt"
-        output = _output_path(output, input, suffix)
+        output = output_path(output, input, suffix)
         if os.path.exists(output) and not force:
             raise InputError(f"{output} exists (use --force to overwrite)")
         reader.check_layout()
@@ -155,28 +78,22 @@ def unpack(input, output, layout, force, quiet):
         click.echo(f"{output}: {cache.num_layers} layers, layout {written}", err=True)
 
 
-def _existing(path: str) -> str:
-    sources._check_readable(path)
-    return path
-
-
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(file, as_json):
     """Show what a .kvc file holds, layer by layer."""
-    with kvcodec.open(_existing(file)) as reader:
+    with kvcodec.open(existing(file)) as reader:
         info = reader.info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     codecs = ", ".join(" ".join([c["name"]] + [f"{k}={v}" for k, v in c["config"].items()]) for c in info["codecs"])
     console.print(f"[bold]{file}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
-                  f"{_human(info['file_bytes'])} for {_human(info['raw_bytes'])} ({info['ratio']:.2f}x), "
+                  f"{human(info['file_bytes'])} for {human(info['raw_bytes'])} ({info['ratio']:.2f}x), "
                   f"layout {info['layout']}, chunks of {info['chunk_tokens']} tokens")
     console.print(f"codecs: {codecs}")
     if info["metadata"]:
@@ -192,7 +109,7 @@ def inspect(file, as_json):
         if v["shape"] != k["shape"]:
             shape = f"K {shape} V {'x'.join(map(str, v['shape']))}"
         table.add_row(str(lay["index"]), shape, k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
-                      ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", _human(stored),
+                      ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
     console.print(table)
 
@@ -207,7 +124,7 @@ def verify(file, against, layout, heads):
 
     Exits non-zero on corruption, or when a lossless codec does not reproduce the original.
     """
-    with kvcodec.open(_existing(file)) as reader:
+    with kvcodec.open(existing(file)) as reader:
         reader.verify()
         cache = reader.read_cache()
         lossless = all(kvcodec.codec_class(c.id).lossless for c in reader.header.codecs)
@@ -244,7 +161,6 @@ def codecs(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(show_edge=False)
@@ -253,7 +169,7 @@ def codecs(as_json):
     for r in rows:
         table.add_row(str(r["id"]), r["name"], "yes" if r["lossless"] else "no",
                       " ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["description"])
-    Console().print(table)
+    make_console().print(table)
 
 
 @cli.command()
@@ -276,11 +192,15 @@ def capture(text, tokens, dtype, output, force, quiet):
     if not quiet:
         lay = cache.layers[0]
         click.echo(f"{output}: {cache.num_layers} layers x {tuple(lay.key.shape)} {dtype}, "
-                   f"{_human(cache.nbytes)}", err=True)
+                   f"{human(cache.nbytes)}", err=True)
 
 
 def main():
     cli(prog_name="kvc")
+
+
+cli.add_command(eval_command)
+cli.add_command(bench_command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""`kvc bench`: sweep codecs over real caches and measure rate, distortion, speed and the
+time to first token when a context is restored from a `.kvc` instead of recomputed.
+
+Time to first token (TTFT) follows CacheGen and the learned-compression work: restoring costs
+fetch (stored bytes / link bandwidth) + read and decode to the model's device + one forward
+step for the first new token; recomputing costs the prefill of the prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import api, capture, fidelity
+from .registry import codec_class
+
+SWEEP: dict[str, list[dict]] = {
+    "raw": [{}],
+    "zstd": [{"level": 3}],
+    "shuffle-zstd": [{"level": 3}],
+    "quant": [{"bits": 8}, {"bits": 4}, {"bits": 4, "group_size": 32}, {"bits": 3}, {"bits": 2},
+              {"bits": 2, "group_size": 32}],
+}
+QUICK_SWEEP: dict[str, list[dict]] = {"raw": [{}], "shuffle-zstd": [{"level": 3}],
+                                      "quant": [{"bits": 8}, {"bits": 4}, {"bits": 2}]}
+BANDWIDTHS_GBPS = (1, 10, 100)
+
+
+def best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def model_device() -> torch.device:
+    model, _ = capture.load_model()
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def time_prefill(ctx: fidelity.Context, repeat: int) -> float:
+    model, _ = capture.load_model()
+    ids = ctx.ids[:, :ctx.prefix].to(model_device())
+    return best_time(lambda: model(ids, use_cache=True), repeat)
+
+
+@torch.no_grad()
+def time_first_token(ctx: fidelity.Context, repeat: int) -> float:
+    """One forward step of the next token on top of the restored cache."""
+    model, _ = capture.load_model()
+    token = ctx.ids[:, ctx.prefix:ctx.prefix + 1].to(model_device())
+    pos = torch.tensor([[ctx.prefix]], device=token.device)
+    cache = ctx.cache.to(device=token.device, dtype=model.dtype)
+    return best_time(lambda: model(token, past_key_values=cache.to_hf(), position_ids=pos), repeat)
+
+
+@dataclass
+class BenchRow:
+    codec: str
+    options: dict
+    lossless: bool
+    bits_per_element: float
+    ratio: float  # versus the float16 cache
+    encode_MBps: float  # MB of float16 cache per second, CPU
+    decode_MBps: float
+    gpu_decode_MBps: float | None
+    restore_s: float  # read + decode + onto the model's device, first text's cache
+    delta_ppl_pct: float
+    top1: float
+    kl: float
+    greedy_match: float
+    ttft_s: dict[str, float] = field(default_factory=dict)
+    per_text: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    texts: list[str]
+    prefix: int
+    continuation: int
+    device: str
+    prefill_s: float
+    first_token_s: float
+    rows: list[BenchRow]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _restore_time(data: bytes, device, repeat: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ctx.kvc")
+        with open(path, "wb") as f:
+            f.write(data)
+        return best_time(lambda: api.unpack(path, device=device).to_hf(), repeat)
+
+
+def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chunk_tokens: int, repeat: int,
+                first_token_s: float) -> BenchRow:
+    codec_obj = api.make_codec(codec, dict(options))
+    fp16_mb = sum(c.fp16_bytes for c in contexts) / 1e6
+    datas = [api.encode(c.cache, codec_obj, chunk_tokens=chunk_tokens) for c in contexts]
+    encode_s = best_time(lambda: [api.encode(c.cache, codec_obj, chunk_tokens=chunk_tokens) for c in contexts], repeat)
+    decode_s = best_time(lambda: [api.decode(d) for d in datas], repeat)
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = fp16_mb / best_time(lambda: [api.decode(d, device="cuda") for d in datas], repeat)
+    report = fidelity.Report(codec, [fidelity.score(c, api.decode(d), len(d)) for c, d in zip(contexts, datas)])
+    mean = report.mean
+    elements = sum(c.fp16_bytes // fidelity.FP16_BYTES for c in contexts)
+    restore_s = _restore_time(datas[0], model_device(), repeat)
+    ttft = {str(bw): len(datas[0]) * 8 / (bw * 1e9) + restore_s + first_token_s for bw in BANDWIDTHS_GBPS}
+    return BenchRow(
+        codec=codec_obj.name, options=codec_obj.get_config(), lossless=codec_class(codec_obj.name).lossless,
+        bits_per_element=8 * sum(map(len, datas)) / elements, ratio=sum(c.fp16_bytes for c in contexts) / sum(map(len, datas)),
+        encode_MBps=fp16_mb / encode_s, decode_MBps=fp16_mb / decode_s, gpu_decode_MBps=gpu, restore_s=restore_s,
+        delta_ppl_pct=mean["delta_ppl_pct"], top1=mean["top1"], kl=mean["kl"], greedy_match=mean["greedy_match"],
+        ttft_s=ttft, per_text=[asdict(r) for r in report.results],
+    )
+
+
+def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS,
+        repeat: int = 3, progress=None) -> BenchResult:
+    prefill_s = time_prefill(contexts[0], repeat)
+    first_token_s = time_first_token(contexts[0], repeat)
+    rows = []
+    for codec, presets in sweep.items():
+        for options in presets:
+            rows.append(bench_codec(contexts, codec, options, chunk_tokens, repeat, first_token_s))
+            if progress:
+                progress(len(rows))
+    return BenchResult([c.text for c in contexts], contexts[0].prefix, contexts[0].continuation, str(model_device()),
+                       prefill_s, first_token_s, rows)
+
+
+def label(row: BenchRow) -> str:
+    return " ".join([row.codec] + [f"{k}={v}" for k, v in row.options.items()])
+
+
+def plot_rate_distortion(result: BenchResult, path: str) -> None:
+    """Compression ratio versus ΔPPL, one curve per codec family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family in dict.fromkeys(r.codec for r in result.rows):
+        rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
+        ax.plot([r.ratio for r in rows], [r.delta_ppl_pct for r in rows], marker="o", label=family)
+        for r in rows:
+            if len(rows) > 1:
+                ax.annotate(" ".join(f"{k[0]}{v}" for k, v in r.options.items()), (r.ratio, r.delta_ppl_pct),
+                            fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("compression ratio vs float16 cache")
+    ax.set_ylabel("ΔPPL (%) of the continuation")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
+                 f"mean of {', '.join(result.texts)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ttft(result: BenchResult, path: str) -> None:
+    """Time to first token versus link bandwidth, per codec, against recomputing the prefill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result.rows:
+        ax.plot(BANDWIDTHS_GBPS, [r.ttft_s[str(bw)] for bw in BANDWIDTHS_GBPS], marker="o", label=label(r))
+    ax.axhline(result.prefill_s, color="black", linestyle="--", label=f"recompute prefill ({result.device})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link bandwidth (Gbit/s)")
+    ax.set_ylabel("time to first token (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"restore {result.prefix}-token context from .kvc vs recompute, {result.device}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

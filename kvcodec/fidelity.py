@@ -1,0 +1,176 @@
+"""Fidelity harness: how much a restored cache changes SmolLM2's predictions.
+
+A text is split into a prefix, whose cache is compressed and restored, and a continuation that
+the model reads teacher-forced on top of the original and of the restored cache. Restored caches
+that hold fewer tokens (pruned) continue at the original positions: new tokens get position ids
+from the original prefix length on, and attend to the tokens that were kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import api, capture
+from .cache import KVCache
+from .errors import InputError
+
+DEFAULT_PREFIX = 1536
+DEFAULT_CONTINUATION = 512
+DEFAULT_GREEDY = 64
+FP16_BYTES = 2
+
+
+@torch.no_grad()
+def continue_logits(cache: KVCache, input_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+    """Logits [tokens, vocab] of `input_ids` read after `cache`, at positions from `start_position`."""
+    model, _ = capture.load_model()
+    n = input_ids.shape[1]
+    positions = torch.arange(start_position, start_position + n).unsqueeze(0)
+    past = cache.to(dtype=model.dtype).to_hf()
+    return model(input_ids, past_key_values=past, position_ids=positions).logits[0].float()
+
+
+@torch.no_grad()
+def greedy_tokens(cache: KVCache, first_token: int, start_position: int, steps: int) -> torch.Tensor:
+    """`steps` greedily generated token ids after `cache`, fed `first_token` at `start_position`."""
+    model, _ = capture.load_model()
+    past = cache.to(dtype=model.dtype).to_hf()
+    token, out = torch.tensor([[first_token]]), []
+    for step in range(steps):
+        logits = model(token, past_key_values=past, position_ids=torch.tensor([[start_position + step]])).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(token))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@dataclass
+class Context:
+    """One text prepared for evaluation: its original cache and the reference predictions."""
+
+    text: str
+    ids: torch.Tensor  # [1, prefix + continuation + 1]
+    prefix: int
+    cache: KVCache  # the original cache, in the dtype it is stored in
+    ref_logprobs: torch.Tensor  # [continuation, vocab]
+    ref_greedy: torch.Tensor  # [greedy]
+
+    @property
+    def continuation(self) -> int:
+        return self.ids.shape[1] - self.prefix - 1
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(t.numel() * FP16_BYTES for l in self.cache.layers for t in (l.key, l.value))
+
+    @classmethod
+    def from_text(cls, text: str, prefix: int = DEFAULT_PREFIX, continuation: int = DEFAULT_CONTINUATION,
+                  greedy: int = DEFAULT_GREEDY, dtype: torch.dtype = torch.float16) -> "Context":
+        name, contents = capture.read_text(text)
+        ids = capture.tokenize(contents, prefix + continuation + 1)
+        _, past = capture.prefill(ids[:, :prefix])
+        cache = KVCache.from_hf(past, metadata={"model": capture.MODEL_NAME, "text": name}).to(dtype=dtype)
+        cache.token_ids = ids[:, :prefix]
+        return cls.from_cache(name, ids, cache, greedy)
+
+    @classmethod
+    def from_cache(cls, text: str, ids: torch.Tensor, cache: KVCache, greedy: int = DEFAULT_GREEDY) -> "Context":
+        prefix = cache.layers[0].key.shape[2]
+        if ids.shape[1] <= prefix + 1:
+            raise InputError(f"text {text!r} has no tokens after the cached {prefix} to score")
+        logits = continue_logits(cache, ids[:, prefix:-1], prefix)
+        ref = greedy_tokens(cache, int(ids[0, prefix]), prefix, greedy) if greedy else torch.empty(0, dtype=torch.int64)
+        return cls(text, ids, prefix, cache, logits.log_softmax(-1), ref)
+
+    @classmethod
+    def from_captured(cls, cache: KVCache, continuation: int = DEFAULT_CONTINUATION,
+                      greedy: int = DEFAULT_GREEDY) -> "Context":
+        """For a cache saved by `kvc capture`: its metadata names the text, its token ids the prefix."""
+        text = cache.metadata.get("text")
+        if text not in capture.shipped_texts() or cache.token_ids is None:
+            raise InputError("the original cache must come from `kvc capture` on a shipped text "
+                             f"(it names text {text!r} and {'has' if cache.token_ids is not None else 'lacks'} token ids)")
+        prefix = cache.token_ids.shape[1]
+        ids = capture.tokenize(capture.read_text(text)[1], None)[:, :prefix + continuation + 1]
+        if not torch.equal(ids[:, :prefix], cache.token_ids):
+            raise InputError(f"the cache's token ids are not the start of the shipped text {text!r}")
+        return cls.from_cache(text, ids, cache, greedy)
+
+
+@dataclass
+class TextResult:
+    text: str
+    prefix: int
+    continuation: int
+    stored_bytes: int
+    ratio: float  # versus the float16 cache
+    ppl_ref: float
+    ppl: float
+    delta_ppl_pct: float
+    top1: float
+    kl: float
+    greedy_match: int
+    greedy_of: int
+    key_rel_err: list[float] = field(default_factory=list)
+    value_rel_err: list[float] = field(default_factory=list)
+
+
+def _rel_err(original: torch.Tensor, restored: torch.Tensor, positions: torch.Tensor | None) -> float:
+    x = original.double()
+    if positions is not None:  # compare the kept tokens with the originals at their positions
+        idx = positions.to(torch.int64).expand(x.shape[1], -1)
+        x = x.gather(2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3]))
+    denom = float(x.norm())
+    return float((x - restored.double()).norm()) / denom if denom else float(x.norm() != restored.double().norm())
+
+
+def score(ctx: Context, restored: KVCache, stored_bytes: int) -> TextResult:
+    """Compare the model's predictions on `restored` with those on the original cache."""
+    inputs, targets = ctx.ids[:, ctx.prefix:-1], ctx.ids[0, ctx.prefix + 1:]
+    logprobs = continue_logits(restored, inputs, ctx.prefix).log_softmax(-1)
+    nll_ref = -ctx.ref_logprobs.gather(1, targets[:, None]).mean()
+    nll = -logprobs.gather(1, targets[:, None]).mean()
+    ppl_ref, ppl = math.exp(float(nll_ref)), math.exp(float(nll))
+    kl = float((ctx.ref_logprobs.exp() * (ctx.ref_logprobs - logprobs)).sum(-1).mean())
+    top1 = float((logprobs.argmax(-1) == ctx.ref_logprobs.argmax(-1)).double().mean())
+    greedy = greedy_tokens(restored, int(ctx.ids[0, ctx.prefix]), ctx.prefix, len(ctx.ref_greedy))
+    same = (greedy == ctx.ref_greedy).long()
+    match = int(same.cumprod(0).sum()) if len(same) else 0
+    return TextResult(
+        text=ctx.text, prefix=ctx.prefix, continuation=ctx.continuation, stored_bytes=stored_bytes,
+        ratio=ctx.fp16_bytes / stored_bytes, ppl_ref=ppl_ref, ppl=ppl,
+        delta_ppl_pct=100.0 * (ppl - ppl_ref) / ppl_ref, top1=top1, kl=kl,
+        greedy_match=match, greedy_of=len(ctx.ref_greedy),
+        key_rel_err=[_rel_err(o.key, r.key, r.positions) for o, r in zip(ctx.cache.layers, restored.layers)],
+        value_rel_err=[_rel_err(o.value, r.value, r.positions) for o, r in zip(ctx.cache.layers, restored.layers)],
+    )
+
+
+MEAN_FIELDS = ("ratio", "ppl_ref", "ppl", "delta_ppl_pct", "top1", "kl", "greedy_match")
+
+
+@dataclass
+class Report:
+    label: str
+    results: list[TextResult]
+
+    @property
+    def mean(self) -> dict[str, float]:
+        return {f: sum(getattr(r, f) for r in self.results) / len(self.results) for f in MEAN_FIELDS}
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "texts": [asdict(r) for r in self.results], "mean": self.mean}
+
+
+def evaluate_codec(contexts: list[Context], codec: str, options: dict | None = None,
+                   chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS) -> Report:
+    """Encode each context's cache with the codec, restore it, and score it."""
+    codec_obj = api.make_codec(codec, dict(options or {}))
+    results = []
+    for ctx in contexts:
+        data = api.encode(ctx.cache, codec_obj, chunk_tokens=chunk_tokens)
+        results.append(score(ctx, api.decode(data), len(data)))
+    label = " ".join([codec_obj.name] + [f"{k}={v}" for k, v in codec_obj.get_config().items()])
+    return Report(label, results)

@@ -1,0 +1,104 @@
+"""Pieces shared by the `kvc` commands: error handling, progress, option parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import click
+
+from kvcodec import sources
+from kvcodec.errors import InputError, KVCError
+
+EXIT_ERROR = 1
+
+
+class KvcGroup(click.Group):
+    """Turns every exception into one line on stderr (KVC_DEBUG=1 shows the traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("kvc: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the user sees one line, never a traceback
+            if os.environ.get("KVC_DEBUG"):
+                raise
+            click.echo(f"kvc: error: {_message(exc)}", err=True)
+            sys.exit(EXIT_ERROR)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KVCError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return f"{type(exc).__name__}: {exc} (internal error; KVC_DEBUG=1 shows the traceback)"
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, quiet: bool):
+    """A rich progress bar on stderr when it is a terminal; yields an `update(done)` callback."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.update(task, completed=done)
+
+
+def parse_options(pairs) -> dict:
+    """`--opt KEY=VALUE`: values are JSON when they parse (numbers, true/false), else strings."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--opt expects KEY=VALUE, not {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def output_path(path: str | None, source: str, suffix: str) -> str:
+    return path or os.path.splitext(source)[0] + suffix
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+layout_option = click.option("--layout", type=click.Choice(sources.LAYOUTS[:4]), default=None,
+                             help="Layout of a .pt input when it cannot be detected.")
+heads_option = click.option("--heads", type=click.IntRange(1), default=None,
+                            help="KV heads, for the cachegen [layers, tokens, heads*head_dim] layout.")
+force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+
+
+def existing(path: str) -> str:
+    sources.check_readable(path)
+    return path
+
+
+def make_console():
+    """A rich console on stdout; wide enough for our tables when stdout is not a terminal."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)

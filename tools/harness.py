@@ -1,0 +1,176 @@
+"""`kvc eval` and `kvc bench`: judge codecs on the real model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from kvcodec import api, bench, capture, fidelity, sources
+from kvcodec.errors import InputError
+
+from .common import make_console
+from .common import existing, heads_option, layout_option, parse_options, progress_bar, quiet_option
+
+
+def texts_option(default: str):
+    return click.option("--texts", default=default, show_default=True,
+                        help=f"Comma-separated shipped texts ({', '.join(capture.shipped_texts())}).")
+
+
+def length_options(fn):
+    fn = click.option("--greedy", type=click.IntRange(0), default=fidelity.DEFAULT_GREEDY, show_default=True,
+                      help="Greedy tokens generated to compare.")(fn)
+    fn = click.option("--continuation", type=click.IntRange(1), default=fidelity.DEFAULT_CONTINUATION,
+                      show_default=True, help="Continuation tokens scored teacher-forced.")(fn)
+    fn = click.option("--prefix", type=click.IntRange(1), default=fidelity.DEFAULT_PREFIX, show_default=True,
+                      help="Prefix tokens whose cache is compressed.")(fn)
+    return fn
+
+
+def text_names(texts: str) -> list[str]:
+    names = [t.strip() for t in texts.split(",") if t.strip()]
+    unknown = [t for t in names if t not in capture.shipped_texts()]
+    if unknown or not names:
+        raise InputError(f"unknown text {unknown[0] if unknown else '(none)'!r}; "
+                         f"shipped: {', '.join(capture.shipped_texts())}")
+    return names
+
+
+def write_json(path: str, doc) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def print_report(report: fidelity.Report, layers: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=report.label, show_edge=False)
+    for col in ("text", "ratio", "PPL ref", "PPL", "ΔPPL %", "top-1", "KL", "greedy", "K err", "V err"):
+        table.add_column(col, justify="left" if col == "text" else "right")
+    for r in report.results:
+        table.add_row(r.text, f"{r.ratio:.2f}", f"{r.ppl_ref:.3f}", f"{r.ppl:.3f}", f"{r.delta_ppl_pct:+.3f}",
+                      f"{r.top1:.4f}", f"{r.kl:.2e}", f"{r.greedy_match}/{r.greedy_of}",
+                      f"{sum(r.key_rel_err) / len(r.key_rel_err):.4f}",
+                      f"{sum(r.value_rel_err) / len(r.value_rel_err):.4f}")
+    m = report.mean
+    table.add_row("mean", f"{m['ratio']:.2f}", f"{m['ppl_ref']:.3f}", f"{m['ppl']:.3f}", f"{m['delta_ppl_pct']:+.3f}",
+                  f"{m['top1']:.4f}", f"{m['kl']:.2e}", f"{m['greedy_match']:.1f}", "", "", style="bold")
+    console = make_console()
+    console.print(table)
+    if layers:
+        per = Table(title="relative reconstruction error per layer", show_edge=False)
+        per.add_column("layer", justify="right")
+        for r in report.results:
+            per.add_column(f"{r.text} K", justify="right")
+            per.add_column(f"{r.text} V", justify="right")
+        for i in range(len(report.results[0].key_rel_err)):
+            per.add_row(str(i), *[f"{x:.4f}" for r in report.results for x in (r.key_rel_err[i], r.value_rel_err[i])])
+        console.print(per)
+
+
+@click.command("eval")
+@click.argument("file", required=False, type=click.Path(dir_okay=False))
+@click.option("--original", type=click.Path(dir_okay=False), help="With FILE: the cache it was packed from.")
+@click.option("-c", "--codec", default=None, help="Codec to evaluate (instead of FILE).")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Codec option, repeatable.")
+@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True)
+@texts_option("prose,code,data")
+@length_options
+@click.option("--layers", is_flag=True, help="Also print the reconstruction error of every layer.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@layout_option
+@heads_option
+def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
+                 layout, heads):
+    """Measure how a codec (or an existing .kvc FILE) changes SmolLM2's predictions.
+
+    With -c: each shipped text is split into a prefix, whose cache is compressed and restored, and
+    a continuation scored with the restored versus the original cache. With FILE and --original
+    (a cache from `kvc capture`): the file is scored against the original on the text it names.
+    """
+    if (file is None) == (codec is None):
+        raise InputError("give either a codec (-c NAME) or a .kvc FILE with --original")
+    if file is not None:
+        if not original:
+            raise InputError("evaluating a .kvc file needs --original, the cache it was packed from")
+        restored = api.unpack(existing(file))
+        ctx = fidelity.Context.from_captured(sources.load_cache(original, layout=layout, heads=heads),
+                                             continuation, greedy)
+        report = fidelity.Report(os.path.basename(file), [fidelity.score(ctx, restored, os.path.getsize(file))])
+    else:
+        codec_obj = api.make_codec(codec, parse_options(opts))
+        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
+        report = fidelity.evaluate_codec(contexts, codec_obj, chunk_tokens=chunk_tokens)
+    print_report(report, layers)
+    if json_path:
+        write_json(json_path, report.to_dict())
+
+
+def parse_sweep(specs) -> dict[str, list[dict]]:
+    """`NAME` or `NAME:key=value,key=value`, repeatable, in order."""
+    sweep: dict[str, list[dict]] = {}
+    for spec in specs:
+        name, _, opts = spec.partition(":")
+        options = parse_options([o for o in opts.split(",") if o]) if opts else {}
+        api.make_codec(name, dict(options))  # fail early on a bad codec or option
+        sweep.setdefault(name, []).append(options)
+    return sweep
+
+
+def print_bench(result: bench.BenchResult) -> None:
+    from rich.table import Table
+
+    bws = bench.BANDWIDTHS_GBPS
+    table = Table(title=f"SmolLM2-135M, texts {', '.join(result.texts)}, prefix {result.prefix}, "
+                        f"continuation {result.continuation}, device {result.device}", show_edge=False)
+    cols = ["codec", "options", "bits/elem", "ratio", "enc MB/s", "dec MB/s", "GPU dec MB/s", "ΔPPL %", "top-1",
+            "restore s"] + [f"TTFT {bw}G s" for bw in bws]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("codec", "options") else "right")
+    for r in result.rows:
+        table.add_row(r.codec, " ".join(f"{k}={v}" for k, v in r.options.items()), f"{r.bits_per_element:.2f}",
+                      f"{r.ratio:.2f}", f"{r.encode_MBps:.0f}", f"{r.decode_MBps:.0f}",
+                      "-" if r.gpu_decode_MBps is None else f"{r.gpu_decode_MBps:.0f}", f"{r.delta_ppl_pct:+.3f}",
+                      f"{r.top1:.4f}", f"{r.restore_s:.4f}", *[f"{r.ttft_s[str(bw)]:.4f}" for bw in bws])
+    console = make_console()
+    console.print(table)
+    console.print(f"recompute prefill of {result.prefix} tokens: {result.prefill_s:.3f} s; "
+                  f"first-token step on a restored cache: {result.first_token_s:.4f} s")
+
+
+@click.command("bench")
+@click.option("--codec", "codec_specs", multiple=True, metavar="NAME[:K=V,...]",
+              help="Codec configuration to sweep, repeatable [a built-in sweep].")
+@click.option("--quick", is_flag=True, help="A small sweep on one text with short lengths.")
+@click.option("--cache", "caches", multiple=True, type=click.Path(dir_okay=False),
+              help="Caches from `kvc capture` to sweep over, repeatable [the shipped texts].")
+@texts_option("prose,code,data")
+@length_options
+@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True, help="Timing runs (best kept).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
+              help="Folder for bench.json, rate_distortion.png and ttft.png.")
+@quiet_option
+def bench_command(codec_specs, quick, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat, out_dir, quiet):
+    """Sweep codecs: ratio, speed, ΔPPL, top-1 and time to first token; JSON and plots."""
+    sweep = parse_sweep(codec_specs) if codec_specs else (bench.QUICK_SWEEP if quick else bench.SWEEP)
+    if quick:
+        texts = texts if texts != "prose,code,data" else "prose"
+        prefix, continuation, greedy, repeat = min(prefix, 512), min(continuation, 128), min(greedy, 16), 1
+    if caches:
+        contexts = [fidelity.Context.from_captured(sources.load_cache(c), continuation, greedy) for c in caches]
+    else:
+        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
+    total = sum(len(v) for v in sweep.values())
+    with progress_bar(total, "benchmarking", quiet) as update:
+        result = bench.run(contexts, sweep, chunk_tokens, repeat, progress=update)
+    print_bench(result)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "bench.json"), result.to_dict())
+    bench.plot_rate_distortion(result, os.path.join(out_dir, "rate_distortion.png"))
+    bench.plot_ttft(result, os.path.join(out_dir, "ttft.png"))
+    if not quiet:
+        click.echo(f"wrote {out_dir}/bench.json, rate_distortion.png, ttft.png", err=True)
