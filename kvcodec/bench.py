@@ -75,6 +75,7 @@ class BenchRow:
     gpu_decode_MBps: float | None
     restore_s: float  # read + decode + onto the model's device, first text's cache
     delta_ppl_pct: float
+    abs_delta_ppl_pct: float
     top1: float
     kl: float
     greedy_match: float
@@ -123,7 +124,8 @@ def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chu
         codec=codec_obj.name, options=codec_obj.get_config(), lossless=codec_class(codec_obj.name).lossless,
         bits_per_element=8 * sum(map(len, datas)) / elements, ratio=sum(c.fp16_bytes for c in contexts) / sum(map(len, datas)),
         encode_MBps=fp16_mb / encode_s, decode_MBps=fp16_mb / decode_s, gpu_decode_MBps=gpu, restore_s=restore_s,
-        delta_ppl_pct=mean["delta_ppl_pct"], top1=mean["top1"], kl=mean["kl"], greedy_match=mean["greedy_match"],
+        delta_ppl_pct=mean["delta_ppl_pct"], abs_delta_ppl_pct=mean["abs_delta_ppl_pct"], top1=mean["top1"],
+        kl=mean["kl"], greedy_match=mean["greedy_match"],
         ttft_s=ttft, per_text=[asdict(r) for r in report.results],
     )
 

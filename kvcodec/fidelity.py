@@ -158,7 +158,11 @@ class Report:
 
     @property
     def mean(self) -> dict[str, float]:
-        return {f: sum(getattr(r, f) for r in self.results) / len(self.results) for f in MEAN_FIELDS}
+        """Means over texts; `abs_delta_ppl_pct` too, since signed changes of texts can cancel."""
+        n = len(self.results)
+        mean = {f: sum(getattr(r, f) for r in self.results) / n for f in MEAN_FIELDS}
+        mean["abs_delta_ppl_pct"] = sum(abs(r.delta_ppl_pct) for r in self.results) / n
+        return mean
 
     def to_dict(self) -> dict:
         return {"label": self.label, "texts": [asdict(r) for r in self.results], "mean": self.mean}

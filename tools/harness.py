@@ -126,7 +126,7 @@ def print_bench(result: bench.BenchResult) -> None:
     bws = bench.BANDWIDTHS_GBPS
     table = Table(title=f"SmolLM2-135M, texts {', '.join(result.texts)}, prefix {result.prefix}, "
                         f"continuation {result.continuation}, device {result.device}", show_edge=False)
-    cols = ["codec", "options", "bits/elem", "ratio", "enc MB/s", "dec MB/s", "GPU dec MB/s", "ΔPPL %", "top-1",
+    cols = ["codec", "options", "bits/elem", "ratio", "enc MB/s", "dec MB/s", "GPU dec MB/s", "ΔPPL %", "|ΔPPL| %", "top-1",
             "restore s"] + [f"TTFT {bw}G s" for bw in bws]
     for c in cols:
         table.add_column(c, justify="left" if c in ("codec", "options") else "right")
@@ -134,6 +134,7 @@ def print_bench(result: bench.BenchResult) -> None:
         table.add_row(r.codec, " ".join(f"{k}={v}" for k, v in r.options.items()), f"{r.bits_per_element:.2f}",
                       f"{r.ratio:.2f}", f"{r.encode_MBps:.0f}", f"{r.decode_MBps:.0f}",
                       "-" if r.gpu_decode_MBps is None else f"{r.gpu_decode_MBps:.0f}", f"{r.delta_ppl_pct:+.3f}",
+                      f"{r.abs_delta_ppl_pct:.3f}",
                       f"{r.top1:.4f}", f"{r.restore_s:.4f}", *[f"{r.ttft_s[str(bw)]:.4f}" for bw in bws])
     console = make_console()
     console.print(table)
