@@ -1,0 +1,128 @@
+"""Entropy-coded lanes: static-table rANS with a 64-bit state, 32-bit words and 24-bit
+probabilities (format_spec/kvc-v1.md, section 9).
+
+Every lane is an independent stream, so lanes decode in parallel (numpy across lanes on the
+CPU, one GPU thread per lane). The fast CPU path is constriction's `AnsCoder`, whose output is
+exactly this bitstream when it is given the integer weights `w - 1` as probabilities: its
+quantization then reproduces `w` exactly. `decode_lanes_reference` follows the specification
+step by step, vectorized over lanes; tests hold the two to the same bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CodecError
+
+PRECISION = 24
+TOTAL = 1 << PRECISION
+WORD_BITS = 32
+MAX_ALPHABET = 4096
+
+
+def weights_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Integer weights >= 1 summing to 2**24, proportional to `counts` (any symbol may occur).
+
+    Deterministic: each symbol gets 1 plus its share of the rest rounded down; what is left
+    goes one by one to the symbols with the largest counts (lowest index first on ties).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = counts.size
+    if not 2 <= n <= MAX_ALPHABET:
+        raise CodecError(f"alphabet of {n} symbols; 2 to {MAX_ALPHABET} are supported")
+    total = int(counts.sum())
+    free = TOTAL - n
+    if total == 0:
+        share = np.full(n, free // n, dtype=np.int64)
+    else:
+        share = counts * free // total
+    weights = share + 1
+    left = TOTAL - int(weights.sum())
+    order = np.lexsort((np.arange(n), -counts))  # largest count first, then lowest index
+    weights[order[np.arange(left) % n]] += 1
+    return weights
+
+
+def check_weights(weights: np.ndarray) -> None:
+    if weights.ndim != 1 or not 2 <= weights.size <= MAX_ALPHABET or weights.min() < 1 or int(weights.sum()) != TOTAL:
+        raise CodecError("an entropy table is malformed (weights must be >= 1 and sum to 2**24)")
+
+
+def _model(weights: np.ndarray):
+    import constriction
+
+    return constriction.stream.model.Categorical((weights - 1).astype(np.float64), perfect=False)
+
+
+def encode_lane(symbols: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The uint32 words of one lane coding `symbols` (ints in [0, len(weights)))."""
+    import constriction
+
+    coder = constriction.stream.stack.AnsCoder()
+    if symbols.size:
+        coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), _model(weights))
+    return coder.get_compressed()
+
+
+def decode_lane(words: np.ndarray, weights: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of `encode_lane`; a lane that does not end exactly where it should is corrupt."""
+    import constriction
+
+    check_weights(weights)
+    if count == 0:
+        if words.size:
+            raise CodecError("an entropy-coded lane holds more data than its symbols need")
+        return np.empty(0, dtype=np.int32)
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+        out = coder.decode(_model(weights), count)
+        clean = coder.is_empty()
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        raise CodecError(f"an entropy-coded lane is corrupt ({exc})") from None
+    if not clean:
+        raise CodecError("an entropy-coded lane does not end where its symbols do: it is corrupt")
+    return out
+
+
+def decode_lanes_reference(lanes: list[np.ndarray], tables: list[np.ndarray], table_of_lane: np.ndarray,
+                           count: int) -> np.ndarray:
+    """Decode `count` symbols from each lane, vectorized across lanes, exactly as the spec says.
+
+    Returns int32 [lanes, count]. Slow per symbol, fast in lanes: the model for GPU kernels.
+    """
+    n = len(lanes)
+    width = max((t.size for t in tables), default=2)
+    cdf = np.full((len(tables), width + 1), TOTAL, dtype=np.uint64)  # padded with TOTAL
+    for i, t in enumerate(tables):
+        check_weights(t)
+        cdf[i, 0] = 0
+        cdf[i, 1:t.size + 1] = np.cumsum(t)
+    lengths = np.array([len(l) for l in lanes], dtype=np.int64)
+    flat = np.concatenate([np.asarray(l, dtype=np.uint64) for l in lanes] + [np.zeros(1, np.uint64)])
+    end = np.cumsum(lengths)  # one past each lane's last word
+    start = end - lengths
+    ptr = end.copy()  # words are consumed from the end of each lane
+    x = np.zeros(n, dtype=np.uint64)
+    has = ptr > start
+    x[has] = flat[ptr[has] - 1]
+    ptr[has] -= 1
+    has = ptr > start
+    x[has] = (x[has] << np.uint64(32)) | flat[ptr[has] - 1]
+    ptr[has] -= 1
+    rows = cdf[table_of_lane]
+    out = np.empty((n, count), dtype=np.int32)
+    mask = np.uint64(TOTAL - 1)
+    lanes_idx = np.arange(n)
+    for step in range(count):
+        q = x & mask
+        sym = (rows <= q[:, None]).sum(axis=1) - 1  # last cdf entry <= q
+        left = rows[lanes_idx, sym]
+        freq = rows[lanes_idx, sym + 1] - left
+        x = freq * (x >> np.uint64(PRECISION)) + q - left
+        refill = (x < np.uint64(1 << WORD_BITS)) & (ptr > start)
+        x[refill] = (x[refill] << np.uint64(32)) | flat[ptr[refill] - 1]
+        ptr[refill] -= 1
+        out[:, step] = sym
+    if np.any(ptr != start) or np.any(x != 0):
+        raise CodecError("an entropy-coded lane does not end where its symbols do: it is corrupt")
+    return out
