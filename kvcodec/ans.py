@@ -48,34 +48,42 @@ def check_weights(weights: np.ndarray) -> None:
         raise CodecError("an entropy table is malformed (weights must be >= 1 and sum to 2**24)")
 
 
-def _model(weights: np.ndarray):
-    import constriction
+class Table:
+    """Validated weights plus the constriction model built from them (built once, used per lane)."""
 
-    return constriction.stream.model.Categorical((weights - 1).astype(np.float64), perfect=False)
+    def __init__(self, weights: np.ndarray):
+        import constriction
+
+        self.weights = np.asarray(weights, dtype=np.int64)
+        check_weights(self.weights)
+        self.model = constriction.stream.model.Categorical((self.weights - 1).astype(np.float64), perfect=False)
+
+    @property
+    def size(self) -> int:
+        return self.weights.size
 
 
-def encode_lane(symbols: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The uint32 words of one lane coding `symbols` (ints in [0, len(weights)))."""
+def encode_lane(symbols: np.ndarray, table: Table) -> np.ndarray:
+    """The uint32 words of one lane coding `symbols` (ints in [0, table.size))."""
     import constriction
 
     coder = constriction.stream.stack.AnsCoder()
     if symbols.size:
-        coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), _model(weights))
+        coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), table.model)
     return coder.get_compressed()
 
 
-def decode_lane(words: np.ndarray, weights: np.ndarray, count: int) -> np.ndarray:
+def decode_lane(words: np.ndarray, table: Table, count: int) -> np.ndarray:
     """Inverse of `encode_lane`; a lane that does not end exactly where it should is corrupt."""
     import constriction
 
-    check_weights(weights)
     if count == 0:
         if words.size:
             raise CodecError("an entropy-coded lane holds more data than its symbols need")
         return np.empty(0, dtype=np.int32)
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
-        out = coder.decode(_model(weights), count)
+        out = coder.decode(table.model, count)
         clean = coder.is_empty()
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise CodecError(f"an entropy-coded lane is corrupt ({exc})") from None
