@@ -23,6 +23,7 @@ import torch
 
 import kvcodec
 from kvcodec import sources
+from kvcodec.bench import best_time
 
 SWEEP = [
     ("raw", {}), ("zstd", {"level": 1}), ("zstd", {"level": 3}), ("shuffle-zstd", {"level": 3}),
@@ -36,15 +37,6 @@ def load(args) -> kvcodec.KVCache:
     from kvcodec import capture
 
     return capture.capture("prose", args.tokens, torch.float16)
-
-
-def best_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 class RssSampler:
