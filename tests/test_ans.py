@@ -99,3 +99,13 @@ def test_corrupt_lanes_are_reported():
         ans.decode_lane(good, ans.Table(w), 0)
     with pytest.raises(CodecError):
         ans.Table(np.array([ans.TOTAL, 0]))
+
+
+def test_count_codes_keep_five_significant_bits():
+    counts = np.arange(0, ans.MAX_CODED_COUNT + 1)
+    codes = ans.counts_to_codes(counts)
+    back = ans.codes_to_counts(codes)
+    assert codes.dtype == np.uint8 and np.array_equal(back[:32], counts[:32])
+    assert np.all(np.abs(back[32:] - counts[32:]) <= counts[32:] / 32)
+    big = ans.counts_to_codes(np.array([10**9, 10**6, 0]))  # scaled down together, zero stays zero
+    assert ans.codes_to_counts(big)[2] == 0 and 900 < ans.codes_to_counts(big)[0] / ans.codes_to_counts(big)[1] < 1100

@@ -73,7 +73,7 @@ class CacheGenCodec(Codec):
 
     # -- shared context: steps and tables ----------------------------------------------------
     def fit(self, cache) -> list[bytes]:
-        """One blob: per (layer, tensor) the step, then per (head, channel) a table."""
+        """One blob: per (layer, tensor) the step, then per (head, channel) a table (spec 8.5)."""
         out = io.BytesIO()
         out.write(struct.pack("<I", len(cache.layers)))
         for i, lay in enumerate(cache.layers):
@@ -82,18 +82,21 @@ class CacheGenCodec(Codec):
                 step = np.float32(self.relative_step(i, len(cache.layers), name) * self._sigma(x))
                 q = self._quantize(x, step)  # [B, H, T, D]
                 b, h, n, d = q.shape
-                out.write(struct.pack("<fII", step, h, d))
                 per_channel = q.permute(1, 3, 0, 2).reshape(h * d, b * n).numpy()
-                for row in per_channel:
-                    lo = int(row.min()) if row.size else 0
-                    hi = int(row.max()) if row.size else 0
-                    counts = np.bincount(row - lo, minlength=max(2, hi - lo + 1)) if row.size else np.zeros(2, np.int64)
-                    if counts.size > ans.MAX_ALPHABET:
-                        raise CodecError(f"cachegen: layer {i} {name} spans {counts.size} steps; use a larger step")
-                    weights = ans.weights_from_counts(counts)
-                    out.write(struct.pack("<iH", lo, weights.size))
-                    out.write(weights.astype("<u4").tobytes())
-        return [zstandard.ZstdCompressor(level=9).compress(out.getvalue())]
+                if per_channel.size:
+                    los, his = per_channel.min(axis=1), per_channel.max(axis=1)
+                else:
+                    los = his = np.zeros(h * d, dtype=np.int64)
+                sizes = np.maximum(his - los + 1, 2)
+                if sizes.max() > ans.MAX_ALPHABET:
+                    raise CodecError(f"cachegen: layer {i} {name} spans {sizes.max()} steps; use a larger step")
+                codes = [ans.counts_to_codes(np.bincount(row - lo, minlength=size))
+                         for row, lo, size in zip(per_channel, los, sizes)]
+                out.write(struct.pack("<fII", step, h, d))
+                out.write(los.astype("<i4").tobytes())
+                out.write(sizes.astype("<u2").tobytes())
+                out.write(np.concatenate(codes).tobytes())
+        return [zstandard.ZstdCompressor(level=19).compress(out.getvalue())]
 
     def _parse(self, blob: bytes) -> dict:
         cached = self._tables.get(id(blob))
@@ -108,13 +111,14 @@ class CacheGenCodec(Codec):
                 for name in TENSORS:
                     step, h, d = struct.unpack_from("<fII", raw, pos)
                     pos += 12
-                    rows = []
-                    for _ in range(h * d):
-                        lo, n = struct.unpack_from("<iH", raw, pos)
-                        pos += 6
-                        w = np.frombuffer(raw, dtype="<u4", count=n, offset=pos).astype(np.int64)
-                        pos += 4 * n
-                        rows.append((lo, ans.Table(w)))
+                    los = np.frombuffer(raw, dtype="<i4", count=h * d, offset=pos)
+                    sizes = np.frombuffer(raw, dtype="<u2", count=h * d, offset=pos + 4 * h * d).astype(np.int64)
+                    pos += 6 * h * d
+                    ends = np.cumsum(sizes)
+                    codes = np.frombuffer(raw, dtype=np.uint8, count=int(ends[-1]) if h * d else 0, offset=pos)
+                    pos += codes.size
+                    rows = [(int(lo), ans.Table(ans.weights_from_counts(ans.codes_to_counts(codes[e - n:e]))))
+                            for lo, n, e in zip(los, sizes, ends)]
                     tables[(i, name)] = (np.float32(step), h, d, rows)
         except (zstandard.ZstdError, struct.error, ValueError, CodecError) as exc:
             raise CodecError(f"cachegen tables are corrupt ({exc})") from None
