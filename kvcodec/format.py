@@ -245,8 +245,10 @@ def parse_index(data: bytes) -> tuple[np.ndarray, np.ndarray]:
             np.ascontiguousarray(blob).view(BLOB_DTYPE).reshape(-1))
 
 
-def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_start: int, data_end: int) -> None:
-    """Spec section 4, checks 3 to 6: every entry consistent with the header and in bounds."""
+def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_start: int,
+                   data_end: int) -> dict[tuple[int, int], np.ndarray]:
+    """Spec section 4, checks 3 to 6: every entry consistent with the header and in bounds.
+    Returns the record indices per (layer, tensor), in token order (`group_records`)."""
     for what, table in (("record", records), ("blob", blobs)):
         off, length = table["offset"].astype(np.uint64), table["length"].astype(np.uint64)
         _check(not np.any(off % ALIGN), f"a {what} is not aligned")
@@ -277,6 +279,7 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
     spans = extents(records, blobs)
     for (o1, n1), (o2, _) in zip(spans, spans[1:]):
         _check(o1 + n1 <= o2, "payloads overlap")
+    return groups
 
 
 def extents(records: np.ndarray, blobs: np.ndarray) -> list[tuple[int, int]]:

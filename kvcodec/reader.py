@@ -92,9 +92,8 @@ class KVCReader:
         index = bytes(src.read(index_offset, index_len))
         fmt.check_index_crc(trailer, index)
         self.records, self.blobs = fmt.parse_index(index)
-        fmt.validate_index(self.header, self.records, self.blobs, self.data_start, index_offset)
+        self._groups = fmt.validate_index(self.header, self.records, self.blobs, self.data_start, index_offset)
         self.index_offset = index_offset
-        self._groups = fmt.group_records(self.records)
         self._codecs: dict[int, Codec] = {}
         self._contexts: dict[int, list[bytes]] = {}
 
