@@ -16,10 +16,10 @@ import kvcodec
 from kvcodec import api, sources
 from kvcodec.errors import InputError, KVCError
 
-from .harness import bench_command, eval_command
-from .common import make_console
-from .common import (KvcGroup, existing, force_option, heads_option, human, layout_option, output_path,
+from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
                      parse_options, progress_bar, quiet_option)
+from .harness import bench_command, eval_command
+
 
 @click.group(cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(kvcodec.__version__, prog_name="kvc")
@@ -64,7 +64,7 @@ def pack(input, output, codec, opts, chunk_tokens, layout, heads, force, quiet):
 @quiet_option
 def unpack(input, output, layout, force, quiet):
     """Decode a .kvc file back to .pt or .safetensors."""
-    with kvcodec.open(existing(input)) as reader:
+    with kvcodec.open(sources.check_readable(input)) as reader:
         stored = reader.header.layout
         suffix = ".safetensors" if (layout or stored) == "safetensors" else ".pt"
         output = output_path(output, input, suffix)
@@ -83,7 +83,7 @@ def unpack(input, output, layout, force, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(file, as_json):
     """Show what a .kvc file holds, layer by layer."""
-    with kvcodec.open(existing(file)) as reader:
+    with kvcodec.open(sources.check_readable(file)) as reader:
         info = reader.info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -124,7 +124,7 @@ def verify(file, against, layout, heads):
 
     Exits non-zero on corruption, or when a lossless codec does not reproduce the original.
     """
-    with kvcodec.open(existing(file)) as reader:
+    with kvcodec.open(sources.check_readable(file)) as reader:
         reader.verify()
         cache = reader.read_cache()
         lossless = all(kvcodec.codec_class(c.id).lossless for c in reader.header.codecs)

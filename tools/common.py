@@ -92,11 +92,6 @@ force_option = click.option("--force", is_flag=True, help="Overwrite an existing
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 
 
-def existing(path: str) -> str:
-    sources.check_readable(path)
-    return path
-
-
 def make_console():
     """A rich console on stdout; wide enough for our tables when stdout is not a terminal."""
     from rich.console import Console

@@ -11,7 +11,7 @@ from kvcodec import api, bench, capture, fidelity, sources
 from kvcodec.errors import InputError
 
 from .common import make_console
-from .common import existing, heads_option, layout_option, parse_options, progress_bar, quiet_option
+from .common import heads_option, layout_option, parse_options, progress_bar, quiet_option
 
 
 def texts_option(default: str):
@@ -96,7 +96,7 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
     if file is not None:
         if not original:
             raise InputError("evaluating a .kvc file needs --original, the cache it was packed from")
-        restored = api.unpack(existing(file))
+        restored = api.unpack(sources.check_readable(file))
         ctx = fidelity.Context.from_captured(sources.load_cache(original, layout=layout, heads=heads),
                                              continuation, greedy)
         report = fidelity.Report(os.path.basename(file), [fidelity.score(ctx, restored, os.path.getsize(file))])
