@@ -8,6 +8,7 @@ step for the first new token; recomputing costs the prefill of the prefix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -148,51 +149,49 @@ def label(row: BenchRow) -> str:
     return " ".join([row.codec] + [f"{k}={v}" for k, v in row.options.items()])
 
 
-def plot_rate_distortion(result: BenchResult, path: str) -> None:
-    """Compression ratio versus ΔPPL, one curve per codec family."""
+@contextlib.contextmanager
+def _figure(path: str, xlabel: str, ylabel: str, title: str, legend_size: float | None = None):
+    """An axes to draw on; labelled, gridded and saved as a PNG at `path` afterwards."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in dict.fromkeys(r.codec for r in result.rows):
-        rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
-        ax.plot([r.ratio for r in rows], [r.delta_ppl_pct for r in rows], marker="o", label=family)
-        for r in rows:
-            if len(rows) > 1:
-                ax.annotate(" ".join(f"{k[0]}{v}" for k, v in r.options.items()), (r.ratio, r.delta_ppl_pct),
-                            fontsize=7, textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("compression ratio vs float16 cache")
-    ax.set_ylabel("ΔPPL (%) of the continuation")
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
-                 f"mean of {', '.join(result.texts)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=legend_size)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_rate_distortion(result: BenchResult, path: str) -> None:
+    """Compression ratio versus ΔPPL, one curve per codec family."""
+    title = (f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
+             f"mean of {', '.join(result.texts)}")
+    with _figure(path, "compression ratio vs float16 cache", "ΔPPL (%) of the continuation", title) as ax:
+        for family in dict.fromkeys(r.codec for r in result.rows):
+            rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
+            ax.plot([r.ratio for r in rows], [r.delta_ppl_pct for r in rows], marker="o", label=family)
+            for r in rows:
+                if len(rows) > 1:
+                    ax.annotate(" ".join(f"{k[0]}{v}" for k, v in r.options.items()), (r.ratio, r.delta_ppl_pct),
+                                fontsize=7, textcoords="offset points", xytext=(4, 4))
+        ax.set_yscale("symlog", linthresh=0.1)
 
 
 def plot_ttft(result: BenchResult, path: str) -> None:
     """Time to first token versus link bandwidth, per codec, against recomputing the prefill."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result.rows:
-        ax.plot(BANDWIDTHS_GBPS, [r.ttft_s[str(bw)] for bw in BANDWIDTHS_GBPS], marker="o", label=label(r))
-    ax.axhline(result.prefill_s, color="black", linestyle="--", label=f"recompute prefill ({result.device})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("link bandwidth (Gbit/s)")
-    ax.set_ylabel("time to first token (s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"restore {result.prefix}-token context from .kvc vs recompute, {result.device}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"restore {result.prefix}-token context from .kvc vs recompute, {result.device}"
+    with _figure(path, "link bandwidth (Gbit/s)", "time to first token (s)", title, legend_size=7) as ax:
+        for r in result.rows:
+            ax.plot(BANDWIDTHS_GBPS, [r.ttft_s[str(bw)] for bw in BANDWIDTHS_GBPS], marker="o", label=label(r))
+        ax.axhline(result.prefill_s, color="black", linestyle="--", label=f"recompute prefill ({result.device})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
