@@ -43,15 +43,47 @@ def weights_from_counts(counts: np.ndarray) -> np.ndarray:
     return weights
 
 
-def counts_to_codes(counts: np.ndarray) -> np.ndarray:
+def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """`weights_from_counts` of many tables at once: `counts` holds them back to back,
+    `sizes` their alphabet sizes. Same results, vectorized (files hold thousands of tables)."""
+    counts, sizes = np.asarray(counts, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    if sizes.size == 0:
+        return []
+    if sizes.min() < 2 or sizes.max() > MAX_ALPHABET or counts.size != int(sizes.sum()):
+        raise CodecError(f"alphabets of 2 to {MAX_ALPHABET} symbols are supported")
+    table = np.repeat(np.arange(sizes.size), sizes)
+    start = np.cumsum(sizes) - sizes
+    totals = np.add.reduceat(counts, start)
+    free = TOTAL - sizes
+    safe_total = np.maximum(totals, 1)
+    share = np.where(totals[table] == 0, (free // sizes)[table], counts * free[table] // safe_total[table])
+    weights = share + 1
+    left = TOTAL - np.add.reduceat(weights, start)  # below the table's size: each floor loses < 1
+    index = np.arange(counts.size) - start[table]
+    order = np.lexsort((index, -counts, table))  # per table: largest count first, lowest index on ties
+    rank = np.empty_like(order)
+    rank[order] = np.arange(counts.size) - start[table[order]]
+    weights += rank < left[table]
+    return np.split(weights, start[1:])
+
+
+def counts_to_codes(counts: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
     """One byte per symbol count: exact below 32, else 5 significant bits and an exponent.
 
-    Counts are first scaled down (by a power of two) until the largest fits the code range.
-    Tables rebuilt from these codes cost under 0.01% more bits than exact counts.
+    `counts` holds one table, or several back to back with alphabet `sizes`. A table's counts
+    are first divided by the smallest power of two (rounding up) that brings its largest count
+    within the code range. Tables rebuilt from these codes cost under 0.01% more bits.
     """
     c = np.asarray(counts, dtype=np.int64)
-    while c.max(initial=0) > MAX_CODED_COUNT:
-        c = (c + 1) >> 1
+    sizes = np.array([c.size]) if sizes is None else np.asarray(sizes, dtype=np.int64)
+    if c.size:
+        start = np.cumsum(sizes) - sizes
+        top = np.maximum.reduceat(c, start)
+        shift = np.zeros_like(top)
+        while np.any(-(-top >> shift) > MAX_CODED_COUNT):  # ceil(top / 2**shift)
+            shift += -(-top >> shift) > MAX_CODED_COUNT
+        per = np.repeat(shift, sizes)
+        c = -(-c >> per)
     e = np.floor(np.log2(np.maximum(c, 1))).astype(np.int64)
     m = np.rint(c / np.exp2(e - 4)).astype(np.int64)  # 16..32
     carry = m == 32
@@ -77,11 +109,13 @@ def check_weights(weights: np.ndarray) -> None:
 class Table:
     """Validated weights plus the constriction model built from them (built once, used per lane)."""
 
-    def __init__(self, weights: np.ndarray):
+    def __init__(self, weights: np.ndarray, checked: bool = True):
+        """`checked=False` skips validation, for weights `weights_from_counts*` just made."""
         import constriction
 
         self.weights = np.asarray(weights, dtype=np.int64)
-        check_weights(self.weights)
+        if checked:
+            check_weights(self.weights)
         self.model = constriction.stream.model.Categorical((self.weights - 1).astype(np.float64), perfect=False)
 
     @property

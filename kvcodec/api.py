@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -33,7 +34,7 @@ def make_codec(codec: str | Codec, options: dict) -> Codec:
     return get_codec(codec, **options)
 
 
-def _header(cache: KVCache, codec: Codec, chunk_tokens: int) -> fmt.Header:
+def _header(cache: KVCache, codecs: Sequence[Codec], chunk_tokens: int) -> fmt.Header:
     def spec(t: torch.Tensor) -> fmt.TensorSpec:
         b, h, n, d = t.shape
         return fmt.TensorSpec(b, h, n, d, dtype_name(t.dtype))
@@ -45,7 +46,7 @@ def _header(cache: KVCache, codec: Codec, chunk_tokens: int) -> fmt.Header:
     return fmt.Header(
         layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0])
                 for l in cache.layers],
-        codecs=[fmt.CodecEntry(codec.codec_id, codec.name, codec.get_config())],
+        codecs=[fmt.CodecEntry(c.codec_id, c.name, c.get_config()) for c in codecs],
         chunk_tokens=chunk_tokens,
         layout=cache.layout,
         token_ids_shape=None if cache.token_ids is None else tuple(cache.token_ids.shape),
@@ -53,27 +54,54 @@ def _header(cache: KVCache, codec: Codec, chunk_tokens: int) -> fmt.Header:
     )
 
 
-def write_cache(cache: KVCache, sink, codec: Codec, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                progress: Callable[[int], None] | None = None) -> int:
-    """Encode `cache` into the binary stream `sink`, one chunk at a time; return bytes written."""
+def check_chunk_tokens(chunk_tokens) -> None:
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= fmt.MAX_TOKENS:
         raise InputError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
-    writer = KVCWriter(sink, _header(cache, codec, chunk_tokens))
-    context = [bytes(b) for b in codec.fit(cache)]
-    for ordinal, blob in enumerate(context):
-        writer.add_blob(0, ordinal, blob)
+
+
+def layer_chunks(layer: int, lay, chunk_tokens: int) -> Iterator[tuple[ChunkInfo, torch.Tensor]]:
+    """The key, then the value chunks of one layer, in file order, with their descriptions."""
+    for name, tensor in zip(fmt.TENSORS, (lay.key, lay.value)):
+        for start in range(0, tensor.shape[2], chunk_tokens):
+            chunk = tensor[:, :, start:start + chunk_tokens]
+            yield ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype), chunk
+
+
+@dataclass
+class Encoding:
+    """The codecs a file's records refer to by slot, their fitted contexts, and the rule that
+    encodes a chunk: slot 0 for every chunk unless a subclass chooses per chunk."""
+
+    codecs: list[Codec]
+    contexts: list[list[bytes]]
+
+    @classmethod
+    def fitted(cls, cache: KVCache, codec: Codec, chunk_tokens: int) -> "Encoding":
+        return cls([codec], [[bytes(b) for b in codec.fit(cache, chunk_tokens)]])
+
+    def payload(self, info: ChunkInfo, chunk: torch.Tensor) -> tuple[int, bytes]:
+        return 0, self.codecs[0].encode(chunk, info, self.contexts[0])
+
+
+def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Encode `cache` into the binary stream `sink`, one chunk at a time; return bytes written."""
+    check_chunk_tokens(chunk_tokens)
+    encoding = codec if isinstance(codec, Encoding) else Encoding.fitted(cache, codec, chunk_tokens)
+    writer = KVCWriter(sink, _header(cache, encoding.codecs, chunk_tokens))
+    for slot, context in enumerate(encoding.contexts):
+        for ordinal, blob in enumerate(context):
+            writer.add_blob(slot, ordinal, blob)
     if cache.token_ids is not None:
         writer.add_blob(fmt.CONTAINER_OWNER, 0, tensor_bytes(cache.token_ids))
     for i, lay in enumerate(cache.layers):
         if lay.positions is not None:
             writer.add_blob(fmt.CONTAINER_OWNER, 1 + i, tensor_bytes(lay.positions))
     for i, lay in enumerate(cache.layers):
-        for t, tensor in enumerate((lay.key, lay.value)):
-            for start in range(0, tensor.shape[2], chunk_tokens):
-                chunk = tensor[:, :, start:start + chunk_tokens]
-                info = ChunkInfo(i, fmt.TENSORS[t], start, tuple(chunk.shape), chunk.dtype)
-                payload = codec.encode(chunk, info, context)
-                writer.add_record(i, t, start, chunk.shape, dtype_name(chunk.dtype), 0, payload)
+        for info, chunk in layer_chunks(i, lay, chunk_tokens):
+            slot, payload = encoding.payload(info, chunk)
+            writer.add_record(i, fmt.TENSORS.index(info.tensor), info.token_start, info.shape,
+                              dtype_name(info.dtype), slot, payload)
         if progress:
             progress(i + 1)
     return writer.finish()

@@ -32,7 +32,7 @@ class Codec:
     arguments of `__init__` (validated there), and implement `encode` and `decode`.
 
     `fit` may compute shared context from the whole cache before any chunk is encoded
-    (entropy tables, ...): the blobs it returns are stored once per file and handed to every
+    (entropy tables, ...), knowing how tokens will be cut into chunks: the blobs it returns are stored once per file and handed to every
     `encode`/`decode` call as `context`.
     """
 
@@ -64,7 +64,7 @@ class Codec:
         except (TypeError, ValueError) as exc:
             raise CodecError(f"codec {cls.name!r}: {exc}") from None
 
-    def fit(self, cache) -> list[bytes]:
+    def fit(self, cache, chunk_tokens: int) -> list[bytes]:
         return []
 
     def encode(self, chunk: torch.Tensor, info: ChunkInfo, context: Sequence[bytes]) -> bytes:

@@ -12,33 +12,95 @@ from kvcodec.errors import CodecError, KVCError
 from conftest import DTYPES, synthetic_cache
 
 
-def steps_of(data: bytes) -> dict:
+def tables_of(data: bytes) -> dict:
+    """The decoded steps, channel modes and tables of every (layer, key/value) of a file."""
     reader = kvcodec.open(data)
-    codec = reader._codec(0)
-    ctx = reader._context(0)
+    codec, ctx = reader._codec(0), reader._context(0)
     out = {}
     for i, lay in enumerate(reader.header.layers):
         for t in ("key", "value"):
-            spec = getattr(lay, t)
-            info = ChunkInfo(i, t, 0, spec.shape, torch.float32)
-            out[(i, t)] = float(codec._table(ctx, info)[0])
+            out[(i, t)] = codec.tables_for(ctx, ChunkInfo(i, t, 0, getattr(lay, t).shape, torch.float32))
     return out
 
 
+def smooth_channel_cache(dtype=torch.float32, tokens=300):
+    """Synthetic cache whose key channel 1 drifts slowly (as slow rotary channels do)."""
+    cache = synthetic_cache(layers=2, tokens=tokens, heads=2, head_dim=16, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    for lay in cache.layers:
+        walk = torch.cumsum(torch.randn(lay.key[..., 1].shape, generator=g) * 0.3, dim=2)
+        lay.key[..., 1] = walk.to(dtype)
+    return cache
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("quality", ["high", "medium", "low"])
-def test_error_within_half_a_step_and_sinks_exact(dtype, quality):
-    cache = synthetic_cache(layers=3, tokens=45, heads=2, head_dim=16, dtype=dtype)
-    data = kvcodec.encode(cache, "cachegen", quality=quality, chunk_tokens=16)
+@pytest.mark.parametrize("opts", [dict(quality="high"), dict(quality="medium"), dict(quality="low"),
+                                  dict(key_emphasis=0, group_size=4, anchor_bits=2), dict(group_size=1)],
+                         ids=["high", "medium", "low", "anchors", "no-anchors"])
+def test_error_within_half_a_step_and_sinks_exact(dtype, opts):
+    cache = smooth_channel_cache(dtype, tokens=145)
+    data = kvcodec.encode(cache, "cachegen", chunk_tokens=16, **opts)
     back = kvcodec.decode(data)
-    steps = steps_of(data)
+    tables = tables_of(data)
     for i, (a, b) in enumerate(zip(cache.layers, back.layers)):
         for t, x, y in (("key", a.key, b.key), ("value", a.value, b.value)):
             assert torch.equal(x[:, :, :4], y[:, :, :4])  # attention sinks stored exactly
+            steps = torch.from_numpy(tables[(i, t)].steps).reshape(1, 2, 1, 16)
             err = (x[:, :, 4:].float() - y[:, :, 4:].float()).abs()
-            bound = steps[(i, t)] / 2 * (1 + 1e-5) + torch.finfo(dtype).eps * x[:, :, 4:].float().abs() + 1e-6
+            bound = steps / 2 * (1 + 1e-5) + torch.finfo(dtype).eps * x[:, :, 4:].float().abs() + 1e-6
             assert bool((err <= bound).all()), (i, t, float((err - bound).max()))
-            assert steps[(i, t)] > 0
+
+
+def test_anchors_chosen_where_they_save_bits():
+    cache = smooth_channel_cache(tokens=1000)
+    anchored = kvcodec.encode(cache, "cachegen", key_emphasis=0, chunk_tokens=128)
+    plain = kvcodec.encode(cache, "cachegen", key_emphasis=0, chunk_tokens=128, group_size=1)
+    modes = tables_of(anchored)
+    assert modes[(0, "key")].anchored.reshape(2, 16)[:, 1].all()
+    assert not modes[(0, "value")].anchored.any() and not modes[(0, "key")].anchored.reshape(2, 16)[:, 2:].any()
+    assert not any(t.anchored.any() for t in tables_of(plain).values())
+    assert len(anchored) < len(plain)
+
+
+def test_symbols_survive_coding_exactly():
+    """quantize -> code -> decode gives back the same integers (checked through the exact
+    reconstruction `(anchor / 2**bits + delta) * step`, or `symbol * step`)."""
+    cache = smooth_channel_cache(tokens=1000)
+    codec = kvcodec.get_codec("cachegen", key_emphasis=0, group_size=5, anchor_bits=2)
+    data = kvcodec.encode(cache, codec, chunk_tokens=256)
+    reader = kvcodec.open(data)
+    ctx = reader._context(0)
+    checked_anchored = False
+    for rec in reader.record_infos():
+        tensor = rec.tensor
+        x = getattr(cache.layers[rec.layer], tensor)[:, :, rec.token_start:rec.token_start + rec.tokens]
+        info = ChunkInfo(rec.layer, tensor, rec.token_start, tuple(x.shape), x.dtype)
+        tt = codec.tables_for(ctx, info)
+        s = codec._sink_count(info)
+        direct, anchors, deltas = codec._symbols(x[:, :, s:].float(), tt.steps, tt.anchored, tt.group_size)
+        n = x.shape[2] - s
+        is_anchor = torch.arange(n) % 5 == 0
+        u = torch.from_numpy(direct).double()
+        for j, c in enumerate(torch.from_numpy(tt.anchored).nonzero().flatten().tolist()):
+            a = torch.from_numpy(anchors[:, j]).double() / 4
+            row = a.repeat_interleave(5, dim=1)[:, :n].clone()
+            row[:, ~is_anchor] += torch.from_numpy(deltas[:, j]).double()
+            u[:, c] = row
+            checked_anchored = True
+        expected = (u.float() * torch.from_numpy(tt.steps)[:, None]).reshape(1, 2, 16, n).permute(0, 1, 3, 2)
+        payload = bytes(reader._src.read(rec.offset, rec.length))
+        decoded = codec.decode(memoryview(payload), info, ctx)
+        assert torch.equal(decoded[:, :, s:], expected)
+    assert checked_anchored
+
+
+def test_large_channels_get_finer_steps():
+    cache = synthetic_cache(layers=1, tokens=200, heads=1, head_dim=16, dtype=torch.float32)  # channel 0 is 8x
+    for emphasis, finer in ((1.0, True), (0.0, False)):
+        steps = tables_of(kvcodec.encode(cache, "cachegen", key_emphasis=emphasis))[(0, "key")].steps
+        assert bool(steps[0] < 0.5 * steps[1:].min()) is finer
+        if not finer:
+            assert len(set(steps.tolist())) == 1
 
 
 def test_presets_trade_size_for_error():
@@ -57,7 +119,8 @@ def test_shallow_layers_get_finer_steps():
     for lay in cache.layers:  # equal statistics in every layer
         lay.key.copy_(cache.layers[0].key)
         lay.value.copy_(cache.layers[0].value)
-    steps = steps_of(kvcodec.encode(cache, "cachegen", shallow_layers=0.2))
+    tables = tables_of(kvcodec.encode(cache, "cachegen", shallow_layers=0.2))
+    steps = {k: float(v.steps[0]) for k, v in tables.items()}
     assert steps[(0, "key")] == steps[(1, "key")] < steps[(2, "key")] == steps[(9, "key")]
 
 
@@ -66,7 +129,8 @@ def test_explicit_steps_and_bad_options():
     coarse = kvcodec.encode(cache, "cachegen", key_step=2.0, value_step=2.0)
     fine = kvcodec.encode(cache, "cachegen", key_step=0.05, value_step=0.05)
     assert len(coarse) < len(fine)
-    for opts in (dict(quality="best"), dict(sinks=-1), dict(key_step=0.0), dict(shallow_layers=2)):
+    for opts in (dict(quality="best"), dict(sinks=-1), dict(key_step=0.0), dict(shallow_layers=2),
+                 dict(group_size=0), dict(anchor_bits=9), dict(key_emphasis=3), dict(value_emphasis=True)):
         with pytest.raises(CodecError):
             kvcodec.get_codec("cachegen", **opts)
 

@@ -166,7 +166,7 @@ PLUGIN = textwrap.dedent('''
         def __init__(self, key: int = 90):
             self.key = key
 
-        def fit(self, cache):
+        def fit(self, cache, chunk_tokens):
             return [bytes([self.key])]
 
         def encode(self, chunk, info, context):

@@ -1,20 +1,26 @@
-"""`cachegen`: uniform quantization with layer- and K/V-dependent steps, entropy-coded with
-per-channel tables in rANS lanes (CacheGen's design, measured and adjusted on SmolLM2).
+"""`cachegen`: CacheGen's design (layer-wise quantization, anchors and deltas, entropy coding
+with per-channel tables in parallel lanes), adjusted to what measurements on SmolLM2 showed.
 
-- The first `sinks` tokens of the sequence (attention sinks) are stored exactly: the model
-  attends to them most, and their error costs several times more divergence than any other.
-- Every (layer, key/value) tensor has one step: `step = rel_step * sigma`, sigma being the
-  standard deviation of the tensor's channels around their means (sinks excluded); shallow
-  layers get finer steps. Symbols are `round(x / step)`.
-- Each (layer, key/value, head, channel) has its own probability table, fitted on the whole
-  cache and stored once per file: channel offsets (the key outlier channels) cost nothing.
-- One lane per (batch, head, channel) of a chunk carries its tokens' symbols.
+- The first `sinks` tokens (attention sinks) are stored exactly: the model attends to them
+  most, and their error costs several times more divergence than any other token's.
+- Steps: each (layer, key/value) has a base step `rel_step * sigma` (sigma: the spread of its
+  channels around their means; shallow layers get finer steps), scaled per channel by
+  `(rms_c / mean rms) ** -emphasis`. Large channels get finer steps: the query channels that
+  meet the large key channels are large too, so their errors move attention the most.
+- Anchors: tokens are grouped (`group_size`, restarting at each chunk) and a channel either
+  codes every token directly, or codes the group's first token finely (`step / 2**anchor_bits`)
+  and the others as deltas to it. `fit` picks per channel whichever costs fewer bits; on
+  SmolLM2 only some key channels (slow rotary frequencies) gain from deltas.
+- Tables: one per (layer, key/value, head, channel), plus one for the deltas of an anchored
+  channel, fitted on the whole cache and stored once per file.
+- Lanes: one per (batch, head, channel) of a chunk, plus one delta lane per anchored channel.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,39 +30,83 @@ from .. import ans
 from ..codec import ChunkInfo, Codec
 from ..errors import CodecError
 
-PRESETS = {  # relative step for (shallow, other) layers
-    "high": (0.1, 0.2),
-    "medium": (0.15, 0.3),
-    "low": (0.25, 0.5),
+PRESETS = {  # relative base step of (shallow, other) layers; finest first
+    "high": (0.18, 0.25),
+    "medium": (0.25, 0.36),
+    "low": (0.35, 0.5),
 }
 TENSORS = ("key", "value")
+MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
+MAX_WEIGHT = 64.0  # per-channel step multipliers are clamped to [1/64, 64]
+
+
+@dataclass
+class TensorTables:
+    """What decoding one (layer, key/value) needs: steps, modes and tables of its channels."""
+
+    heads: int
+    head_dim: int
+    group_size: int
+    anchor_bits: int
+    steps: np.ndarray  # float32 [H*D]
+    anchored: np.ndarray  # bool [H*D]
+    tables: list  # (lo, ans.Table): H*D main tables, then one delta table per anchored channel
+
+    @property
+    def delta_of(self) -> np.ndarray:
+        """Index into `tables` of each anchored channel's delta table."""
+        return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
+
+
+def _group_layout(n: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For `n` coded tokens of a chunk: which are anchors, and each token's anchor index."""
+    pos = np.arange(n)
+    return pos % group_size == 0, pos // group_size
+
+
+def _entropy_bits(symbols: np.ndarray) -> np.ndarray:
+    """Empirical entropy (total bits) of each row of an int array: N log N - sum c log c."""
+    rows, n = symbols.shape
+    if n == 0:
+        return np.zeros(rows)
+    lo = symbols.min(axis=1, keepdims=True)
+    span = int((symbols - lo).max()) + 1
+    counts = np.bincount(((symbols - lo) + np.arange(rows)[:, None] * span).ravel(), minlength=rows * span)
+    nz = np.flatnonzero(counts)
+    c = counts[nz].astype(np.float64)
+    return n * np.log2(n) - np.bincount(nz // span, weights=c * np.log2(c), minlength=rows)
 
 
 class CacheGenCodec(Codec):
     codec_id = 5
     name = "cachegen"
     lossless = False
-    description = "layer-wise uniform quantization, exact sink tokens, per-channel rANS tables"
+    description = "layer-wise quantization, anchors and deltas, exact sinks, per-channel rANS tables"
     max_expansion = 4096.0  # float32 output from lanes of at least 1/128 bit per symbol
 
     def __init__(self, quality: str = "medium", key_step: float | None = None, value_step: float | None = None,
-                 shallow_layers: float = 0.1, sinks: int = 4):
+                 key_emphasis: float = 1.0, value_emphasis: float = 0.5, shallow_layers: float = 0.1,
+                 sinks: int = 4, group_size: int = 10, anchor_bits: int = 1):
         if quality not in PRESETS:
             raise ValueError(f"quality must be one of {', '.join(PRESETS)}, not {quality!r}")
-        for name, v in (("key_step", key_step), ("value_step", value_step)):
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 1e-4 <= v <= 100):
-                raise ValueError(f"{name} must be a number from 1e-4 to 100, not {v!r}")
-        if not isinstance(shallow_layers, (int, float)) or not 0 <= shallow_layers <= 1:
-            raise ValueError(f"shallow_layers must be a fraction from 0 to 1, not {shallow_layers!r}")
-        if not isinstance(sinks, int) or isinstance(sinks, bool) or not 0 <= sinks <= 1024:
-            raise ValueError(f"sinks must be an integer from 0 to 1024, not {sinks!r}")
+        for name, v, lo, hi in (("key_step", key_step, 1e-4, 100), ("value_step", value_step, 1e-4, 100),
+                                ("key_emphasis", key_emphasis, 0, 2), ("value_emphasis", value_emphasis, 0, 2),
+                                ("shallow_layers", shallow_layers, 0, 1)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi):
+                raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}, not {v!r}")
+        for name, v, lo, hi in (("sinks", sinks, 0, 1024), ("group_size", group_size, 1, 1024),
+                                ("anchor_bits", anchor_bits, 0, 8)):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
         self.quality, self.key_step, self.value_step = quality, key_step, value_step
+        self.key_emphasis, self.value_emphasis = key_emphasis, value_emphasis
         self.shallow_layers, self.sinks = shallow_layers, sinks
-        self._tables: dict[int, tuple[bytes, dict]] = {}
+        self.group_size, self.anchor_bits = group_size, anchor_bits
+        self._parsed: tuple[bytes, dict] | None = None
 
-    def get_config(self) -> dict:
-        return {"quality": self.quality, "key_step": self.key_step, "value_step": self.value_step,
-                "shallow_layers": self.shallow_layers, "sinks": self.sinks}
+    @classmethod
+    def presets(cls) -> list[dict]:
+        return [{"quality": q} for q in PRESETS]
 
     # -- steps -------------------------------------------------------------------------------
     def relative_step(self, layer: int, num_layers: int, tensor: str) -> float:
@@ -65,110 +115,169 @@ class CacheGenCodec(Codec):
         scale = (shallow / other) if layer < round(self.shallow_layers * num_layers) else 1.0
         return (base if base is not None else other) * scale
 
-    @staticmethod
-    def _sigma(x: torch.Tensor) -> float:
+    def channel_steps(self, x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarray:
+        """float32 [H*D] steps for the body `x` [B, H, N, D] of one (layer, key/value)."""
+        b, h, n, d = x.shape
+        if n == 0:
+            return np.ones(h * d, dtype=np.float32)
         centered = x - x.mean(dim=2, keepdim=True)
-        s = float(centered.pow(2).mean().sqrt()) if x.shape[2] else 0.0
-        return s if s > 0 else 1.0
+        sigma = float(centered.pow(2).mean().sqrt()) or 1.0
+        rms = x.pow(2).mean(dim=(0, 2)).sqrt().double().reshape(-1)  # [H*D]
+        weight = (rms / rms.mean()).clamp_min(1e-6).pow(-emphasis) if rms.mean() > 0 else torch.ones_like(rms)
+        weight = (weight / weight.log().mean().exp()).clamp(1 / MAX_WEIGHT, MAX_WEIGHT)
+        return (rel_step * sigma * weight).numpy().astype(np.float32)
 
-    # -- shared context: steps and tables ----------------------------------------------------
-    def fit(self, cache) -> list[bytes]:
-        """One blob: per (layer, tensor) the step, then per (head, channel) a table (spec 8.5)."""
+    # -- quantization, shared by fit and encode ------------------------------------------------
+    def _symbols(self, x: torch.Tensor, steps: np.ndarray, anchored: np.ndarray, group_size: int):
+        """Direct symbols of all channels, anchor symbols and deltas of the anchored ones.
+
+        `x` [B, H, n, D] are the coded tokens of one chunk. Returns int64 arrays shaped
+        [B, H*D, n], [B, A, anchors] and [B, A, n - anchors] (A = anchored channels).
+        """
+        b, h, n, d = x.shape
+        y = (x.permute(0, 1, 3, 2).reshape(b, h * d, n) / torch.from_numpy(steps)[:, None]).numpy()
+        direct = np.rint(y).astype(np.int64)
+        is_anchor, group = _group_layout(n, group_size)
+        ya = y[:, anchored]
+        scale = float(1 << self.anchor_bits)
+        anchors = np.rint(ya[:, :, is_anchor] * scale).astype(np.int64)
+        deltas = np.rint(ya[:, :, ~is_anchor] - (anchors / scale)[:, :, group[~is_anchor]]).astype(np.int64)
+        return direct, anchors, deltas
+
+    def _chunk_bodies(self, t: torch.Tensor, chunk_tokens: int):
+        for start in range(0, t.shape[2], chunk_tokens):
+            s = max(0, min(self.sinks - start, chunk_tokens))
+            yield t[:, :, start + s:start + chunk_tokens]
+
+    # -- shared context: steps, modes and tables -------------------------------------------
+    def fit(self, cache, chunk_tokens: int) -> list[bytes]:
+        """One blob with every (layer, key/value)'s steps, channel modes and tables (spec 8.5)."""
         out = io.BytesIO()
         out.write(struct.pack("<I", len(cache.layers)))
         for i, lay in enumerate(cache.layers):
             for name, t in zip(TENSORS, (lay.key, lay.value)):
-                x = t.detach().to("cpu", torch.float32)[:, :, self.sinks:]
-                step = np.float32(self.relative_step(i, len(cache.layers), name) * self._sigma(x))
-                q = self._quantize(x, step)  # [B, H, T, D]
-                b, h, n, d = q.shape
-                per_channel = q.permute(1, 3, 0, 2).reshape(h * d, b * n).numpy()
-                if per_channel.size:
-                    los, his = per_channel.min(axis=1), per_channel.max(axis=1)
-                else:
-                    los = his = np.zeros(h * d, dtype=np.int64)
+                t = t.detach().to("cpu", torch.float32)
+                b, h, _, d = t.shape
+                emphasis = self.key_emphasis if name == "key" else self.value_emphasis
+                steps = self.channel_steps(t[:, :, self.sinks:], self.relative_step(i, len(cache.layers), name), emphasis)
+                everyone = np.ones(h * d, dtype=bool)
+                parts = [self._symbols(body, steps, everyone, self.group_size)
+                         for body in self._chunk_bodies(t, chunk_tokens)]
+                direct = np.concatenate([p[0].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
+                anchors = np.concatenate([p[1].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
+                deltas = np.concatenate([p[2].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
+                anchored = np.zeros(h * d, dtype=bool)
+                if self.group_size > 1 and deltas.size:
+                    table_bits = 8 * (deltas.max(axis=1) - deltas.min(axis=1) + 7)  # a second table's bytes
+                    lane_bits = len(parts) * b * (32 + 48)  # a delta lane's length and final state per chunk
+                    cost = _entropy_bits(anchors) + _entropy_bits(deltas) + table_bits + lane_bits
+                    anchored = cost < _entropy_bits(direct)
+                rows = [direct[c] if not anchored[c] else anchors[c] for c in range(h * d)]
+                rows += [deltas[c] for c in np.flatnonzero(anchored)]
+                los = np.array([r.min() if r.size else 0 for r in rows], dtype=np.int64)
+                his = np.array([r.max() if r.size else 0 for r in rows], dtype=np.int64)
                 sizes = np.maximum(his - los + 1, 2)
-                if sizes.max() > ans.MAX_ALPHABET:
+                if sizes.max() > ans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
                     raise CodecError(f"cachegen: layer {i} {name} spans {sizes.max()} steps; use a larger step")
-                codes = [ans.counts_to_codes(np.bincount(row - lo, minlength=size))
-                         for row, lo, size in zip(per_channel, los, sizes)]
-                out.write(struct.pack("<fII", step, h, d))
+                counts = np.bincount(np.concatenate(rows) - np.repeat(los - (np.cumsum(sizes) - sizes),
+                                                                      [r.size for r in rows]),
+                                     minlength=int(sizes.sum()))
+                out.write(struct.pack("<IIII", h, d, self.group_size, self.anchor_bits))
+                out.write(steps.astype("<f4").tobytes())
+                out.write(anchored.astype(np.uint8).tobytes())
                 out.write(los.astype("<i4").tobytes())
                 out.write(sizes.astype("<u2").tobytes())
-                out.write(np.concatenate(codes).tobytes())
+                out.write(ans.counts_to_codes(counts, sizes).tobytes())
         return [zstandard.ZstdCompressor(level=19).compress(out.getvalue())]
 
     def _parse(self, blob: bytes) -> dict:
-        cached = self._tables.get(id(blob))
-        if cached is not None and cached[0] is blob:  # the reader hands the same blob to every chunk
-            return cached[1]
+        if self._parsed is not None and self._parsed[0] is blob:  # the reader hands every chunk the same blob
+            return self._parsed[1]
         try:
             raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=256 << 20)
-            pos = 4
             (n_layers,) = struct.unpack_from("<I", raw, 0)
-            tables = {}
+            pos, tensors = 4, {}
             for i in range(n_layers):
                 for name in TENSORS:
-                    step, h, d = struct.unpack_from("<fII", raw, pos)
-                    pos += 12
-                    los = np.frombuffer(raw, dtype="<i4", count=h * d, offset=pos)
-                    sizes = np.frombuffer(raw, dtype="<u2", count=h * d, offset=pos + 4 * h * d).astype(np.int64)
-                    pos += 6 * h * d
+                    h, d, group_size, anchor_bits = struct.unpack_from("<IIII", raw, pos)
+                    c = h * d
+                    steps = np.frombuffer(raw, dtype="<f4", count=c, offset=pos + 16).astype(np.float32)
+                    modes = np.frombuffer(raw, dtype=np.uint8, count=c, offset=pos + 16 + 4 * c)
+                    n_tables = c + int(np.count_nonzero(modes))
+                    pos += 16 + 5 * c
+                    los = np.frombuffer(raw, dtype="<i4", count=n_tables, offset=pos).astype(np.int64)
+                    sizes = np.frombuffer(raw, dtype="<u2", count=n_tables, offset=pos + 4 * n_tables).astype(np.int64)
+                    pos += 6 * n_tables
+                    if (not 1 <= group_size <= 1024 or anchor_bits > 8 or modes.max(initial=0) > 1
+                            or (group_size == 1 and modes.any()) or not np.all(np.isfinite(steps))
+                            or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2 or sizes.max(initial=2) > ans.MAX_ALPHABET
+                            or np.abs(los).max(initial=0) + sizes.max(initial=0) >= MAX_SYMBOL):
+                        raise ValueError(f"layer {i} {name} has out-of-range fields")
                     ends = np.cumsum(sizes)
-                    codes = np.frombuffer(raw, dtype=np.uint8, count=int(ends[-1]) if h * d else 0, offset=pos)
+                    codes = np.frombuffer(raw, dtype=np.uint8, count=int(ends[-1]) if n_tables else 0, offset=pos)
                     pos += codes.size
-                    rows = [(int(lo), ans.Table(ans.weights_from_counts(ans.codes_to_counts(codes[e - n:e]))))
-                            for lo, n, e in zip(los, sizes, ends)]
-                    tables[(i, name)] = (np.float32(step), h, d, rows)
+                    weights = ans.weights_from_counts_many(ans.codes_to_counts(codes), sizes)
+                    tables = [(int(lo), ans.Table(w, checked=False)) for lo, w in zip(los, weights)]
+                    tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), tables)
+            if pos != len(raw):
+                raise ValueError(f"{len(raw) - pos} bytes left over")
         except (zstandard.ZstdError, struct.error, ValueError, CodecError) as exc:
             raise CodecError(f"cachegen tables are corrupt ({exc})") from None
-        self._tables = {id(blob): (blob, tables)}
-        return tables
+        self._parsed = (blob, tensors)
+        return tensors
 
-    def _table(self, context, info: ChunkInfo):
+    def tables_for(self, context, info: ChunkInfo) -> TensorTables:
         if len(context) != 1:
             raise CodecError("cachegen needs exactly one context blob (its tables)")
         entry = self._parse(context[0]).get((info.layer, info.tensor))
         b, h, t, d = info.shape
-        if entry is None or entry[1:3] != (h, d):
+        if entry is None or (entry.heads, entry.head_dim) != (h, d):
             raise CodecError(f"cachegen tables do not cover layer {info.layer} {info.tensor} of shape {info.shape}")
         return entry
-
-    @staticmethod
-    def _quantize(x: torch.Tensor, step: np.float32) -> torch.Tensor:
-        return torch.round(x / torch.tensor(step)).to(torch.int64)
 
     # -- chunks ------------------------------------------------------------------------------
     def _sink_count(self, info: ChunkInfo) -> int:
         return max(0, min(self.sinks - info.token_start, info.shape[2]))
 
     def encode(self, chunk, info, context):
-        step, h, d, rows = self._table(context, info)
+        tt = self.tables_for(context, info)
         x = chunk.detach().to("cpu")
         s = self._sink_count(info)
-        parts = [x[:, :, :s].contiguous().view(torch.uint8).numpy().tobytes()]
-        q = self._quantize(x[:, :, s:].to(torch.float32), step)  # [B, H, n, D]
+        direct, anchors, deltas = self._symbols(x[:, :, s:].to(torch.float32), tt.steps, tt.anchored, tt.group_size)
         lanes = []
-        for bi in range(q.shape[0]):
-            per_channel = q[bi].permute(0, 2, 1).reshape(h * d, -1).numpy()
-            for c, (lo, w) in enumerate(rows):
-                symbols = per_channel[c] - lo
-                if symbols.size and (symbols.min() < 0 or symbols.max() >= w.size):
-                    raise CodecError(f"cachegen: layer {info.layer} {info.tensor} holds values outside its tables "
-                                     "(tables are fitted on the cache being packed)")
-                lanes.append(ans.encode_lane(symbols, w))
-        parts.append(np.array([lane.size for lane in lanes], dtype="<u4").tobytes())
-        parts.extend(lane.astype("<u4").tobytes() for lane in lanes)
-        return b"".join(parts)
+        for bi in range(direct.shape[0]):
+            a = 0
+            for c in range(direct.shape[1]):
+                if tt.anchored[c]:
+                    lanes.append((anchors[bi, a], tt.tables[c]))
+                    a += 1
+                else:
+                    lanes.append((direct[bi, c], tt.tables[c]))
+        for bi in range(direct.shape[0]):
+            lanes.extend((deltas[bi, a], tt.tables[k]) for a, k in enumerate(tt.delta_of))
+        los = np.array([lo for lo, _ in tt.tables])
+        sizes = np.array([t.size for _, t in tt.tables])
+        for values, index in ((direct[:, ~tt.anchored], np.flatnonzero(~tt.anchored)), (anchors, np.flatnonzero(tt.anchored)),
+                              (deltas, tt.delta_of)):
+            k = values - los[index][None, :, None]
+            if k.size and (k.min() < 0 or (k >= sizes[index][None, :, None]).any()):
+                raise CodecError(f"cachegen: layer {info.layer} {info.tensor} holds values outside its tables "
+                                 "(tables are fitted on the cache being packed)")
+        words = [ans.encode_lane(symbols - lo, table) for symbols, (lo, table) in lanes]
+        sink = x[:, :, :s].contiguous().view(torch.uint8).numpy().tobytes()
+        return b"".join([sink, np.array([w.size for w in words], dtype="<u4").tobytes()]
+                        + [w.astype("<u4").tobytes() for w in words])
 
     def decode(self, payload, info, context):
-        step, h, d, rows = self._table(context, info)
-        b, _, t, _ = info.shape
+        tt = self.tables_for(context, info)
+        b, h, t, d = info.shape
         s = self._sink_count(info)
         n = t - s
-        itemsize = info.dtype.itemsize
-        sink_bytes = b * h * s * d * itemsize
-        n_lanes = b * h * d
+        c_all, n_anchored = h * d, int(tt.anchored.sum())
+        is_anchor, group = _group_layout(n, tt.group_size)
+        n_anchor = int(is_anchor.sum())
+        sink_bytes = b * h * s * d * info.dtype.itemsize
+        n_lanes = b * (c_all + n_anchored)
         head = sink_bytes + 4 * n_lanes
         if len(payload) < head:
             raise CodecError(f"cachegen payload of layer {info.layer} {info.tensor} is truncated")
@@ -177,15 +286,29 @@ class CacheGenCodec(Codec):
             raise CodecError(f"cachegen payload of layer {info.layer} {info.tensor} has the wrong length")
         words = np.frombuffer(payload, dtype="<u4", offset=head)
         ends = np.cumsum(counts)
-        q = np.empty((b, h * d, n), dtype=np.float32)
-        for lane in range(n_lanes):
-            lo, w = rows[lane % (h * d)]
-            symbols = ans.decode_lane(words[ends[lane] - counts[lane]:ends[lane]], w, n)
-            q[lane // (h * d), lane % (h * d)] = symbols + lo
-        body = torch.from_numpy(q).reshape(b, h, d, n).permute(0, 1, 3, 2).mul_(float(step)).to(info.dtype)
+
+        def lane(i: int, table_index: int, count: int) -> np.ndarray:
+            lo, table = tt.tables[table_index]
+            return ans.decode_lane(words[ends[i] - counts[i]:ends[i]], table, count) + lo
+
+        u = np.empty((b, c_all, n), dtype=np.float32)
+        anchored = np.flatnonzero(tt.anchored)
+        for bi in range(b):
+            for c in range(c_all):
+                if not tt.anchored[c]:
+                    u[bi, c] = lane(bi * c_all + c, c, n)
+            if n_anchored:
+                a = np.stack([lane(bi * c_all + c, c, n_anchor) for c in anchored]).astype(np.float32)
+                a *= np.float32(1.0 / (1 << tt.anchor_bits))
+                first = b * c_all + bi * n_anchored
+                dl = np.stack([lane(first + j, tt.delta_of[j], n - n_anchor) for j in range(n_anchored)])
+                body = a[:, group]
+                body[:, ~is_anchor] += dl
+                u[bi, anchored] = body
+        u *= tt.steps[None, :, None]
         out = torch.empty(info.shape, dtype=info.dtype)
+        out[:, :, s:] = torch.from_numpy(u).reshape(b, h, d, n).permute(0, 1, 3, 2)
         if s:
             sink = np.frombuffer(payload, dtype=np.uint8, count=sink_bytes).copy()
             out[:, :, :s] = torch.from_numpy(sink).view(info.dtype).reshape(b, h, s, d)
-        out[:, :, s:] = body
         return out

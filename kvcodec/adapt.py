@@ -1,0 +1,171 @@
+"""Per-chunk presets: pack a cache to a size or an error target (CacheGen's adaptation).
+
+Every chunk is encoded with each of the codec's presets (finest first) and decoded again to
+measure its error; then each chunk gets one preset. `max_error` takes, per chunk, the
+smallest payload whose relative RMS error is within the bound (a lossless fallback where no
+preset is); `target_ratio` starts every chunk at the coarsest preset and refines the chunks
+that buy the most error per byte while the file stays within its byte budget. The file
+records the presets that were used as codec slots.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import api
+from . import format as fmt
+from .cache import KVCache
+from .codec import ChunkInfo, Codec
+from .errors import InputError
+from .registry import codec_class, get_codec
+
+LOSSLESS_FALLBACK = "shuffle-zstd"
+
+
+@dataclass
+class Option:
+    """One way to code one chunk: by candidate `slot`, its payload and squared error."""
+
+    slot: int
+    payload: bytes
+    sq_error: float
+
+
+@dataclass
+class PlannedEncoding(api.Encoding):
+    """An encoding whose per-chunk payloads were chosen in advance."""
+
+    chosen: dict = field(default_factory=dict)  # (layer, tensor, token_start) -> (slot, payload)
+
+    def payload(self, info: ChunkInfo, chunk: torch.Tensor) -> tuple[int, bytes]:
+        return self.chosen[(info.layer, info.tensor, info.token_start)]
+
+
+def candidates(codec: str, options: dict) -> list[Codec]:
+    """The codec at each of its presets, finest first, with the user's other options."""
+    cls = codec_class(codec)
+    presets = cls.presets()
+    if not presets:
+        with_presets = ", ".join(sorted(n for n in _codecs_with_presets()))
+        raise InputError(f"codec {cls.name!r} has no presets to choose from (codecs with presets: {with_presets})")
+    clash = sorted(set(options) & {k for p in presets for k in p})
+    if clash:
+        raise InputError(f"option {clash[0]!r} is chosen per chunk by the target; leave it out")
+    return [get_codec(cls.name, **{**options, **preset}) for preset in presets]
+
+
+def _codecs_with_presets() -> list[str]:
+    from .registry import available_codecs
+
+    return [c.name for c in available_codecs() if c.presets()]
+
+
+def _measure(cache: KVCache, codecs: list[Codec], chunk_tokens: int, progress=None):
+    contexts = [[bytes(b) for b in c.fit(cache, chunk_tokens)] for c in codecs]
+    options: dict[tuple, list[Option]] = {}
+    norms: dict[tuple, float] = {}
+    for i, lay in enumerate(cache.layers):
+        for info, chunk in api.layer_chunks(i, lay, chunk_tokens):
+            key = (info.layer, info.tensor, info.token_start)
+            x = chunk.detach().to("cpu", torch.float64)
+            norms[key] = float(x.pow(2).sum())
+            opts = []
+            for slot, (codec, ctx) in enumerate(zip(codecs, contexts)):
+                payload = codec.encode(chunk, info, ctx)
+                y = codec.decode(memoryview(payload), info, ctx).to(torch.float64)
+                opts.append(Option(slot, payload, float((x - y).pow(2).sum())))
+            options[key] = opts
+        if progress:
+            progress(i + 1)
+    return contexts, options, norms
+
+
+def _finish(codecs: list[Codec], contexts: list[list[bytes]], chosen: dict) -> PlannedEncoding:
+    """Keep only the slots that some chunk uses, renumbered in candidate order."""
+    used = sorted({slot for slot, _ in chosen.values()})
+    renumber = {old: new for new, old in enumerate(used)}
+    return PlannedEncoding([codecs[s] for s in used], [contexts[s] for s in used],
+                           {k: (renumber[s], p) for k, (s, p) in chosen.items()})
+
+
+def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS,
+                  options: dict | None = None, progress=None) -> PlannedEncoding:
+    """Every chunk within relative RMS error `max_error`, each at its smallest such preset."""
+    if not isinstance(max_error, (int, float)) or not 0 <= max_error < math.inf:
+        raise InputError(f"max_error must be a non-negative number, not {max_error!r}")
+    codecs = candidates(codec, dict(options or {}))
+    contexts, measured, norms = _measure(cache, codecs, chunk_tokens, progress)
+    fallback, chosen = None, {}
+    for key, opts in measured.items():
+        fitting = [o for o in opts if o.sq_error <= (max_error ** 2) * norms[key]]
+        if fitting:
+            best = min(fitting, key=lambda o: (len(o.payload), o.slot))
+            chosen[key] = (best.slot, best.payload)
+        else:
+            chosen[key] = None
+    if any(v is None for v in chosen.values()):
+        fallback = get_codec(LOSSLESS_FALLBACK)
+        codecs, contexts = codecs + [fallback], contexts + [[]]
+        for i, lay in enumerate(cache.layers):
+            for info, chunk in api.layer_chunks(i, lay, chunk_tokens):
+                key = (info.layer, info.tensor, info.token_start)
+                if chosen[key] is None:
+                    chosen[key] = (len(codecs) - 1, fallback.encode(chunk, info, []))
+    return _finish(codecs, contexts, chosen)
+
+
+def _overhead_bound(cache: KVCache, codecs: list[Codec], contexts: list[list[bytes]], n_records: int,
+                    chunk_tokens: int) -> int:
+    """Bytes of a file besides its payloads, at most (all candidate slots, worst alignment)."""
+    header = len(api._header(cache, codecs, chunk_tokens).to_bytes())
+    blob_bytes = [len(b) for ctx in contexts for b in ctx]
+    if cache.token_ids is not None:
+        blob_bytes.append(cache.token_ids.numel() * 8)
+    blob_bytes += [lay.positions.numel() * 8 for lay in cache.layers if lay.positions is not None]
+    index = 32 + n_records * fmt.RECORD_DTYPE.itemsize + len(blob_bytes) * fmt.BLOB_DTYPE.itemsize
+    return 32 + header + sum(blob_bytes) + index + 32 + (1 + len(blob_bytes) + n_records) * (fmt.ALIGN - 1)
+
+
+def for_target_ratio(cache: KVCache, codec: str, target_ratio: float,
+                     chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS, options: dict | None = None,
+                     progress=None) -> PlannedEncoding:
+    """The least total squared error whose file is at most `cache.nbytes / target_ratio` bytes."""
+    if not isinstance(target_ratio, (int, float)) or not 1 <= target_ratio < math.inf:
+        raise InputError(f"target ratio must be a number >= 1, not {target_ratio!r}")
+    codecs = candidates(codec, dict(options or {}))
+    contexts, measured, _ = _measure(cache, codecs, chunk_tokens, progress)
+    budget = cache.nbytes / target_ratio - _overhead_bound(cache, codecs, contexts, len(measured), chunk_tokens)
+    level = {key: len(opts) - 1 for key, opts in measured.items()}  # start at the coarsest preset
+    size = sum(len(measured[k][level[k]].payload) for k in measured)
+    if size > budget:
+        best = cache.nbytes / (size + cache.nbytes / target_ratio - budget)
+        raise InputError(f"cannot reach ratio {target_ratio:g} with {codecs[0].name}: its coarsest preset gives "
+                         f"about {best:.2f}")
+
+    def step(key):  # refine `key` one preset finer: (-error saved per byte, key) or None
+        opts, j = measured[key], level[key]
+        if j == 0:
+            return None
+        extra = len(opts[j - 1].payload) - len(opts[j].payload)
+        saved = opts[j].sq_error - opts[j - 1].sq_error
+        return (-saved / max(extra, 1), key) if saved > 0 else None
+
+    heap = [s for s in map(step, measured) if s is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, key = heapq.heappop(heap)
+        opts, j = measured[key], level[key]
+        extra = len(opts[j - 1].payload) - len(opts[j].payload)
+        if size + extra > budget:
+            continue
+        size += extra
+        level[key] = j - 1
+        nxt = step(key)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    chosen = {k: (measured[k][j].slot, measured[k][j].payload) for k, j in level.items()}
+    return _finish(codecs, contexts, chosen)
