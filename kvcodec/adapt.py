@@ -118,16 +118,15 @@ def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: in
     return _finish(codecs, contexts, chosen)
 
 
-def _overhead_bound(cache: KVCache, codecs: list[Codec], contexts: list[list[bytes]], n_records: int,
-                    chunk_tokens: int) -> int:
-    """Bytes of a file besides its payloads, at most (all candidate slots, worst alignment)."""
+def _overhead_bound(cache: KVCache, codecs: list[Codec], n_records: int, chunk_tokens: int, n_blobs: int) -> int:
+    """Bytes of a file besides its payloads and codec blobs, at most (every candidate in the
+    header, worst-case alignment of every item)."""
     header = len(api._header(cache, codecs, chunk_tokens).to_bytes())
-    blob_bytes = [len(b) for ctx in contexts for b in ctx]
-    if cache.token_ids is not None:
-        blob_bytes.append(cache.token_ids.numel() * 8)
-    blob_bytes += [lay.positions.numel() * 8 for lay in cache.layers if lay.positions is not None]
-    index = 32 + n_records * fmt.RECORD_DTYPE.itemsize + len(blob_bytes) * fmt.BLOB_DTYPE.itemsize
-    return 32 + header + sum(blob_bytes) + index + 32 + (1 + len(blob_bytes) + n_records) * (fmt.ALIGN - 1)
+    container = [] if cache.token_ids is None else [cache.token_ids.numel() * 8]
+    container += [lay.positions.numel() * 8 for lay in cache.layers if lay.positions is not None]
+    blobs = n_blobs + len(container)
+    index = 32 + n_records * fmt.RECORD_DTYPE.itemsize + blobs * fmt.BLOB_DTYPE.itemsize
+    return 32 + header + sum(container) + index + 32 + (1 + blobs + n_records) * (fmt.ALIGN - 1)
 
 
 def for_target_ratio(cache: KVCache, codec: str, target_ratio: float,
@@ -138,31 +137,43 @@ def for_target_ratio(cache: KVCache, codec: str, target_ratio: float,
         raise InputError(f"target ratio must be a number >= 1, not {target_ratio!r}")
     codecs = candidates(codec, dict(options or {}))
     contexts, measured, _ = _measure(cache, codecs, chunk_tokens, progress)
-    budget = cache.nbytes / target_ratio - _overhead_bound(cache, codecs, contexts, len(measured), chunk_tokens)
-    level = {key: len(opts) - 1 for key, opts in measured.items()}  # start at the coarsest preset
-    size = sum(len(measured[k][level[k]].payload) for k in measured)
+    n_blobs = sum(len(c) for c in contexts)
+    limit = cache.nbytes / target_ratio
+    budget = limit - _overhead_bound(cache, codecs, len(measured), chunk_tokens, n_blobs)
+    blob_bytes = [sum(len(b) for b in ctx) for ctx in contexts]  # paid once a slot is used
+    coarsest = len(codecs) - 1
+    level = {key: coarsest for key in measured}
+    users = [0] * len(codecs)
+    users[coarsest] = len(measured)
+    size = sum(len(measured[k][coarsest].payload) for k in measured) + blob_bytes[coarsest]
     if size > budget:
-        best = cache.nbytes / (size + cache.nbytes / target_ratio - budget)
+        best = cache.nbytes / (size + limit - budget)
         raise InputError(f"cannot reach ratio {target_ratio:g} with {codecs[0].name}: its coarsest preset gives "
                          f"about {best:.2f}")
 
-    def step(key):  # refine `key` one preset finer: (-error saved per byte, key) or None
+    def extra(key, j):  # bytes added by moving `key` from preset j to j - 1
+        opts = measured[key]
+        added = len(opts[j - 1].payload) - len(opts[j].payload)
+        return added + (blob_bytes[j - 1] if users[j - 1] == 0 else 0) - (blob_bytes[j] if users[j] == 1 else 0)
+
+    def step(key):  # (-error saved per payload byte, key) for refining `key` once, or None
         opts, j = measured[key], level[key]
-        if j == 0:
+        if j == 0 or opts[j].sq_error <= opts[j - 1].sq_error:
             return None
-        extra = len(opts[j - 1].payload) - len(opts[j].payload)
-        saved = opts[j].sq_error - opts[j - 1].sq_error
-        return (-saved / max(extra, 1), key) if saved > 0 else None
+        added = len(opts[j - 1].payload) - len(opts[j].payload)
+        return (-(opts[j].sq_error - opts[j - 1].sq_error) / max(added, 1), key)
 
     heap = [s for s in map(step, measured) if s is not None]
     heapq.heapify(heap)
     while heap:
         _, key = heapq.heappop(heap)
-        opts, j = measured[key], level[key]
-        extra = len(opts[j - 1].payload) - len(opts[j].payload)
-        if size + extra > budget:
+        j = level[key]
+        more = extra(key, j)
+        if size + more > budget:
             continue
-        size += extra
+        size += more
+        users[j] -= 1
+        users[j - 1] += 1
         level[key] = j - 1
         nxt = step(key)
         if nxt is not None:

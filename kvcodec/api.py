@@ -107,23 +107,46 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
     return writer.finish()
 
 
-def pack(cache, dest, /, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-         overwrite: bool = True, progress: Callable[[int], None] | None = None, **options) -> int:
+def plan(cache, codec: str | Codec | Encoding, chunk_tokens: int, options: dict, target_ratio: float | None = None,
+         max_error: float | None = None, progress: Callable[[int], None] | None = None) -> Codec | Encoding:
+    """What to write with: one codec, or with a target, the codec's presets chosen per chunk."""
+    if isinstance(codec, Encoding) or (target_ratio is None and max_error is None):
+        return codec if isinstance(codec, Encoding) else make_codec(codec, options)
+    from . import adapt
+
+    if target_ratio is not None and max_error is not None:
+        raise InputError("give a target ratio or a maximum error, not both")
+    if not isinstance(codec, str):
+        raise InputError("with a target ratio or maximum error, name the codec and pass its options as keywords")
+    check_chunk_tokens(chunk_tokens)
+    if target_ratio is not None:
+        return adapt.for_target_ratio(cache, codec, target_ratio, chunk_tokens, options, progress)
+    return adapt.for_max_error(cache, codec, max_error, chunk_tokens, options, progress)
+
+
+def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+         overwrite: bool = True, progress: Callable[[int], None] | None = None, target_ratio: float | None = None,
+         max_error: float | None = None, **options) -> int:
     """Write `cache` to `dest` (a path or a binary file object) as `.kvc`; return its size.
 
+    With `target_ratio` (file at most `cache.nbytes / target_ratio` bytes) or `max_error` (every
+    chunk within that relative RMS error), each chunk gets one of the codec's presets.
     A path is written under a temporary name and renamed when complete.
     """
-    cache, codec = as_kvcache(cache), make_codec(codec, options)
+    cache = as_kvcache(cache)
+    how = plan(cache, codec, chunk_tokens, options, target_ratio, max_error, progress)
     if isinstance(dest, (str, os.PathLike)):
         with atomic_output(dest, overwrite) as f:
-            return write_cache(cache, f, codec, chunk_tokens, progress)
-    return write_cache(cache, dest, codec, chunk_tokens, progress)
+            return write_cache(cache, f, how, chunk_tokens, None if isinstance(how, Encoding) else progress)
+    return write_cache(cache, dest, how, chunk_tokens, None if isinstance(how, Encoding) else progress)
 
 
-def encode(cache, /, codec: str | Codec = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **options) -> bytes:
-    """The `.kvc` bytes of `cache`, for key-value stores."""
+def encode(cache, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+           target_ratio: float | None = None, max_error: float | None = None, **options) -> bytes:
+    """The `.kvc` bytes of `cache`, for key-value stores (targets as in `pack`)."""
     buf = io.BytesIO()
-    write_cache(as_kvcache(cache), buf, make_codec(codec, options), chunk_tokens)
+    cache = as_kvcache(cache)
+    write_cache(cache, buf, plan(cache, codec, chunk_tokens, options, target_ratio, max_error), chunk_tokens)
     return buf.getvalue()
 
 

@@ -64,6 +64,11 @@ class Codec:
         except (TypeError, ValueError) as exc:
             raise CodecError(f"codec {cls.name!r}: {exc}") from None
 
+    @classmethod
+    def presets(cls) -> list[dict]:
+        """Option sets, finest first, among which size or error targets choose per chunk."""
+        return []
+
     def fit(self, cache, chunk_tokens: int) -> list[bytes]:
         return []
 

@@ -133,7 +133,9 @@ class KVCReader:
                 raw = int(np.prod(spec.shape)) * itemsize(spec.dtype)
                 entry[name] = {"shape": list(spec.shape), "dtype": spec.dtype, "chunks": len(idx),
                                "bytes": stored, "raw_bytes": raw,
-                               "codecs": sorted({self.header.codecs[s].name for s in self.records["codec_slot"][idx]})}
+                               "codecs": sorted({self.header.codecs[s].name for s in self.records["codec_slot"][idx]}),
+                               "chunks_per_slot": {str(int(s)): int(n) for s, n in
+                                                   zip(*np.unique(self.records["codec_slot"][idx], return_counts=True))}}
             layers.append(entry)
         raw = sum(l[n]["raw_bytes"] for l in layers for n in fmt.TENSORS)
         return {

@@ -206,3 +206,22 @@ def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
     # without the plugin, the file still opens and names the missing codec
     with pytest.raises(kvcodec.CodecError, match="5000.*xor-test.*not installed"):
         kvcodec.open(tmp_path / "x.kvc").read(0)
+
+
+def test_pack_to_a_target_ratio_or_error(tmp_path, cache_pt):
+    cache, path = cache_pt
+    code, out = run("pack", path, "-c", "quant", "--target-ratio", 1.6, "--chunk-tokens", 16, "-o", tmp_path / "r.kvc")
+    assert code == 0, out
+    assert cache.nbytes / os.path.getsize(tmp_path / "r.kvc") >= 1.6
+    code, out = run("inspect", tmp_path / "r.kvc")
+    assert code == 0 and "[0] quant" in out and "[1] quant" in out, out
+    code, out = run("pack", path, "-c", "quant", "--max-error", 0.05, "-o", tmp_path / "e.kvc")
+    assert code == 0, out
+    for args, pattern in ((["--target-ratio", 3, "--max-error", 0.1], "not both"),
+                          (["--target-ratio", 99], "cannot reach ratio 99"),
+                          (["--target-ratio", 3, "--opt", "bits=4"], "chosen per chunk")):
+        code, out = run("pack", path, "-c", "quant", *args, "-o", tmp_path / "x.kvc")
+        assert_clean_error(code, out, pattern)
+        assert not (tmp_path / "x.kvc").exists()
+    code, out = run("pack", path, "-c", "raw", "--target-ratio", 2, "-o", tmp_path / "x.kvc")
+    assert_clean_error(code, out, "no presets")

@@ -13,7 +13,7 @@ import click
 import torch
 
 import kvcodec
-from kvcodec import api, sources
+from kvcodec import adapt, api, sources
 from kvcodec.errors import InputError, KVCError
 
 from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
@@ -34,21 +34,32 @@ def cli():
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Codec option, repeatable.")
 @click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
               help="Tokens per independently decodable chunk.")
+@click.option("--target-ratio", type=click.FloatRange(1.0), default=None,
+              help="Pick the codec's preset per chunk so the file is at most 1/R of the cache.")
+@click.option("--max-error", type=click.FloatRange(0.0), default=None,
+              help="Pick per chunk the smallest preset within this relative RMS error.")
 @layout_option
 @heads_option
 @force_option
 @quiet_option
-def pack(input, output, codec, opts, chunk_tokens, layout, heads, force, quiet):
+def pack(input, output, codec, opts, chunk_tokens, target_ratio, max_error, layout, heads, force, quiet):
     """Compress a cache file (.pt or .safetensors) into a .kvc file."""
     output = output_path(output, input, ".kvc")
     if os.path.abspath(output) == os.path.abspath(input):
         raise InputError("the output would overwrite the input; choose another -o")
     if os.path.exists(output) and not force:
         raise InputError(f"{output} exists (use --force to overwrite)")
-    the_codec = api.make_codec(codec, parse_options(opts))  # fail on a bad codec before reading
+    options = parse_options(opts)
+    targeted = target_ratio is not None or max_error is not None
+    if target_ratio is not None and max_error is not None:
+        raise InputError("give --target-ratio or --max-error, not both")
+    the_codec = api.make_codec(codec, {} if targeted else options)  # fail on a bad codec before reading
+    if targeted:
+        adapt.candidates(codec, options)
     cache = sources.load_cache(input, layout=layout, heads=heads)
-    with progress_bar(cache.num_layers, "packing", quiet) as update:
-        size = api.pack(cache, output, the_codec, chunk_tokens=chunk_tokens, overwrite=force, progress=update)
+    with progress_bar(cache.num_layers, "choosing presets" if targeted else "packing", quiet) as update:
+        size = api.pack(cache, output, codec if targeted else the_codec, chunk_tokens=chunk_tokens, overwrite=force,
+                        progress=update, target_ratio=target_ratio, max_error=max_error, **(options if targeted else {}))
     if not quiet:
         click.echo(f"{output}: {human(size)} ({cache.nbytes / size:.2f}x of {human(cache.nbytes)}, "
                    f"codec {the_codec.name})", err=True)
@@ -91,7 +102,9 @@ def inspect(file, as_json):
     from rich.table import Table
 
     console = make_console()
-    codecs = ", ".join(" ".join([c["name"]] + [f"{k}={v}" for k, v in c["config"].items()]) for c in info["codecs"])
+    several = len(info["codecs"]) > 1
+    codecs = ", ".join((f"[{slot}] " if several else "") + " ".join([c["name"]] + [f"{k}={v}" for k, v in c["config"].items()])
+                       for slot, c in enumerate(info["codecs"]))
     console.print(f"[bold]{file}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
                   f"{human(info['file_bytes'])} for {human(info['raw_bytes'])} ({info['ratio']:.2f}x), "
                   f"layout {info['layout']}, chunks of {info['chunk_tokens']} tokens")
@@ -109,9 +122,18 @@ def inspect(file, as_json):
         if v["shape"] != k["shape"]:
             shape = f"K {shape} V {'x'.join(map(str, v['shape']))}"
         table.add_row(str(lay["index"]), shape, k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
-                      ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
+                      slot_use(k, v) if several else ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
     console.print(table)
+
+
+def slot_use(key: dict, value: dict) -> str:
+    """Chunks per codec slot of one layer, e.g. `[0]x2 [1]x1`, for files with several slots."""
+    counts: dict[int, int] = {}
+    for t in (key, value):
+        for slot, n in t["chunks_per_slot"].items():
+            counts[int(slot)] = counts.get(int(slot), 0) + n
+    return " ".join(f"[{s}]x{n}" for s, n in sorted(counts.items())) or "-"
 
 
 @cli.command()

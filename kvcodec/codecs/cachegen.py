@@ -35,6 +35,7 @@ PRESETS = {  # relative base step of (shallow, other) layers; finest first
     "medium": (0.25, 0.36),
     "low": (0.35, 0.5),
 }
+TARGET_STEPS = (0.1, 0.18, 0.25, 0.36, 0.5, 0.7, 1.0, 1.4)  # per-chunk choices for size or error targets
 TENSORS = ("key", "value")
 MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
 MAX_WEIGHT = 64.0  # per-channel step multipliers are clamped to [1/64, 64]
@@ -106,7 +107,8 @@ class CacheGenCodec(Codec):
 
     @classmethod
     def presets(cls) -> list[dict]:
-        return [{"quality": q} for q in PRESETS]
+        """A ladder of relative steps (finer than `high` to far coarser than `low`) for targets."""
+        return [{"key_step": r, "value_step": r} for r in TARGET_STEPS]
 
     # -- steps -------------------------------------------------------------------------------
     def relative_step(self, layer: int, num_layers: int, tensor: str) -> float:

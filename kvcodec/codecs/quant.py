@@ -31,6 +31,10 @@ class QuantCodec(Codec):
     description = "grouped asymmetric integer quantization; keys per channel, values per token"
     max_expansion = 16.0  # float32 output from 2-bit codes
 
+    @classmethod
+    def presets(cls) -> list[dict]:
+        return [{"bits": b} for b in sorted(bitpack.SUPPORTED_BITS, reverse=True)]
+
     def __init__(self, bits: int = 4, group_size: int = 64):
         if bits not in bitpack.SUPPORTED_BITS or isinstance(bits, bool):
             raise ValueError(f"bits must be one of {bitpack.SUPPORTED_BITS}, not {bits!r}")
