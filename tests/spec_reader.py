@@ -50,12 +50,14 @@ def read_kvc(data: bytes) -> dict:
         assert codec["id"] == codec_id
         name = ("key", "value")[tensor]
         dtype = doc["layers"][layer][name]["dtype"]
-        chunk = decode_payload(codec, payload, name, (b, h, n, d), dtype)
+        context = [blobs[(slot, j)] for j in range(len([k for k in blobs if k[0] == slot]))]
+        chunk = decode_payload(codec, payload, name, (b, h, n, d), dtype, context, layer, start)
         out[(layer, name)][:, :, start:start + n] = chunk
     return out
 
 
-def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str) -> np.ndarray:
+def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, context=(), layer=0,
+                   start=0) -> np.ndarray:
     size = ITEMSIZE[dtype]
     numel = int(np.prod(shape))
     if codec["id"] == 1:
@@ -66,6 +68,8 @@ def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str) 
             raw = np.frombuffer(raw, np.uint8).reshape(size, numel).T.tobytes()
     elif codec["id"] == 4:
         return dequantize(codec["config"], payload, tensor, shape, dtype)
+    elif codec["id"] == 5:
+        return cachegen(codec["config"], context, payload, layer, tensor, start, shape, dtype)
     else:
         raise ValueError(f"codec {codec['id']}")
     assert len(raw) == numel * size
@@ -92,10 +96,112 @@ def dequantize(config: dict, payload: bytes, tensor: str, shape, dtype: str) -> 
     q = codes.reshape(-1)[:numel].astype(np.float32).reshape(shape)
     idx = np.arange(shape[axis]) // g
     m, s = np.take(mins, idx, axis), np.take(scales, idx, axis)
-    y = (q * s + m).astype(np.float32)
+    return to_dtype((q * s + m).astype(np.float32), dtype)
+
+
+def to_dtype(y: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values to the bit patterns of `dtype`, rounding to nearest even."""
     if dtype == "float32":
         return y.view(np.uint32)
     if dtype == "float16":
         return y.astype(np.float16).view(np.uint16)
     u = y.view(np.uint32).astype(np.uint64)  # bfloat16: round to nearest even on the upper 16 bits
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# -- section 8.5 and 9: cachegen tables and rANS lanes -----------------------------------------
+
+def table_weights(counts: list[int]) -> list[int]:
+    """weights_from_counts of section 9, written out."""
+    n, total = len(counts), sum(counts)
+    free = (1 << 24) - n
+    w = [1 + (c * free // total if total else free // n) for c in counts]
+    left = (1 << 24) - sum(w)
+    order = sorted(range(n), key=lambda i: (-counts[i], i))
+    for j in range(left):
+        w[order[j % n]] += 1
+    return w
+
+
+def code_count(code: int) -> int:
+    return code if code < 32 else (16 + (code - 32) % 16) << (1 + (code - 32) // 16)
+
+
+def parse_tables(blob: bytes) -> dict:
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    (n_layers,), pos, out = struct.unpack_from("<I", raw), 4, {}
+    for layer in range(n_layers):
+        for name in ("key", "value"):
+            h, d, g, k = struct.unpack_from("<IIII", raw, pos)
+            c = h * d
+            pos += 16
+            steps = np.frombuffer(raw, "<f4", c, pos)
+            modes = list(raw[pos + 4 * c:pos + 5 * c])
+            pos += 5 * c
+            t = c + sum(modes)
+            los = struct.unpack_from(f"<{t}i", raw, pos)
+            sizes = struct.unpack_from(f"<{t}H", raw, pos + 4 * t)
+            pos += 6 * t
+            tables = []
+            for lo, n in zip(los, sizes):
+                w = table_weights([code_count(x) for x in raw[pos:pos + n]])
+                pos += n
+                tables.append((lo, w, [sum(w[:i]) for i in range(n)]))
+            out[(layer, name)] = (h, d, g, k, steps, modes, tables)
+    assert pos == len(raw)
+    return out
+
+
+def decode_lane(words: list[int], table, count: int) -> list[int]:
+    """Section 9, step by step."""
+    lo, w, c = table
+    m, x = len(words), 0
+    if m:
+        x, m = words[m - 1], m - 1
+    if m:
+        x, m = (x << 32) | words[m - 1], m - 1
+    out = []
+    for _ in range(count):
+        q = x & ((1 << 24) - 1)
+        s = max(i for i in range(len(c)) if c[i] <= q)
+        x = w[s] * (x >> 24) + q - c[s]
+        if x < (1 << 32) and m:
+            x, m = (x << 32) | words[m - 1], m - 1
+        out.append(lo + s)
+    assert x == 0 and m == 0
+    return out
+
+
+def cachegen(config, context, payload, layer, tensor, start, shape, dtype):
+    b, h, n_tok, d = shape
+    hh, dd, g, k, steps, modes, tables = parse_tables(context[0])[(layer, tensor)]
+    assert (hh, dd) == (h, d)
+    size = ITEMSIZE[dtype]
+    s = max(0, min(config["sinks"] - start, n_tok))
+    n = n_tok - s
+    c, anchored = h * d, [ch for ch in range(h * d) if modes[ch]]
+    out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    sink_bytes = b * h * s * d * size
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
+    n_lanes = b * (c + len(anchored))
+    lengths = struct.unpack_from(f"<{n_lanes}I", payload, sink_bytes)
+    pos = sink_bytes + 4 * n_lanes
+    lanes = []
+    for length in lengths:
+        lanes.append(list(struct.unpack_from(f"<{length}I", payload, pos)))
+        pos += 4 * length
+    assert pos == len(payload)
+    a = -(-n // g)
+    for bi in range(b):
+        for ch in range(c):
+            main = lanes[bi * c + ch]
+            if not modes[ch]:
+                u = [float(v) for v in decode_lane(main, tables[ch], n)]
+            else:
+                j = anchored.index(ch)
+                anchors = decode_lane(main, tables[ch], a)
+                deltas = iter(decode_lane(lanes[b * c + bi * len(anchored) + j], tables[c + j], n - a))
+                u = [anchors[i // g] * 2.0 ** -k + (0 if i % g == 0 else next(deltas)) for i in range(n)]
+            y = (np.array(u, dtype=np.float32) * steps[ch]).astype(np.float32)
+            out[bi, ch // d, s:, ch % d] = to_dtype(y, dtype)
+    return out

@@ -13,7 +13,7 @@ import zstandard
 
 import kvcodec
 from kvcodec import sources
-from spec_reader import read_kvc
+from spec_reader import parse_tables, read_kvc
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
@@ -26,7 +26,11 @@ def expected_cache(name):
 
 
 def test_there_is_a_vector_for_every_builtin_codec():
-    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant"}
+    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen"}
+    cachegen = [read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"]
+    assert any(len(v["header"]["codecs"]) > 1 for v in cachegen)  # per-chunk presets
+    tables = [parse_tables(blob) for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF]
+    assert any(any(t[5]) for sets in tables for t in sets.values())  # an anchored channel
     assert {MANIFEST[n]["config"].get("bits") for n in NAMES if MANIFEST[n]["codec"] == "quant"} == {2, 3, 4, 8}
 
 

@@ -32,16 +32,23 @@ VECTORS = {
     "quant3-bf16": ("quant", {"bits": 3, "group_size": 4}, 8, dict(layers=2, heads=2, tokens=13, dims=(8, 6), dtype=torch.bfloat16)),
     "quant4-f16": ("quant", {"bits": 4, "group_size": 8}, 8, dict(layers=2, heads=3, tokens=11, dims=(8, 8), dtype=torch.float16)),
     "quant8-f32": ("quant", {"bits": 8, "group_size": 5}, 6, dict(layers=1, heads=2, tokens=9, dims=(7, 7), dtype=torch.float32)),
+    "cachegen-f16-anchors": ("cachegen", {"key_emphasis": 0.0, "group_size": 6, "anchor_bits": 2}, 128,
+                             dict(layers=2, heads=2, tokens=250, dims=(16, 8), dtype=torch.float16, drift=True)),
+    "cachegen-bf16-ladder": ("cachegen", {"target_ratio": 2.0, "sinks": 2}, 64,
+                             dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16, drift=True)),
 }
 
 
-def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False, positions=False) -> kvcodec.KVCache:
+def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False, positions=False,
+               drift=False) -> kvcodec.KVCache:
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(layers):
         n = tokens[i] if isinstance(tokens, list) else tokens
         k = torch.randn(batch, heads, n, dims[0], generator=g) * (1 + 4 * (torch.arange(dims[0]) == 1))
         v = torch.randn(batch, heads, n, dims[1], generator=g)
+        if drift:  # a slowly drifting key channel, as slow rotary channels are (anchors pay there)
+            k[..., 2] = torch.cumsum(torch.randn(batch, heads, n, generator=g) * 0.6, dim=2)
         pos = None
         if positions == "per-head":
             pos = torch.stack([torch.arange(n) * (h + 1) for h in range(heads)]).to(torch.int64)
