@@ -15,7 +15,7 @@ from kvcodec import format as fmt
 from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from conftest import synthetic_cache
 
-CODECS = ("raw", "zstd", "shuffle-zstd", "quant")
+CODECS = ("raw", "zstd", "shuffle-zstd", "quant", "cachegen")
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,7 @@ class CacheGenCodec(Codec):
                 out.write(los.astype("<i4").tobytes())
                 out.write(sizes.astype("<u2").tobytes())
                 out.write(ans.counts_to_codes(counts, sizes).tobytes())
-        return [zstandard.ZstdCompressor(level=19).compress(out.getvalue())]
+        return [zstandard.ZstdCompressor(level=19, write_checksum=True).compress(out.getvalue())]
 
     def _parse(self, blob: bytes) -> dict:
         if self._parsed is not None and self._parsed[0] is blob:  # the reader hands every chunk the same blob
