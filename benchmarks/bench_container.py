@@ -28,6 +28,7 @@ from kvcodec.bench import best_time
 SWEEP = [
     ("raw", {}), ("zstd", {"level": 1}), ("zstd", {"level": 3}), ("shuffle-zstd", {"level": 3}),
     ("quant", {"bits": 8}), ("quant", {"bits": 4}), ("quant", {"bits": 3}), ("quant", {"bits": 2}),
+    ("cachegen", {"quality": "high"}), ("cachegen", {"quality": "medium"}), ("cachegen", {"quality": "low"}),
 ]
 
 

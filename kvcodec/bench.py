@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import api, capture, fidelity
+from .errors import KVCError
 from .registry import codec_class
 
 SWEEP: dict[str, list[dict]] = {
@@ -25,9 +26,12 @@ SWEEP: dict[str, list[dict]] = {
     "shuffle-zstd": [{"level": 3}],
     "quant": [{"bits": 8}, {"bits": 4}, {"bits": 4, "group_size": 32}, {"bits": 3}, {"bits": 2},
               {"bits": 2, "group_size": 32}],
+    "cachegen": [{"quality": "high"}, {"quality": "medium"}, {"quality": "low"},
+                 {"key_step": 0.7, "value_step": 0.7}, {"key_step": 1.0, "value_step": 1.0}],
 }
 QUICK_SWEEP: dict[str, list[dict]] = {"raw": [{}], "shuffle-zstd": [{"level": 3}],
-                                      "quant": [{"bits": 8}, {"bits": 4}, {"bits": 2}]}
+                                      "quant": [{"bits": 8}, {"bits": 4}, {"bits": 2}],
+                                      "cachegen": [{"quality": "medium"}]}
 BANDWIDTHS_GBPS = (1, 10, 100)
 
 
@@ -145,8 +149,23 @@ def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_to
                        prefill_s, first_token_s, rows)
 
 
+def short_options(row: BenchRow) -> str:
+    """The options that differ from the codec's defaults, e.g. `bits=4 group_size=32`."""
+    try:
+        defaults = codec_class(row.codec)().get_config()
+    except (KVCError, TypeError, ValueError):  # unknown here, or a plugin that needs options
+        defaults = {}
+    return " ".join(f"{k}={v}" for k, v in row.options.items() if defaults.get(k, object()) != v)
+
+
 def label(row: BenchRow) -> str:
-    return " ".join([row.codec] + [f"{k}={v}" for k, v in row.options.items()])
+    return " ".join(filter(None, [row.codec, short_options(row)]))
+
+
+def result_from_dict(doc: dict) -> BenchResult:
+    """Inverse of `BenchResult.to_dict`, to redraw plots from a saved JSON."""
+    rows = [BenchRow(**r) for r in doc["rows"]]
+    return BenchResult(**{**doc, "rows": rows})
 
 
 @contextlib.contextmanager
@@ -175,14 +194,14 @@ def plot_rate_distortion(result: BenchResult, path: str) -> None:
     """Compression ratio versus ΔPPL, one curve per codec family."""
     title = (f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
              f"mean of {', '.join(result.texts)}")
-    with _figure(path, "compression ratio vs float16 cache", "ΔPPL (%) of the continuation", title) as ax:
+    with _figure(path, "compression ratio vs float16 cache", "mean |ΔPPL| (%) of the continuation", title) as ax:
         for family in dict.fromkeys(r.codec for r in result.rows):
             rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
-            ax.plot([r.ratio for r in rows], [r.delta_ppl_pct for r in rows], marker="o", label=family)
+            ax.plot([r.ratio for r in rows], [r.abs_delta_ppl_pct for r in rows], marker="o", label=family)
             for r in rows:
                 if len(rows) > 1:
-                    ax.annotate(" ".join(f"{k[0]}{v}" for k, v in r.options.items()), (r.ratio, r.delta_ppl_pct),
-                                fontsize=7, textcoords="offset points", xytext=(4, 4))
+                    ax.annotate(short_options(r), (r.ratio, r.abs_delta_ppl_pct),
+                                fontsize=6, textcoords="offset points", xytext=(4, 4))
         ax.set_yscale("symlog", linthresh=0.1)
 
 
