@@ -21,7 +21,7 @@ from . import format as fmt
 from .cache import KVCache
 from .codec import ChunkInfo, Codec
 from .errors import InputError
-from .registry import codec_class, get_codec
+from .registry import available_codecs, codec_class, get_codec
 
 LOSSLESS_FALLBACK = "shuffle-zstd"
 
@@ -50,18 +50,12 @@ def candidates(codec: str, options: dict) -> list[Codec]:
     cls = codec_class(codec)
     presets = cls.presets()
     if not presets:
-        with_presets = ", ".join(sorted(n for n in _codecs_with_presets()))
+        with_presets = ", ".join(sorted(c.name for c in available_codecs() if c.presets()))
         raise InputError(f"codec {cls.name!r} has no presets to choose from (codecs with presets: {with_presets})")
     clash = sorted(set(options) & {k for p in presets for k in p})
     if clash:
         raise InputError(f"option {clash[0]!r} is chosen per chunk by the target; leave it out")
     return [get_codec(cls.name, **{**options, **preset}) for preset in presets]
-
-
-def _codecs_with_presets() -> list[str]:
-    from .registry import available_codecs
-
-    return [c.name for c in available_codecs() if c.presets()]
 
 
 def _measure(cache: KVCache, codecs: list[Codec], chunk_tokens: int, progress=None):
@@ -99,7 +93,7 @@ def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: in
         raise InputError(f"max_error must be a non-negative number, not {max_error!r}")
     codecs = candidates(codec, dict(options or {}))
     contexts, measured, norms = _measure(cache, codecs, chunk_tokens, progress)
-    fallback, chosen = None, {}
+    chosen = {}
     for key, opts in measured.items():
         fitting = [o for o in opts if o.sq_error <= (max_error ** 2) * norms[key]]
         if fitting:

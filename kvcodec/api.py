@@ -135,10 +135,12 @@ def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens:
     """
     cache = as_kvcache(cache)
     how = plan(cache, codec, chunk_tokens, options, target_ratio, max_error, progress)
+    if isinstance(how, Encoding):  # planning already reported progress, layer by layer
+        progress = None
     if isinstance(dest, (str, os.PathLike)):
         with atomic_output(dest, overwrite) as f:
-            return write_cache(cache, f, how, chunk_tokens, None if isinstance(how, Encoding) else progress)
-    return write_cache(cache, dest, how, chunk_tokens, None if isinstance(how, Encoding) else progress)
+            return write_cache(cache, f, how, chunk_tokens, progress)
+    return write_cache(cache, dest, how, chunk_tokens, progress)
 
 
 def encode(cache, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
