@@ -52,6 +52,8 @@ class TensorTables:
     steps: np.ndarray  # float32 [H*D]
     anchored: np.ndarray  # bool [H*D]
     tables: list  # (lo, ans.Table): H*D main tables, then one delta table per anchored channel
+    los: np.ndarray  # int64 [len(tables)]: each table's first value
+    sizes: np.ndarray  # int64 [len(tables)]: each table's alphabet size
 
     @property
     def delta_of(self) -> np.ndarray:
@@ -165,9 +167,8 @@ class CacheGenCodec(Codec):
                 everyone = np.ones(h * d, dtype=bool)
                 parts = [self._symbols(body, steps, everyone, self.group_size)
                          for body in self._chunk_bodies(t, chunk_tokens)]
-                direct = np.concatenate([p[0].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
-                anchors = np.concatenate([p[1].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
-                deltas = np.concatenate([p[2].transpose(1, 0, 2).reshape(h * d, -1) for p in parts], axis=1)
+                direct, anchors, deltas = (np.concatenate([p[k].transpose(1, 0, 2).reshape(h * d, -1) for p in parts],
+                                                          axis=1) for k in range(3))  # [H*D, tokens of all chunks]
                 anchored = np.zeros(h * d, dtype=bool)
                 if self.group_size > 1 and deltas.size:
                     table_bits = 8 * (deltas.max(axis=1) - deltas.min(axis=1) + 7)  # a second table's bytes
@@ -220,7 +221,8 @@ class CacheGenCodec(Codec):
                     pos += codes.size
                     weights = ans.weights_from_counts_many(ans.codes_to_counts(codes), sizes)
                     tables = [(int(lo), ans.Table(w, checked=False)) for lo, w in zip(los, weights)]
-                    tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), tables)
+                    tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), tables,
+                                                      los, sizes)
             if pos != len(raw):
                 raise ValueError(f"{len(raw) - pos} bytes left over")
         except (zstandard.ZstdError, struct.error, ValueError, CodecError) as exc:
@@ -257,12 +259,10 @@ class CacheGenCodec(Codec):
                     lanes.append((direct[bi, c], tt.tables[c]))
         for bi in range(direct.shape[0]):
             lanes.extend((deltas[bi, a], tt.tables[k]) for a, k in enumerate(tt.delta_of))
-        los = np.array([lo for lo, _ in tt.tables])
-        sizes = np.array([t.size for _, t in tt.tables])
         for values, index in ((direct[:, ~tt.anchored], np.flatnonzero(~tt.anchored)), (anchors, np.flatnonzero(tt.anchored)),
                               (deltas, tt.delta_of)):
-            k = values - los[index][None, :, None]
-            if k.size and (k.min() < 0 or (k >= sizes[index][None, :, None]).any()):
+            k = values - tt.los[index][None, :, None]
+            if k.size and (k.min() < 0 or (k >= tt.sizes[index][None, :, None]).any()):
                 raise CodecError(f"cachegen: layer {info.layer} {info.tensor} holds values outside its tables "
                                  "(tables are fitted on the cache being packed)")
         words = [ans.encode_lane(symbols - lo, table) for symbols, (lo, table) in lanes]
