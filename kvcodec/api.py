@@ -157,18 +157,20 @@ def open(src) -> KVCReader:  # noqa: A001 - mirrors the built-in on purpose
     return KVCReader(src)
 
 
-def unpack(src, device=None, *, strict: bool = True, progress: Callable[[int], None] | None = None) -> KVCache:
+def unpack(src, device=None, *, strict: bool = True, progress: Callable[[int], None] | None = None,
+           decoder: str = "auto") -> KVCache:
     """Decode a whole `.kvc` (path, file object or bytes). `strict` also checks that every byte
-    of the file is accounted for, so any corruption is reported."""
+    of the file is accounted for, so any corruption is reported. On a CUDA `device` the GPU
+    kernels decode (`decoder` as in `KVCReader.read`)."""
     with KVCReader(src) as reader:
         if strict:
             reader.check_layout()
-        return reader.read_cache(device=device, progress=progress)
+        return reader.read_cache(device=device, progress=progress, decoder=decoder)
 
 
-def decode(data, device=None) -> KVCache:
+def decode(data, device=None, *, decoder: str = "auto") -> KVCache:
     """Inverse of `encode`."""
-    return unpack(data, device=device)
+    return unpack(data, device=device, decoder=decoder)
 
 
 __all__ = ["pack", "unpack", "open", "encode", "decode", "write_cache", "as_kvcache", "KVCError"]

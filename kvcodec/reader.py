@@ -54,6 +54,12 @@ class _Source:
             self._file.close()
 
 
+def _use_kernels(device, decoder: str) -> bool:
+    from .kernels import use_kernels
+
+    return use_kernels(device, decoder)
+
+
 @dataclass(frozen=True)
 class RecordInfo:
     layer: int
@@ -215,11 +221,15 @@ class KVCReader:
             raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
                               f"{int(r['length'])}-byte payload: the file is corrupt")
 
+    def _records_for(self, layer: int, t: int, start: int, stop: int) -> list[int]:
+        """Indices of the records of (layer, key/value) overlapping tokens [start, stop)."""
+        return [i for i in self._groups.get((layer, t), [])
+                if int(self.records["token_start"][i]) < stop
+                and int(self.records["token_start"][i]) + int(self.records["tokens"][i]) > start]
+
     def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
         spec = getattr(self.header.layers[layer], fmt.TENSORS[t])
-        needed = [i for i in self._groups.get((layer, t), [])
-                  if int(self.records["token_start"][i]) < stop
-                  and int(self.records["token_start"][i]) + int(self.records["tokens"][i]) > start]
+        needed = self._records_for(layer, t, start, stop)
         for i in needed:  # before allocating the output: no record may claim more than it can hold
             self._check_expansion(i)
         out = torch.empty((spec.batch, spec.heads, stop - start, spec.head_dim), dtype=torch_dtype(spec.dtype),
@@ -246,10 +256,20 @@ class KVCReader:
             raise IndexError(f"layer {layer} is out of range (the file has {self.num_layers})")
         return layer % self.num_layers
 
-    def read(self, layer: int, tokens: slice | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value of one layer, optionally a token range, decoding only the chunks needed."""
+    def read(self, layer: int, tokens: slice | None = None, device=None,
+             decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value of one layer, optionally a token range, decoding only the chunks needed.
+
+        `decoder`: "auto" decodes with the GPU kernels when `device` is a CUDA device and Triton
+        is installed (unless the environment sets KVCODEC_DECODER=cpu), "cpu" always on the CPU,
+        "kernels" always with the kernels (see `kvcodec.kernels`)."""
         layer = self._check_layer(layer)
         start, stop = self._token_range(layer, tokens)
+        if _use_kernels(device, decoder):
+            from .kernels import restore
+
+            k, v = restore.read_tensors(self, [(layer, 0, start, stop), (layer, 1, start, stop)], device)
+            return k, v
         return (self._read_tensor(layer, 0, start, stop, device), self._read_tensor(layer, 1, start, stop, device))
 
     def positions(self, layer: int) -> torch.Tensor | None:
@@ -263,14 +283,26 @@ class KVCReader:
         shape = self.header.token_ids_shape
         return None if shape is None else torch.from_numpy(self._container_blob(0).reshape(shape))
 
-    def read_cache(self, device=None, progress=None) -> KVCache:
-        """The whole cache. With `progress`, calls progress(layer_done) after each layer."""
-        layers = []
-        for i in range(self.num_layers):
-            k, v = self.read(i, device=device)
-            layers.append(LayerKV(k, v, self.positions(i)))
-            if progress:
-                progress(i + 1)
+    def read_cache(self, device=None, progress=None, decoder: str = "auto") -> KVCache:
+        """The whole cache. With `progress`, calls progress(layers_done) as layers complete.
+        `decoder` as in `read`; the kernels decode all layers into one buffer per dtype."""
+        if _use_kernels(device, decoder):
+            from .kernels import restore
+
+            per_layer = [len(self._records_for(i, t, 0, self.header.layers[i].key.tokens))
+                         for i in range(self.num_layers) for t in (0, 1)]
+            ends = np.cumsum(np.add.reduceat(per_layer, np.arange(0, len(per_layer), 2))) if per_layer else []
+            report = None if progress is None else (lambda n: progress(int(np.searchsorted(ends, n, "right"))))
+            wanted = [(i, t, 0, self.header.layers[i].key.tokens) for i in range(self.num_layers) for t in (0, 1)]
+            tensors = restore.read_tensors(self, wanted, device, report)
+            pairs = list(zip(tensors[0::2], tensors[1::2]))
+        else:
+            pairs = []
+            for i in range(self.num_layers):
+                pairs.append(self.read(i, device=device, decoder="cpu"))
+                if progress:
+                    progress(i + 1)
+        layers = [LayerKV(k, v, self.positions(i)) for i, (k, v) in enumerate(pairs)]
         return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout)
 
     def check_layout(self) -> None:

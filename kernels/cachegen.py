@@ -1,0 +1,267 @@
+"""GPU decode of `cachegen` records: every lane is decoded by one GPU thread, and the symbols go
+straight to the output: dequantized, anchors and deltas recombined, converted, stored.
+
+A thread owns one (record, batch, channel): its main lane and, for an anchored channel, its
+delta lane, decoded in lockstep (a group's first token from the main lane, the others from the
+delta lane). A program covers a few channels of several consecutive chunks of one (layer,
+key/value), so threads of a warp often share a table and its lookups hit the same cache lines.
+Symbols are found by binary search in the table's cumulative weights (spec section 9); the
+arithmetic is the CPU decoder's, operation for operation, so the output is bit-exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvcodec import ans
+from kvcodec.errors import CodecError
+
+from . import jobs as J
+from .rounding import to_output_dtype
+from . import raw
+
+# extra job columns
+CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(8, 16)
+LANES_PER_PROGRAM = 128
+
+
+@triton.jit
+def _load_word(words_ptr, p, mask):
+    return tl.load(words_ptr + p, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+
+
+@triton.jit
+def _initial_state(words_ptr, start, end, mask):
+    """The 64-bit state from a lane's last two words; returns it and the next word's end."""
+    has = mask & (end > start)
+    x = tl.where(has, _load_word(words_ptr, end - 1, has), 0)
+    p = tl.where(has, end - 1, end)
+    has = mask & (p > start)
+    x = tl.where(has, (x << 32) | _load_word(words_ptr, p - 1, has), x)
+    return x, tl.where(has, p - 1, p)
+
+
+@triton.jit
+def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size_ptr, chan_main_ptr,
+                  chan_delta_ptr, chan_step_ptr, chan_ord_ptr, lane_start_ptr, lane_end_ptr, table_ptr,
+                  prog_ptr, err_ptr, NCOL: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+                  ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    r0 = tl.load(prog_ptr + 4 * pid)
+    nr = tl.load(prog_ptr + 4 * pid + 1)
+    b = tl.load(prog_ptr + 4 * pid + 2)
+    c0 = tl.load(prog_ptr + 4 * pid + 3)
+    first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
+    batch = tl.load(first + 5)
+    channels = tl.load(first + 11)
+    n_anchored = tl.load(first + 12)
+    group = tl.load(first + 13)
+    anchor_scale = ((127 - tl.load(first + 14)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
+    chan_base = tl.load(first + 10)
+
+    ri = tl.arange(0, BR)[None, :]
+    rmask = ri < nr
+    rows = table_ptr + (r0 + ri) * NCOL
+    coded = tl.load(rows + 8, mask=rmask, other=0)
+    base = tl.load(rows + 2, mask=rmask, other=0) + tl.load(rows + 9, mask=rmask, other=0) * D \
+        + b * tl.load(rows + 3, mask=rmask, other=0)
+    stride_h = tl.load(rows + 4, mask=rmask, other=0)
+    lane_base = tl.load(rows + 15, mask=rmask, other=0)
+
+    c = c0 + tl.arange(0, BC)[:, None]
+    cmask = c < channels
+    main_tab = tl.load(chan_main_ptr + chan_base + c, mask=cmask, other=0)
+    delta_tab = tl.load(chan_delta_ptr + chan_base + c, mask=cmask, other=-1)
+    anchored = delta_tab >= 0
+    delta_tab = tl.where(anchored, delta_tab, main_tab)
+    step = tl.load(chan_step_ptr + chan_base + c, mask=cmask, other=1.0)
+    m_off = tl.load(tab_off_ptr + main_tab)
+    m_size = tl.load(tab_size_ptr + main_tab)
+    m_lo = tl.load(tab_lo_ptr + main_tab)
+    d_off = tl.load(tab_off_ptr + delta_tab)
+    d_size = tl.load(tab_size_ptr + delta_tab)
+    d_lo = tl.load(tab_lo_ptr + delta_tab)
+
+    valid = cmask & rmask
+    main_lane = lane_base + b * channels + c
+    delta_lane = lane_base + batch * channels + b * n_anchored + tl.load(chan_ord_ptr + chan_base + c, mask=cmask,
+                                                                        other=0)
+    has_delta = valid & anchored
+    ms = tl.load(lane_start_ptr + main_lane, mask=valid, other=0)
+    ds = tl.load(lane_start_ptr + delta_lane, mask=has_delta, other=0)
+    xm, pm = _initial_state(words_ptr, ms, tl.load(lane_end_ptr + main_lane, mask=valid, other=0), valid)
+    xd, pd = _initial_state(words_ptr, ds, tl.load(lane_end_ptr + delta_lane, mask=has_delta, other=0), has_delta)
+    out = out_ptr + base + (c // D) * stride_h + c % D
+    a = tl.zeros([BC, BR], dtype=tl.float32)
+    n_max = tl.max(tl.where(rmask, coded, 0))
+    for t in range(0, n_max):
+        active = valid & (t < coded)
+        use_main = (~anchored) | ((t % group) == 0)
+        x = tl.where(use_main, xm, xd)
+        p = tl.where(use_main, pm, pd)
+        start = tl.where(use_main, ms, ds)
+        off = tl.where(use_main, m_off, d_off)
+        q = x & 0xFFFFFF
+        lo_i = tl.zeros([BC, BR], dtype=tl.int32)
+        hi_i = tl.where(use_main, m_size, d_size) + lo_i
+        left = tl.zeros([BC, BR], dtype=tl.uint64)
+        right = left + (1 << 24)
+        for _ in tl.static_range(ITERS):  # last cumulative weight <= q
+            mid = (lo_i + hi_i) >> 1
+            cum = tl.load(cdf_ptr + off + mid, mask=active, other=0).to(tl.uint64)
+            go = cum <= q
+            lo_i = tl.where(go, mid, lo_i)
+            hi_i = tl.where(go, hi_i, mid)
+            left = tl.where(go, cum, left)
+            right = tl.where(go, right, cum)
+        xn = (right - left) * (x >> 24) + q - left
+        refill = active & ((xn >> 32) == 0) & (p > start)
+        xn = tl.where(refill, (xn << 32) | _load_word(words_ptr, p - 1, refill), xn)
+        pn = tl.where(refill, p - 1, p)
+        xn = tl.where(active, xn, x)
+        xm = tl.where(use_main, xn, xm)
+        xd = tl.where(use_main, xd, xn)
+        pm = tl.where(use_main, pn, pm)
+        pd = tl.where(use_main, pd, pn)
+        v = (lo_i + tl.where(use_main, m_lo, d_lo)).to(tl.float32)
+        a = tl.where(use_main, v * anchor_scale, a)
+        u = tl.where(anchored, tl.where(use_main, a, a + v), v)
+        tl.store(out + t * D, to_output_dtype(u * step, out_ptr), mask=active)
+    ok = (pm == ms) & (xm == 0) & ((~anchored) | ((pd == ds) & (xd == 0)))
+    tl.store(err_ptr + pid, tl.max(tl.where(valid & ~ok, 1, 0)))
+
+
+class DeviceTables:
+    """One tables blob on the device: every table's cumulative weights back to back, and per
+    (layer, key/value) the channels' tables, steps and delta-lane ordinals."""
+
+    def __init__(self, codec, blob: bytes, device):
+        parsed = codec._parse(blob)
+        self.entries: dict[tuple[int, str], tuple[int, int, int, int]] = {}
+        weights, los, mains, deltas, steps, ordinals = [], [], [], [], [], []
+        n_tables = n_channels = 0
+        for key, tt in parsed.items():
+            c = tt.heads * tt.head_dim
+            self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits)
+            weights.extend(t.weights for _, t in tt.tables)
+            los.append(tt.los)
+            mains.append(n_tables + np.arange(c))
+            delta = np.full(c, -1, dtype=np.int64)
+            delta[tt.anchored] = n_tables + tt.delta_of
+            deltas.append(delta)
+            ordinal = np.zeros(c, dtype=np.int64)
+            ordinal[tt.anchored] = np.arange(int(tt.anchored.sum()))
+            ordinals.append(ordinal)
+            steps.append(tt.steps)
+            n_tables += len(tt.tables)
+            n_channels += c
+        sizes = np.array([w.size for w in weights], dtype=np.int64)
+        cum = np.cumsum(np.concatenate(weights)) if weights else np.zeros(0, dtype=np.int64)
+        ends = np.cumsum(sizes)
+        cum -= np.repeat(np.concatenate([[0], cum[ends[:-1] - 1]]) if len(ends) else [], sizes).astype(np.int64)
+        cdf = np.insert(cum, ends - sizes, 0)  # each table: 0, then its running sums
+        def dev(x, dtype):
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
+        self.cdf = dev(cdf, np.int32)
+        self.table_offset = dev(ends - sizes + np.arange(len(sizes)), np.int64)
+        self.table_size = dev(sizes, np.int32)
+        self.table_lo = dev(np.concatenate(los) if los else [], np.int32)
+        self.chan_main = dev(np.concatenate(mains) if mains else [], np.int64)
+        self.chan_delta = dev(np.concatenate(deltas) if deltas else [], np.int64)
+        self.chan_step = dev(np.concatenate(steps) if steps else [], np.float32)
+        self.chan_ordinal = dev(np.concatenate(ordinals) if ordinals else [], np.int64)
+        self.search_steps = max(1, int(sizes.max() - 1).bit_length()) if len(sizes) else 1
+
+
+def _device_tables(codec, context, device) -> DeviceTables:
+    cached = getattr(codec, "_device_tables", None)
+    if cached is not None and cached[0] is context[0] and cached[1] == device:
+        return cached[2]
+    tables = DeviceTables(codec, context[0], device)
+    codec._device_tables = (context[0], device, tables)
+    return tables
+
+
+def supports(codec, info, itemsize: int) -> bool:
+    """Lanes are read as 32-bit words: the exact sink tokens before them must fill whole words."""
+    b, h, _, d = info.shape
+    return (b * h * codec._sink_count(info) * d * itemsize) % 4 == 0
+
+
+def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """int64 [programs, 4]: (first job, jobs, batch index, first channel), and the block's
+    channels and chunks. A program's jobs are consecutive chunks of one (layer, key/value)."""
+    same = np.r_[False, table[1:, CHAN_BASE] == table[:-1, CHAN_BASE]]
+    runs = np.flatnonzero(~same)
+    run_len = np.diff(np.r_[runs, len(table)])
+    br = min(16, J.block(int(run_len.max())))
+    bc = max(1, LANES_PER_PROGRAM // br)
+    progs = []
+    for start, length in zip(runs, run_len):
+        r0 = np.arange(start, start + length, br)
+        nr = np.minimum(br, start + length - r0)
+        batch, channels = int(table[start, J.BATCH]), int(table[start, CHANNELS])
+        b, c0, r = np.meshgrid(np.arange(batch), np.arange(0, channels, bc), np.arange(len(r0)), indexing="ij")
+        progs.append(np.stack([r0[r.ravel()], nr[r.ravel()], b.ravel(), c0.ravel()], 1))
+    return np.concatenate(progs).astype(np.int64), bc, br
+
+
+def decode(codec, context, jobs: list[J.Job], staged: torch.Tensor, out: torch.Tensor) -> list[J.Check]:
+    device = out.device
+    if len(context) != 1:
+        raise CodecError("cachegen needs exactly one context blob (its tables)")
+    tables = _device_tables(codec, context, device)
+    itemsize = out.element_size()
+    extra = []
+    for j in jobs:
+        info = j.info
+        codec.tables_for(context, info)  # shape checks
+        chan_base, n_anchored, group, anchor_bits = tables.entries[(info.layer, info.tensor)]
+        b, h, t, d = info.shape
+        s = codec._sink_count(info)
+        extra.append((t - s, s, chan_base, h * d, n_anchored, group, anchor_bits))
+    extra = np.array(extra, dtype=np.int64).reshape(len(jobs), 7)
+    table = J.job_table(jobs, *extra.T, np.zeros(len(jobs), dtype=np.int64))
+    batch, heads, channels = table[:, J.BATCH], table[:, J.HEADS], table[:, CHANNELS]
+    head_dim = J.head_dim_of(jobs)
+    n_lanes = batch * (channels + table[:, ANCHORED])
+    table[:, LANE_BASE] = np.cumsum(n_lanes) - n_lanes
+    sink_bytes = batch * heads * table[:, SINKS] * head_dim * itemsize
+    head = sink_bytes + 4 * n_lanes
+    lane_bytes = table[:, J.LENGTH] - head
+    broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 4 != 0))
+    if broken.size:
+        info = jobs[int(broken[0])].info
+        raise CodecError(f"cachegen payload of layer {info.layer} {info.tensor} is truncated or has the wrong length")
+
+    # lane boundaries, from the lane lengths stored in each payload (computed on the device)
+    words = staged.view(torch.int32)
+    dev = lambda x: J.to_device(x, device)  # noqa: E731
+    lane_job = torch.repeat_interleave(torch.arange(len(jobs), device=device), dev(n_lanes),
+                                       output_size=int(n_lanes.sum()))
+    lane_base = dev(table[:, LANE_BASE])
+    counts_at = dev((table[:, J.SRC] + sink_bytes) // 4)
+    local = torch.arange(int(n_lanes.sum()), device=device) - lane_base[lane_job]
+    counts = words[counts_at[lane_job] + local].to(torch.int64) & 0xFFFFFFFF
+    ends = torch.cumsum(counts, 0)
+    before = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[lane_base]
+    words_at = counts_at + dev(n_lanes)
+    expected = dev(lane_bytes // 4)
+    total = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[lane_base + dev(n_lanes)] - before
+    limit = (words_at + expected)[lane_job]
+    lane_end = torch.minimum(words_at[lane_job] + ends - before[lane_job], limit)
+    lane_start = (lane_end - counts).clamp_min(words_at[lane_job])
+
+    raw.copy_elements(staged, out, table, J.SRC, SINKS, head_dim)
+    programs, bc, br = _programs(table)
+    err = torch.zeros(len(programs), dtype=torch.int32, device=device)
+    if len(programs):
+        _lanes_kernel[(len(programs),)](
+            words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
+            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table),
+            dev(programs), err, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, ITERS=tables.search_steps)
+    return [J.Check(total != expected, np.arange(len(jobs)), "its lane lengths do not add up to its size"),
+            J.Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")]

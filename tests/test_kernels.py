@@ -1,0 +1,183 @@
+"""The Triton decoders against the CPU decoders: bit-exact output, the same verdict on corrupt
+payloads. Without a GPU they run in Triton's interpreter on small caches; with one, on the GPU
+at full size."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kvcodec  # noqa: E402
+from kvcodec import api, kernels  # noqa: E402
+from conftest import synthetic_cache  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOKENS, HEADS, HEAD_DIM, CHUNK = (3000, 8, 128, 1024) if ON_GPU else (37, 2, 16, 16)
+VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
+
+CODECS = [
+    ("raw", {}),
+    ("quant", {"bits": 2, "group_size": 4}),
+    ("quant", {"bits": 3, "group_size": 5}),
+    ("quant", {"bits": 4}),
+    ("quant", {"bits": 8, "group_size": 7}),
+    ("cachegen", {}),
+    ("cachegen", {"sinks": 3, "group_size": 3, "anchor_bits": 2, "key_emphasis": 0.0}),
+]
+
+
+def kernel_cache(data: bytes) -> kvcodec.KVCache:
+    return kvcodec.decode(data, device=DEVICE, decoder="kernels")
+
+
+def cpu_cache(data: bytes) -> kvcodec.KVCache:
+    return kvcodec.decode(data, decoder="cpu")
+
+
+def smooth_cache(dtype, tokens=TOKENS, seed=0):
+    """Synthetic keys with slowly drifting channels, as slow rotary channels are (cachegen
+    anchors those)."""
+    cache = synthetic_cache(layers=2, heads=HEADS, tokens=tokens, head_dim=HEAD_DIM, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for lay in cache.layers:
+        key = lay.key.float()
+        key[..., 2::8] = torch.cumsum(torch.randn(key[..., 2::8].shape, generator=g) * 0.6, dim=2)
+        lay.key = key.to(dtype)
+    return cache
+
+
+@pytest.mark.parametrize("codec,options", CODECS, ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_kernels_decode_bit_exactly(codec, options, dtype):
+    data = kvcodec.encode(smooth_cache(dtype), codec, chunk_tokens=CHUNK, **options)
+    got = kernel_cache(data)
+    assert got.layers[0].key.device.type == DEVICE
+    assert got.equal(cpu_cache(data))
+
+
+def test_cachegen_anchors_are_exercised():
+    data = kvcodec.encode(smooth_cache(torch.float16, tokens=max(TOKENS, 250)), "cachegen",
+                          chunk_tokens=max(CHUNK, 128), sinks=3, group_size=6, anchor_bits=2, key_emphasis=0.0)
+    reader = kvcodec.open(data)
+    tables = reader._codec(0)._parse(reader._context(0)[0])
+    assert any(t.anchored.any() for t in tables.values())
+    assert kernel_cache(data).equal(cpu_cache(data))
+
+
+def test_batches_heads_and_value_head_dims_differ():
+    cache = synthetic_cache(layers=2, batch=2, heads=[HEADS, 1], tokens=TOKENS, head_dim=HEAD_DIM,
+                            value_head_dim=HEAD_DIM // 2)
+    for codec, options in CODECS[1:]:
+        data = kvcodec.encode(cache, codec, chunk_tokens=CHUNK, **options)
+        assert kernel_cache(data).equal(cpu_cache(data)), codec
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in VECTORS.glob("*.kvc")))
+def test_kernels_decode_the_golden_vectors(name):
+    data = (VECTORS / f"{name}.kvc").read_bytes()
+    assert kernel_cache(data).equal(cpu_cache(data))
+
+
+def test_token_range_reads_match():
+    data = kvcodec.encode(smooth_cache(torch.bfloat16), "cachegen", chunk_tokens=CHUNK)
+    reader = kvcodec.open(data)
+    for tokens in (slice(0, 5), slice(CHUNK - 3, CHUNK + 4), slice(TOKENS - 1, None), slice(7, 7)):
+        for got, want in zip(reader.read(1, tokens, device=DEVICE, decoder="kernels"),
+                             reader.read(1, tokens, decoder="cpu")):
+            assert got.shape == want.shape and torch.equal(got.cpu(), want)
+
+
+def test_per_chunk_presets_and_codecs_without_kernels_mix():
+    """A --max-error file mixes quant presets with the lossless fallback (no kernel: CPU)."""
+    cache = smooth_cache(torch.float16)
+    cache.layers[1].key[:, :, :CHUNK] *= 1000  # beyond what any quant preset reaches
+    data = kvcodec.encode(cache, "quant", chunk_tokens=CHUNK, max_error=0.002)
+    names = {c["name"] for c in kvcodec.open(data).info()["codecs"]}
+    assert "quant" in names and names - {"quant"}
+    assert kernel_cache(data).equal(cpu_cache(data))
+
+
+class Tamper(api.Encoding):
+    """Writes each payload with one byte changed at `position` (from the end if negative)."""
+
+    position = 0
+
+    def payload(self, info, chunk):
+        slot, data = super().payload(info, chunk)
+        data = bytearray(data)
+        data[self.position] ^= 0x5A
+        return slot, bytes(data)
+
+
+@pytest.mark.parametrize("position", [-1, -5, -9, -40, -101, 4 * 40, 4 * 41 + 1])
+def test_corrupt_lanes_get_the_cpu_decoders_verdict(position):
+    """Payloads with valid checksums but changed lane bytes: the kernels raise CodecError
+    exactly when the CPU decoder does, and otherwise decode to the same tensors."""
+    cache = synthetic_cache(layers=1, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
+    codec = kvcodec.get_codec("cachegen", sinks=0)
+    enc = Tamper.fitted(cache, codec, CHUNK)
+    enc.position = position
+    buf = io.BytesIO()
+    api.write_cache(cache, buf, enc, CHUNK)
+    data = buf.getvalue()
+    try:
+        want = cpu_cache(data)
+    except kvcodec.CodecError:
+        with pytest.raises(kvcodec.CodecError, match="cachegen record of layer 0"):
+            kernel_cache(data)
+    else:
+        assert kernel_cache(data).equal(want)
+
+
+def test_wrong_payload_lengths_are_refused():
+    cache = synthetic_cache(layers=1, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
+    for codec in ("quant", "cachegen", "raw"):
+        enc = api.Encoding.fitted(cache, kvcodec.get_codec(codec), CHUNK)
+        short = type("Short", (api.Encoding,), {"payload": lambda self, i, c: (0, api.Encoding.payload(self, i, c)[1][:-4])})
+        buf = io.BytesIO()
+        api.write_cache(cache, buf, short(enc.codecs, enc.contexts), CHUNK)
+        with pytest.raises(kvcodec.CodecError):
+            kernel_cache(buf.getvalue())
+
+
+def test_decoder_choice():
+    assert not kernels.use_kernels("cpu")
+    assert not kernels.use_kernels(None, "auto")
+    assert not kernels.use_kernels("cuda", "cpu")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        kernels.use_kernels("cpu", "gpu")
+
+
+def test_environment_forces_the_cpu_decoder(monkeypatch):
+    monkeypatch.setenv(kernels.DECODER_ENV, "cpu")
+    assert not kernels.use_kernels("cuda")
+    monkeypatch.setenv(kernels.DECODER_ENV, "kernels")
+    assert kernels.use_kernels(DEVICE)
+    monkeypatch.setenv(kernels.DECODER_ENV, "fast")
+    with pytest.raises(ValueError, match="KVCODEC_DECODER"):
+        kernels.use_kernels("cuda")
+
+
+def test_progress_reports_layers_in_order():
+    data = kvcodec.encode(smooth_cache(torch.float16), "quant", chunk_tokens=CHUNK)
+    seen = []
+    kvcodec.open(data).read_cache(device=DEVICE, decoder="kernels", progress=seen.append)
+    assert seen and seen[-1] == 2 and seen == sorted(seen)
+
+
+@pytest.mark.model
+def test_kernels_on_a_real_cache(real_model):
+    from kvcodec import capture
+
+    cache = capture.capture("code", tokens=512 if ON_GPU else 32)
+    for codec, options in (("cachegen", {}), ("quant", {"bits": 3})):
+        data = kvcodec.encode(cache, codec, chunk_tokens=128 if ON_GPU else 16, **options)
+        assert kernel_cache(data).equal(cpu_cache(data)), codec
