@@ -12,7 +12,7 @@ the first 2048 tokens and the file's later chunks repeat the second chunk's payl
 1024-periodic), so a 32K-token file costs 2K tokens of CPU encoding.
 
 Decode GB/s: fp16 output bytes over the time of the decode launches, payloads already on the
-GPU (median of --repeat). Copy GB/s: bytes written by `copy_` of a tensor that size. Restore:
+GPU (median of --repeat); "+prep" adds the host-side preparation of the launches. Copy GB/s: bytes written by `copy_` of a tensor that size. Restore:
 file bytes in pinned host memory -> a transformers DynamicCache on the GPU (checksums, staging,
 copy and decode included). Raw load: the fp16 tensors in pinned memory -> DynamicCache.
 Prefill: the model's forward pass over the tokens (random weights: speed does not depend on them).
@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 import kvcodec
@@ -113,35 +114,41 @@ def cuda_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def kernel_decode_time(data: bytes, repeat: int) -> float:
-    """Seconds for the decode launches of the whole file, payloads already on the GPU."""
+def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
+    """Seconds for the decode launches of the whole file with payloads already on the GPU:
+    the launches alone, and with their host-side preparation."""
+    from kvcodec import dtypes
     from kvcodec.kernels import kernel_module, restore
 
     reader = kvcodec.open(data)
     wanted = [(i, t, 0, reader.header.layers[i].key.tokens) for i in range(reader.num_layers) for t in (0, 1)]
     device = torch.device("cuda", torch.cuda.current_device())
-    plan = restore._Plan(reader, wanted, device)
+    plan = restore.Plan(reader, wanted, device)
+    groups, cpu = restore.kernel_groups(reader, plan, np.arange(len(plan.record)))
+    assert not cpu
+    rows = np.concatenate(list(groups.values()))
     with ThreadPoolExecutor(2) as pool:
-        staged, offsets = restore._stage(reader, plan.records, device, torch.cuda.Stream(), pool, [])
-    groups = defaultdict(list)
-    for (i, info, out), src in zip(plan.records, offsets):
-        slot = int(reader.records["codec_slot"][i])
-        groups[(slot, info.dtype)].append(plan.job(info, out, src, int(reader.records["length"][i])))
+        staged = restore.stage(reader, plan, rows, device, torch.cuda.Stream(), pool, [])
 
-    def run():
-        for (slot, dtype), jobs in groups.items():
+    def prepare():
+        out = []
+        for (slot, dtype_code, _), members in groups.items():
             codec = reader._codec(slot)
-            kernel_module(codec).decode(codec, reader._context(slot), jobs, staged, plan.buffers[dtype])
+            dtype = dtypes.torch_dtype(fmt.record_dtype_name(dtype_code))
+            out.append(kernel_module(codec).prepare(codec, reader._context(slot), plan.table[members], staged,
+                                                    plan.buffers[dtype]))
+        return out
 
-    seconds = cuda_time(run, repeat)
-    fp16_bytes = sum(int(torch.tensor(s.shape).prod()) * 2 for lay in reader.header.layers for s in (lay.key, lay.value))
-    want = kvcodec.decode(data, decoder="cpu") if fp16_bytes < (200 << 20) else None
-    if want is not None:  # bit-exact at this size too
-        got = [plan.view(k).cpu() for k in range(len(wanted))]
-        ok = all(torch.equal(g, w) for g, w in zip(got, [t for lay in want.layers for t in (lay.key, lay.value)]))
-        if not ok:
+    launches = prepare()
+    launch_s = cuda_time(lambda: [launch() for launch in launches], repeat)
+    with_prep_s = cuda_time(lambda: [launch() for launch in prepare()], repeat)
+    fp16_bytes = sum(int(np.prod(s.shape)) * 2 for lay in reader.header.layers for s in (lay.key, lay.value))
+    if fp16_bytes < (200 << 20):  # bit-exact at this size too
+        want = kvcodec.decode(data, decoder="cpu")
+        expect = [t for lay in want.layers for t in (lay.key, lay.value)]
+        if not all(torch.equal(plan.view(k).cpu(), w) for k, w in enumerate(expect)):
             raise AssertionError("GPU decode differs from the CPU decoder")
-    return seconds
+    return launch_s, with_prep_s
 
 
 def pinned(data: bytes) -> memoryview:
@@ -222,8 +229,9 @@ def main():
                        "fp16_bytes": out_bytes, "file_bytes": len(data), "ratio": out_bytes / len(data),
                        "copy_gbps": out_bytes / copy_s / 1e9, "raw_load_ms": raw_s * 1e3, "prefill_ms": prefill_s * 1e3}
                 try:
-                    dec_s = kernel_decode_time(data, args.repeat)
-                    row.update(decode_gbps=out_bytes / dec_s / 1e9, restore_ms=restore_time(data, 3) * 1e3)
+                    launch_s, with_prep_s = kernel_decode_time(data, args.repeat)
+                    row.update(decode_gbps=out_bytes / launch_s / 1e9, decode_prep_gbps=out_bytes / with_prep_s / 1e9,
+                               restore_ms=restore_time(data, 3) * 1e3)
                 except Exception as exc:  # keep the other rows
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
@@ -233,11 +241,12 @@ def main():
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     print(f"\n{device}; torch {torch.__version__}")
-    print(f"{'shape':10} {'tokens':>6} {'codec':14} {'ratio':>6} {'decode GB/s':>11} {'copy GB/s':>9} "
+    print(f"{'shape':10} {'tokens':>6} {'codec':14} {'ratio':>6} {'decode GB/s':>11} {'+prep GB/s':>10} {'copy GB/s':>9} "
           f"{'restore ms':>10} {'raw load ms':>11} {'prefill ms':>10}")
     for r in rows:
         label = r["codec"] + "".join(f" {v}" for v in r["options"].values())
         print(f"{r['shape']:10} {r['tokens']:>6} {label:14} {r['ratio']:6.2f} {r.get('decode_gbps', float('nan')):11.1f} "
+              f"{r.get('decode_prep_gbps', float('nan')):10.1f} "
               f"{r['copy_gbps']:9.1f} {r.get('restore_ms', float('nan')):10.2f} {r['raw_load_ms']:11.2f} "
               f"{r['prefill_ms']:10.2f}{'  ' + r['error'] if 'error' in r else ''}")
     if args.json:

@@ -23,8 +23,8 @@ from . import jobs as J
 from .rounding import to_output_dtype
 from . import raw
 
-# extra job columns
-CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(8, 16)
+# extra job columns (12 ..= 19)
+CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(J.COLUMNS, J.COLUMNS + 8)
 LANES_PER_PROGRAM = 128
 
 
@@ -56,20 +56,20 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
     c0 = tl.load(prog_ptr + 4 * pid + 3)
     first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
     batch = tl.load(first + 5)
-    channels = tl.load(first + 11)
-    n_anchored = tl.load(first + 12)
-    group = tl.load(first + 13)
-    anchor_scale = ((127 - tl.load(first + 14)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
-    chan_base = tl.load(first + 10)
+    chan_base = tl.load(first + 14)
+    channels = tl.load(first + 15)
+    n_anchored = tl.load(first + 16)
+    group = tl.load(first + 17)
+    anchor_scale = ((127 - tl.load(first + 18)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
 
     ri = tl.arange(0, BR)[None, :]
     rmask = ri < nr
     rows = table_ptr + (r0 + ri) * NCOL
-    coded = tl.load(rows + 8, mask=rmask, other=0)
-    base = tl.load(rows + 2, mask=rmask, other=0) + tl.load(rows + 9, mask=rmask, other=0) * D \
+    coded = tl.load(rows + 12, mask=rmask, other=0)
+    base = tl.load(rows + 2, mask=rmask, other=0) + tl.load(rows + 13, mask=rmask, other=0) * D \
         + b * tl.load(rows + 3, mask=rmask, other=0)
     stride_h = tl.load(rows + 4, mask=rmask, other=0)
-    lane_base = tl.load(rows + 15, mask=rmask, other=0)
+    lane_base = tl.load(rows + 19, mask=rmask, other=0)
 
     c = c0 + tl.arange(0, BC)[:, None]
     cmask = c < channels
@@ -140,12 +140,12 @@ class DeviceTables:
 
     def __init__(self, codec, blob: bytes, device):
         parsed = codec._parse(blob)
-        self.entries: dict[tuple[int, str], tuple[int, int, int, int]] = {}
+        self.entries: dict[tuple[int, str], tuple[int, int, int, int, int, int]] = {}
         weights, los, mains, deltas, steps, ordinals = [], [], [], [], [], []
         n_tables = n_channels = 0
         for key, tt in parsed.items():
             c = tt.heads * tt.head_dim
-            self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits)
+            self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits, tt.heads, tt.head_dim)
             weights.extend(t.weights for _, t in tt.tables)
             los.append(tt.los)
             mains.append(n_tables + np.arange(c))
@@ -174,6 +174,10 @@ class DeviceTables:
         self.chan_step = dev(np.concatenate(steps) if steps else [], np.float32)
         self.chan_ordinal = dev(np.concatenate(ordinals) if ordinals else [], np.int64)
         self.search_steps = max(1, int(sizes.max() - 1).bit_length()) if len(sizes) else 1
+        layers = 1 + max((layer for layer, _ in self.entries), default=-1)
+        self.by_tensor = np.full((layers * 2, 6), -1, dtype=np.int64)  # row layer*2 + key/value
+        for (layer, name), entry in self.entries.items():
+            self.by_tensor[2 * layer + ("key", "value").index(name)] = entry
 
 
 def _device_tables(codec, context, device) -> DeviceTables:
@@ -185,10 +189,13 @@ def _device_tables(codec, context, device) -> DeviceTables:
     return tables
 
 
-def supports(codec, info, itemsize: int) -> bool:
+def _sinks(codec, table: np.ndarray) -> np.ndarray:
+    return np.clip(codec.sinks - table[:, J.TOKEN_START], 0, table[:, J.TOKENS])
+
+
+def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
     """Lanes are read as 32-bit words: the exact sink tokens before them must fill whole words."""
-    b, h, _, d = info.shape
-    return (b * h * codec._sink_count(info) * d * itemsize) % 4 == 0
+    return (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
 
 
 def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -209,59 +216,70 @@ def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
     return np.concatenate(progs).astype(np.int64), bc, br
 
 
-def decode(codec, context, jobs: list[J.Job], staged: torch.Tensor, out: torch.Tensor) -> list[J.Check]:
+def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
     device = out.device
     if len(context) != 1:
         raise CodecError("cachegen needs exactly one context blob (its tables)")
     tables = _device_tables(codec, context, device)
-    itemsize = out.element_size()
-    extra = []
-    for j in jobs:
-        info = j.info
-        codec.tables_for(context, info)  # shape checks
-        chan_base, n_anchored, group, anchor_bits = tables.entries[(info.layer, info.tensor)]
-        b, h, t, d = info.shape
-        s = codec._sink_count(info)
-        extra.append((t - s, s, chan_base, h * d, n_anchored, group, anchor_bits))
-    extra = np.array(extra, dtype=np.int64).reshape(len(jobs), 7)
-    table = J.job_table(jobs, *extra.T, np.zeros(len(jobs), dtype=np.int64))
-    batch, heads, channels = table[:, J.BATCH], table[:, J.HEADS], table[:, CHANNELS]
-    head_dim = J.head_dim_of(jobs)
-    n_lanes = batch * (channels + table[:, ANCHORED])
-    table[:, LANE_BASE] = np.cumsum(n_lanes) - n_lanes
-    sink_bytes = batch * heads * table[:, SINKS] * head_dim * itemsize
-    head = sink_bytes + 4 * n_lanes
-    lane_bytes = table[:, J.LENGTH] - head
+    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
+    entry = tables.by_tensor[np.minimum(key, len(tables.by_tensor) - 1)] if len(tables.by_tensor) else None
+    covered = (entry is not None) & (key < len(tables.by_tensor))
+    if entry is not None:
+        covered &= (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
+    if not np.all(covered):
+        bad = table[np.flatnonzero(~covered)[0]]
+        raise CodecError(f"cachegen tables do not cover {J.where(bad)} of {int(bad[J.HEADS])} heads x "
+                         f"{int(bad[J.HEAD_DIM])}")
+    batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
+    sinks = _sinks(codec, table)
+    channels, n_anchored = heads * head_dim, entry[:, 1]
+    n_lanes = batch * (channels + n_anchored)
+    table = J.with_columns(table, table[:, J.TOKENS] - sinks, sinks, entry[:, 0], channels, n_anchored, entry[:, 2],
+                           entry[:, 3], np.cumsum(n_lanes) - n_lanes)
+    sink_bytes = batch * heads * sinks * head_dim * out.element_size()
+    lane_bytes = table[:, J.LENGTH] - sink_bytes - 4 * n_lanes
     broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 4 != 0))
     if broken.size:
-        info = jobs[int(broken[0])].info
-        raise CodecError(f"cachegen payload of layer {info.layer} {info.tensor} is truncated or has the wrong length")
+        raise CodecError(f"cachegen payload of {J.where(table[broken[0]])} is truncated or has the wrong length")
 
     # lane boundaries, from the lane lengths stored in each payload (computed on the device)
     words = staged.view(torch.int32)
     dev = lambda x: J.to_device(x, device)  # noqa: E731
-    lane_job = torch.repeat_interleave(torch.arange(len(jobs), device=device), dev(n_lanes),
-                                       output_size=int(n_lanes.sum()))
-    lane_base = dev(table[:, LANE_BASE])
+    total_lanes = int(n_lanes.sum())
+    lane_base, lanes_t = dev(table[:, LANE_BASE]), dev(n_lanes)
     counts_at = dev((table[:, J.SRC] + sink_bytes) // 4)
-    local = torch.arange(int(n_lanes.sum()), device=device) - lane_base[lane_job]
-    counts = words[counts_at[lane_job] + local].to(torch.int64) & 0xFFFFFFFF
-    ends = torch.cumsum(counts, 0)
-    before = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[lane_base]
-    words_at = counts_at + dev(n_lanes)
+    words_at = counts_at + lanes_t
     expected = dev(lane_bytes // 4)
-    total = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), ends])[lane_base + dev(n_lanes)] - before
-    limit = (words_at + expected)[lane_job]
-    lane_end = torch.minimum(words_at[lane_job] + ends - before[lane_job], limit)
-    lane_start = (lane_end - counts).clamp_min(words_at[lane_job])
+    steps = []
 
-    raw.copy_elements(staged, out, table, J.SRC, SINKS, head_dim)
+    def lane_bounds():
+        lane_job = torch.repeat_interleave(torch.arange(len(table), device=device), lanes_t, output_size=total_lanes)
+        local = torch.arange(total_lanes, device=device) - lane_base[lane_job]
+        counts = words[counts_at[lane_job] + local].to(torch.int64) & 0xFFFFFFFF
+        ends = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(counts, 0)])
+        before = ends[lane_base]
+        lengths_bad.copy_((ends[lane_base + lanes_t] - before) != expected)
+        first = words_at[lane_job]
+        lane_end.copy_(torch.minimum(first + ends[1:] - before[lane_job], first + expected[lane_job]))
+        lane_start.copy_((lane_end - counts).clamp_min(first))
+
+    lengths_bad = torch.empty(len(table), dtype=torch.bool, device=device)
+    lane_end = torch.empty(total_lanes, dtype=torch.int64, device=device)
+    lane_start = torch.empty_like(lane_end)
+    steps.append(lane_bounds)
+    copy_sinks = raw.copy_elements(staged, out, table, sinks)
+    if copy_sinks:
+        steps.append(copy_sinks)
     programs, bc, br = _programs(table)
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
+    args = (words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
+            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table), dev(programs),
+            err)
+
+    def lanes():
+        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br,
+                                        ITERS=tables.search_steps)
     if len(programs):
-        _lanes_kernel[(len(programs),)](
-            words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
-            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table),
-            dev(programs), err, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, ITERS=tables.search_steps)
-    return [J.Check(total != expected, np.arange(len(jobs)), "its lane lengths do not add up to its size"),
-            J.Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")]
+        steps.append(lanes)
+    return J.Launch(steps, [J.Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
+                            J.Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")])

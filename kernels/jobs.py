@@ -1,5 +1,8 @@
-"""What a GPU decoder is asked to do: records whose payloads sit in one staged byte buffer,
-each to be written into one flat output buffer in the `[batch, heads, tokens, head_dim]` layout."""
+"""What a GPU decoder is asked to do: records whose payloads sit in one staged byte buffer, each
+to be written into one flat output buffer in the `[batch, heads, tokens, head_dim]` layout.
+
+Records are rows of an int64 job table (built with numpy, never per record in Python: a 32K-token
+cache has thousands of records). Kernels read the columns below by number."""
 
 from __future__ import annotations
 
@@ -8,53 +11,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvcodec.codec import ChunkInfo
-
 ALIGN = 64  # payload offsets in a staged buffer; `.kvc` payloads are 64-byte aligned in files too
 
-
-@dataclass(frozen=True)
-class Job:
-    """One record: its payload at `src` (bytes into the staged buffer), its decoded chunk at
-    element `dst` of the output, batch and head strides `stride_b`, `stride_h`; the token
-    stride is the head dim, so a chunk lands in the token rows of a `[B, H, T, D]` tensor."""
-
-    info: ChunkInfo
-    src: int
-    length: int
-    dst: int
-    stride_b: int
-    stride_h: int
+# SRC: payload's byte offset in the staged buffer; DST: element offset in the output of the
+# chunk's first element; STRIDE_B, STRIDE_H: element strides (the token stride is HEAD_DIM).
+SRC, LENGTH, DST, STRIDE_B, STRIDE_H, BATCH, HEADS, TOKENS, LAYER, TENSOR, TOKEN_START, HEAD_DIM = range(12)
+COLUMNS = 12  # codec-specific columns follow
 
 
-def job_table(jobs: list[Job], *extra: np.ndarray) -> np.ndarray:
-    """int64 [jobs, 8 + extra]: src, length, dst, stride_b, stride_h, batch, heads, tokens
-    (head_dim is a launch constant), then codec-specific columns."""
-    base = np.array([(j.src, j.length, j.dst, j.stride_b, j.stride_h, j.info.shape[0], j.info.shape[1],
-                      j.info.shape[2]) for j in jobs], dtype=np.int64).reshape(len(jobs), 8)
-    return np.ascontiguousarray(np.column_stack([base, *extra]) if extra else base)
+def with_columns(table: np.ndarray, *extra) -> np.ndarray:
+    return np.ascontiguousarray(np.column_stack([table[:, :COLUMNS], *extra]).astype(np.int64))
 
 
-SRC, LENGTH, DST, STRIDE_B, STRIDE_H, BATCH, HEADS, TOKENS = range(8)
+def where(row: np.ndarray) -> str:
+    """A record's place, for error messages."""
+    return (f"layer {int(row[LAYER])} {('key', 'value')[int(row[TENSOR])]} "
+            f"tokens {int(row[TOKEN_START])}+{int(row[TOKENS])}")
 
 
-def tile_programs(table: np.ndarray, tokens_col: int, block_tokens: int) -> np.ndarray:
+def tile_programs(table: np.ndarray, tokens: np.ndarray, block_tokens: int) -> np.ndarray:
     """int64 [programs, 3]: (job, batch*heads index, first token) for tiles of `block_tokens`
-    tokens of every (job, batch, head); jobs with no tokens get no program."""
+    of the first `tokens[job]` tokens of every (job, batch, head)."""
     bh = table[:, BATCH] * table[:, HEADS]
-    tiles = -(-table[:, tokens_col] // block_tokens)
+    tiles = -(-tokens // block_tokens)
     per_job = bh * tiles
     job = np.repeat(np.arange(len(table)), per_job)
     k = np.arange(int(per_job.sum())) - np.repeat(np.cumsum(per_job) - per_job, per_job)
-    t = tiles[job]
-    return np.ascontiguousarray(np.stack([job, k // np.maximum(t, 1), (k % np.maximum(t, 1)) * block_tokens], 1))
+    t = np.maximum(tiles[job], 1)
+    return np.ascontiguousarray(np.stack([job, k // t, (k % t) * block_tokens], 1))
 
 
-def head_dim_of(jobs: list[Job]) -> int:
-    dims = {j.info.shape[3] for j in jobs}
+def head_dim_of(table: np.ndarray) -> int:
+    dims = np.unique(table[:, HEAD_DIM])
     if len(dims) != 1:
         raise ValueError("one launch decodes records of one head dim")
-    return dims.pop()
+    return int(dims[0])
 
 
 def block(n: int) -> int:
@@ -79,6 +70,19 @@ class Check:
     flags: torch.Tensor
     job_of_flag: np.ndarray
     problem: str
+
+
+class Launch:
+    """Prepared kernel launches (host work done, inputs on the device): call to run them."""
+
+    def __init__(self, steps, checks: list[Check]):
+        self._steps = steps
+        self.checks = checks
+
+    def __call__(self) -> "Launch":
+        for step in self._steps:
+            step()
+        return self
 
 
 def first_failure(checks: list[Check]) -> tuple[int, str] | None:

@@ -10,14 +10,12 @@ once at the end: decoding never waits for the host.
 from __future__ import annotations
 
 import zlib
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kvcodec import format as fmt
-from kvcodec.codec import ChunkInfo
 from kvcodec.dtypes import torch_dtype
 from kvcodec.errors import ChecksumError, CodecError
 
@@ -25,40 +23,41 @@ from . import jobs as J
 from . import kernel_module
 
 BATCH_BYTES = 64 << 20  # compressed bytes staged per batch
+CRC_THREADS = 4
 
 
-def _where(info: ChunkInfo) -> str:
-    return f"layer {info.layer} {info.tensor} tokens {info.token_start}+{info.shape[2]}"
-
-
-class _Plan:
-    """Output tensors of the requested reads and, per record, where its chunk goes."""
+class Plan:
+    """The output tensors of the requested reads and, per record, a job-table row saying where
+    its chunk goes (every column but SRC, which staging fills in)."""
 
     def __init__(self, reader, wanted, device):
-        self.reader = reader
-        sizes: dict[torch.dtype, int] = defaultdict(int)
-        self.outputs = []  # (dtype, element offset, shape, token range to return)
-        self.records = []  # (record index, ChunkInfo, output number)
-        for layer, t, start, stop in wanted:
+        rec = reader.records
+        self.outputs = []  # (dtype, element offset, shape, first token held, start, stop)
+        sizes: dict[torch.dtype, int] = {}
+        parts = []
+        for k, (layer, t, start, stop) in enumerate(wanted):
             spec = getattr(reader.header.layers[layer], fmt.TENSORS[t])
-            needed = reader._records_for(layer, t, start, stop)
-            first = min([int(reader.records["token_start"][i]) for i in needed], default=start)
-            last = max([int(reader.records["token_start"][i] + reader.records["tokens"][i]) for i in needed],
-                       default=stop)
+            idx = np.asarray(reader._records_for(layer, t, start, stop), dtype=np.int64)
+            first = int(rec["token_start"][idx].min()) if idx.size else start
+            last = int((rec["token_start"][idx] + rec["tokens"][idx]).max()) if idx.size else stop
             dtype = torch_dtype(spec.dtype)
             shape = (spec.batch, spec.heads, last - first, spec.head_dim)
-            self.outputs.append((dtype, sizes[dtype], shape, first, start, stop))
-            sizes[dtype] += int(np.prod(shape))
-            for i in needed:
-                r = reader.records[i]
-                info = ChunkInfo(layer, fmt.TENSORS[t], int(r["token_start"]),
-                                 (int(r["batch"]), int(r["heads"]), int(r["tokens"]), int(r["head_dim"])), dtype)
-                self.records.append((i, info, len(self.outputs) - 1))
+            base = sizes.get(dtype, 0)
+            sizes[dtype] = base + int(np.prod(shape))
+            self.outputs.append((dtype, base, shape, first, start, stop))
+            n = shape[2] * shape[3]
+            rows = np.zeros((idx.size, J.COLUMNS), dtype=np.int64)
+            rows[:, J.LENGTH] = rec["length"][idx]
+            rows[:, J.DST] = base + (rec["token_start"][idx].astype(np.int64) - first) * shape[3]
+            rows[:, J.STRIDE_B], rows[:, J.STRIDE_H] = shape[1] * n, n
+            for col, field in ((J.BATCH, "batch"), (J.HEADS, "heads"), (J.TOKENS, "tokens"), (J.LAYER, "layer"),
+                               (J.TENSOR, "tensor"), (J.TOKEN_START, "token_start"), (J.HEAD_DIM, "head_dim")):
+                rows[:, col] = rec[field][idx]
+            parts.append((idx, rows, np.full(idx.size, k)))
+        self.record = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        self.table = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, J.COLUMNS), np.int64)
+        self.output_of = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
         self.buffers = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
-
-    def job(self, info: ChunkInfo, output: int, src: int, length: int) -> J.Job:
-        dtype, base, (b, h, t, d), first, _, _ = self.outputs[output]
-        return J.Job(info, src, length, base + (info.token_start - first) * d, h * t * d, t * d)
 
     def view(self, output: int) -> torch.Tensor:
         dtype, base, shape, _, _, _ = self.outputs[output]
@@ -72,17 +71,34 @@ class _Plan:
         return full[:, :, start - first:stop - first].clone()
 
 
-def _batches(records, lengths):
-    batch, size = [], 0
-    for rec in records:
-        n = fmt.align(int(lengths[rec[0]]))
-        if batch and size + n > BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-        batch.append(rec)
-        size += n
-    if batch:
-        yield batch
+def batches(lengths: np.ndarray) -> list[slice]:
+    """Consecutive records in groups of about BATCH_BYTES."""
+    ends = np.cumsum(-(-lengths // J.ALIGN) * J.ALIGN)
+    cuts = np.searchsorted(ends, np.arange(BATCH_BYTES, int(ends[-1]) if len(ends) else 0, BATCH_BYTES), "right")
+    bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(lengths)}), len(lengths)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def kernel_groups(reader, plan: Plan, rows: np.ndarray):
+    """Split record rows (indices into the plan) into kernel launches and CPU leftovers:
+    ({(slot, dtype code, head_dim): rows}, cpu rows)."""
+    rec = reader.records
+    idx = plan.record[rows]
+    keys = np.stack([rec["codec_slot"][idx].astype(np.int64), rec["dtype"][idx].astype(np.int64),
+                     plan.table[rows, J.HEAD_DIM]], 1)
+    groups, cpu = {}, []
+    for key in np.unique(keys, axis=0):
+        members = rows[np.all(keys == key, axis=1)]
+        codec = reader._codec(int(key[0]))
+        module = kernel_module(codec)
+        ok = np.zeros(len(members), dtype=bool)
+        if module is not None:
+            itemsize = torch.empty((), dtype=torch_dtype(fmt.record_dtype_name(int(key[1])))).element_size()
+            ok = module.supports(codec, plan.table[members], itemsize) if hasattr(module, "supports") else ~ok
+        if ok.any():
+            groups[tuple(int(k) for k in key)] = members[ok]
+        cpu.extend(members[~ok].tolist())
+    return groups, cpu
 
 
 def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
@@ -91,73 +107,70 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    plan = _Plan(reader, wanted, device)
-    lengths = reader.records["length"]
-    for i, _, _ in plan.records:
-        reader._check_expansion(i)
-    on_gpu = device.type == "cuda"
-    copy_stream = torch.cuda.Stream(device) if on_gpu else None
-    checks, crc_jobs, done = [], [], 0
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for batch in _batches(plan.records, lengths):
-            kernel_recs, cpu_recs = [], []
-            for rec in batch:
-                i, info, _ = rec
-                codec = reader._codec(int(reader.records["codec_slot"][i]))
-                module = kernel_module(codec)
-                ok = module is not None and (not hasattr(module, "supports")
-                                             or module.supports(codec, info, info.dtype.itemsize))
-                (kernel_recs if ok else cpu_recs).append(rec)
-            staged, host = _stage(reader, kernel_recs, device, copy_stream, pool, crc_jobs)
-            groups = defaultdict(list)
-            for (i, info, out), src in zip(kernel_recs, host):
-                key = (int(reader.records["codec_slot"][i]), info.dtype, info.shape[3])
-                groups[key].append((i, plan.job(info, out, src, int(lengths[i]))))
-            for (slot, dtype, _), members in groups.items():
+    plan = Plan(reader, wanted, device)
+    for i in plan.record:
+        reader._check_expansion(int(i))
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    launches, crc_checks = [], []
+    with ThreadPoolExecutor(max_workers=CRC_THREADS) as pool:
+        for part in batches(plan.table[:, J.LENGTH]):
+            rows = np.arange(part.start, part.stop)
+            groups, cpu = kernel_groups(reader, plan, rows)
+            staged_rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
+            staged = stage(reader, plan, staged_rows, device, copy_stream, pool, crc_checks)
+            for (slot, dtype_code, _), members in groups.items():
                 codec = reader._codec(slot)
-                jobs = [job for _, job in members]
-                for check in kernel_module(codec).decode(codec, reader._context(slot), jobs, staged,
-                                                         plan.buffers[dtype]):
-                    checks.append((check, [i for i, _ in members], jobs))
-            for i, info, out in cpu_recs:
-                chunk = reader.decode_record(i)
-                view = plan.view(out)
-                t0 = info.token_start - plan.outputs[out][3]
-                view[:, :, t0:t0 + info.shape[2]].copy_(chunk, non_blocking=True)
-            done += len(batch)
+                dtype = torch_dtype(fmt.record_dtype_name(dtype_code))
+                launch = kernel_module(codec).prepare(codec, reader._context(slot), plan.table[members], staged,
+                                                      plan.buffers[dtype])
+                launches.append((launch(), members, codec))
+            for row in cpu:
+                chunk = reader.decode_record(int(plan.record[row]))
+                out = int(plan.output_of[row])
+                t0 = int(plan.table[row, J.TOKEN_START]) - plan.outputs[out][3]
+                plan.view(out)[:, :, t0:t0 + chunk.shape[2]].copy_(chunk, non_blocking=True)
             if progress:
-                progress(done)
-        for future, where in crc_jobs:
-            if not future.result():
-                raise ChecksumError(f"record of {where} checksum mismatch: the file is corrupt")
-    for check, record_ids, jobs in checks:
-        failure = J.first_failure([check])
+                progress(part.stop)
+        for future in crc_checks:
+            bad = future.result()
+            if bad is not None:
+                raise ChecksumError(f"record of {J.where(plan.table[bad])} checksum mismatch: the file is corrupt")
+    for launch, members, codec in launches:
+        failure = J.first_failure(launch.checks)
         if failure is not None:
             job, problem = failure
-            codec = reader._codec(int(reader.records["codec_slot"][record_ids[job]]))
-            raise CodecError(f"{codec.name} record of {_where(jobs[job].info)} is corrupt: {problem}")
+            raise CodecError(f"{codec.name} record of {J.where(plan.table[members[job]])} is corrupt: {problem}")
     return [plan.result(k) for k in range(len(wanted))]
 
 
-def _stage(reader, recs, device, copy_stream, pool, crc_jobs):
-    """Gather the payloads of `recs` into one (pinned) host buffer, start checking their
-    checksums, and move the buffer to the device. Returns it and each payload's offset."""
-    offsets, pos = [], 0
-    for i, _, _ in recs:
-        offsets.append(pos)
-        pos += fmt.align(int(reader.records["length"][i]))
-    host = torch.empty(max(pos, J.ALIGN), dtype=torch.uint8, pin_memory=copy_stream is not None)
+def stage(reader, plan: Plan, rows: np.ndarray, device, copy_stream, pool, crc_checks) -> torch.Tensor:
+    """Gather the payloads of `rows` into one (pinned) host buffer, setting their SRC column;
+    check their checksums on `pool`; move the buffer to the device on `copy_stream`."""
+    rec = reader.records
+    idx = plan.record[rows]
+    lengths = rec["length"][idx].astype(np.int64)
+    offsets = np.cumsum(-(-lengths // J.ALIGN) * J.ALIGN) - -(-lengths // J.ALIGN) * J.ALIGN
+    plan.table[rows, J.SRC] = offsets
+    total = int(offsets[-1] + lengths[-1]) if len(rows) else 0
+    host = torch.empty(max(-(-total // J.ALIGN) * J.ALIGN, J.ALIGN), dtype=torch.uint8,
+                       pin_memory=copy_stream is not None)
     view = host.numpy()
-    for (i, info, _), at in zip(recs, offsets):
-        r = reader.records[i]
-        data = reader._src.read(int(r["offset"]), int(r["length"]))
-        view[at:at + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        crc_jobs.append((pool.submit(lambda d, c: zlib.crc32(d) == c, view[at:at + len(data)], int(r["crc32"])),
-                         _where(info)))
+    for at, i, n in zip(offsets.tolist(), idx.tolist(), lengths.tolist()):
+        view[at:at + n] = np.frombuffer(reader._src.read(int(rec["offset"][i]), n), dtype=np.uint8)
+
+    def check(lo: int, hi: int):
+        for row, at, n, i in zip(rows[lo:hi].tolist(), offsets[lo:hi].tolist(), lengths[lo:hi].tolist(),
+                                 idx[lo:hi].tolist()):
+            if zlib.crc32(view[at:at + n]) != int(rec["crc32"][i]):
+                return row
+        return None
+
+    step = -(-len(rows) // CRC_THREADS) if len(rows) else 1
+    crc_checks.extend(pool.submit(check, lo, lo + step) for lo in range(0, len(rows), step))
     if copy_stream is None:
-        return host, offsets
+        return host
     with torch.cuda.stream(copy_stream):
         staged = host.to(device, non_blocking=True)
     torch.cuda.current_stream(device).wait_stream(copy_stream)
     staged.record_stream(torch.cuda.current_stream(device))
-    return staged, offsets
+    return staged
