@@ -151,10 +151,10 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     return launch_s, with_prep_s
 
 
-def pinned(data: bytes) -> memoryview:
+def pinned(data: bytes) -> torch.Tensor:
     t = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
     t.numpy()[:] = memoryview(data)
-    return memoryview(t.numpy())
+    return t
 
 
 def restore_time(data: bytes, repeat: int) -> float:

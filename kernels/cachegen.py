@@ -146,7 +146,7 @@ class DeviceTables:
         for key, tt in parsed.items():
             c = tt.heads * tt.head_dim
             self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits, tt.heads, tt.head_dim)
-            weights.extend(t.weights for _, t in tt.tables)
+            weights.extend(tt.weights)
             los.append(tt.los)
             mains.append(n_tables + np.arange(c))
             delta = np.full(c, -1, dtype=np.int64)
@@ -156,7 +156,7 @@ class DeviceTables:
             ordinal[tt.anchored] = np.arange(int(tt.anchored.sum()))
             ordinals.append(ordinal)
             steps.append(tt.steps)
-            n_tables += len(tt.tables)
+            n_tables += len(tt.weights)
             n_channels += c
         sizes = np.array([w.size for w in weights], dtype=np.int64)
         cum = np.cumsum(np.concatenate(weights)) if weights else np.zeros(0, dtype=np.int64)

@@ -19,8 +19,26 @@ IS_KEY, GROUPS = J.COLUMNS, J.COLUMNS + 1  # extra job columns (12, 13)
 
 
 @triton.jit
+def _unpacked_tile(codes, rows, BITS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Codes [BT, D] from whole packed rows of D codes starting at byte `codes`: loaded as
+    contiguous bytes, split by shifts and interleaved back into place (LSB first)."""
+    per: tl.constexpr = 8 // BITS
+    j = tl.arange(0, D // per)[None, :]
+    ti = tl.arange(0, BT)[:, None]
+    packed = tl.load(codes + ti * (D // per) + j, mask=(ti < rows) & (j < D // per), other=0).to(tl.int32)
+    mask: tl.constexpr = (1 << BITS) - 1
+    if BITS == 8:
+        return packed
+    elif BITS == 4:
+        return tl.interleave(packed & mask, packed >> 4)
+    else:
+        return tl.interleave(tl.interleave(packed & mask, (packed >> 4) & mask),
+                             tl.interleave((packed >> 2) & mask, packed >> 6))
+
+
+@triton.jit
 def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl.constexpr, BITS: tl.constexpr,
-                  GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                  GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     job = tl.load(prog_ptr + 3 * pid)
     bh = tl.load(prog_ptr + 3 * pid + 1)
@@ -31,32 +49,37 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl
     tokens = tl.load(row + 7)
     is_key = tl.load(row + 12)
     n_groups = tl.load(row + 13)
+    rows = tokens - t0
     ti = tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
-    t = t0 + ti
-    mask = (t < tokens) & (d < D)
+    mask = (ti < rows) & (d < D)
     # keys: groups along tokens per channel; values: groups along channels per token
-    if is_key != 0:
-        g = (bh * ((tokens + GROUP - 1) // GROUP) + t // GROUP) * D + d
-    else:
-        g = (bh * tokens + t) * ((D + GROUP - 1) // GROUP) + d // GROUP
     params = params_ptr + src // 2
+    if is_key != 0:
+        params += (bh * ((tokens + GROUP - 1) // GROUP) + t0 // GROUP) * D
+        g = (((t0 % GROUP) + ti) // GROUP) * D + d
+    else:
+        params += (bh * tokens + t0) * ((D + GROUP - 1) // GROUP)
+        g = ti * ((D + GROUP - 1) // GROUP) + d // GROUP
     lo = tl.load(params + g, mask=mask).to(tl.float32)
     scale = tl.load(params + n_groups + g, mask=mask).to(tl.float32)
     first_bit = (bh * tokens + t0) * D * BITS  # of the tile, in the packed codes
-    bit = (first_bit & 7) + (ti * D + d) * BITS
     codes = staged_ptr + src + 4 * n_groups + (first_bit >> 3)
-    word = tl.load(codes + (bit >> 3), mask=mask).to(tl.int32)
-    if BITS == 3:  # a 3-bit code may straddle two bytes
-        packed_end = ((tl.load(row + 5) * heads * tokens * D + 7) // 8) * 3 - (first_bit >> 3)
-        nxt = tl.load(codes + (bit >> 3) + 1, mask=mask & ((bit >> 3) + 1 < packed_end), other=0).to(tl.int32)
-        word = word | (nxt << 8)
-    code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
+    if WHOLE_ROWS:  # every token's codes fill whole bytes, and BD == D
+        code = _unpacked_tile(codes, rows, BITS, D, BT)
+    else:
+        bit = (first_bit & 7) + (ti * D + d) * BITS
+        word = tl.load(codes + (bit >> 3), mask=mask).to(tl.int32)
+        if BITS == 3:  # a 3-bit code may straddle two bytes
+            packed_end = ((tl.load(row + 5) * heads * tokens * D + 7) // 8) * 3 - (first_bit >> 3)
+            nxt = tl.load(codes + (bit >> 3) + 1, mask=mask & ((bit >> 3) + 1 < packed_end), other=0).to(tl.int32)
+            word = word | (nxt << 8)
+        code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
     value = code.to(tl.float32) * scale + lo
-    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4)
+    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4) + t0 * D
     if D % 16 == 0:
         base = tl.multiple_of(base, 16)
-    tl.store(out_ptr + base + t * D + d, to_output_dtype(value, out_ptr), mask=mask)
+    tl.store(out_ptr + base + ti * D + d, to_output_dtype(value, out_ptr), mask=mask)
 
 
 def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
@@ -73,11 +96,13 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
     head_dim = J.head_dim_of(table)
     bt = max(1, min(J.block(int(t.max())), max(1, 4096 // J.block(head_dim))))
     programs = J.tile_programs(table, t, bt)
+    whole_rows = codec.bits != 3 and J.block(head_dim) == head_dim and head_dim * codec.bits % 8 == 0 \
+        and head_dim * codec.bits >= 8 * (8 // codec.bits)
     if not len(programs):
         return J.Launch([], [])
     args = (staged, staged.view(torch.float16), out, J.to_device(table, out.device), J.to_device(programs, out.device))
 
     def run():
         _quant_kernel[(len(programs),)](*args, NCOL=table.shape[1], BITS=codec.bits, GROUP=g, D=head_dim, BT=bt,
-                                        BD=J.block(head_dim))
+                                        BD=J.block(head_dim), WHOLE_ROWS=whole_rows)
     return J.Launch([run], [])

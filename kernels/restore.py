@@ -9,6 +9,8 @@ once at the end: decoding never waits for the host.
 
 from __future__ import annotations
 
+import os
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +25,7 @@ from . import jobs as J
 from . import kernel_module
 
 BATCH_BYTES = 64 << 20  # compressed bytes staged per batch
-CRC_THREADS = 4
+CRC_THREADS = min(16, os.cpu_count() or 1)
 
 
 class Plan:
@@ -144,29 +146,50 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
 
 
 def stage(reader, plan: Plan, rows: np.ndarray, device, copy_stream, pool, crc_checks) -> torch.Tensor:
-    """Gather the payloads of `rows` into one (pinned) host buffer, setting their SRC column;
-    check their checksums on `pool`; move the buffer to the device on `copy_stream`."""
+    """Put the payloads of `rows` in one host buffer, setting their SRC column; check their
+    checksums on `pool`; move the buffer to the device on `copy_stream`.
+
+    Records that lie together in the file move as one span. The span is taken as it is when the
+    file is a pinned tensor, else copied into pinned memory (by torch, on several threads)."""
     rec = reader.records
     idx = plan.record[rows]
     lengths = rec["length"][idx].astype(np.int64)
-    offsets = np.cumsum(-(-lengths // J.ALIGN) * J.ALIGN) - -(-lengths // J.ALIGN) * J.ALIGN
+    file_at = rec["offset"][idx].astype(np.int64)
+    lo = int(file_at.min()) if len(rows) else 0
+    hi = int((file_at + lengths).max()) if len(rows) else 0
+    if hi - lo <= 2 * int(lengths.sum()) + (1 << 20):  # one span of the file
+        offsets = file_at - lo
+        total = hi - lo
+        pieces = [(lo, 0, total)]
+    else:  # records far apart in the file: gather them
+        padded = -(-lengths // J.ALIGN) * J.ALIGN
+        offsets = np.cumsum(padded) - padded
+        total = int(padded.sum())
+        pieces = list(zip(file_at.tolist(), offsets.tolist(), lengths.tolist()))
     plan.table[rows, J.SRC] = offsets
-    total = int(offsets[-1] + lengths[-1]) if len(rows) else 0
-    host = torch.empty(max(-(-total // J.ALIGN) * J.ALIGN, J.ALIGN), dtype=torch.uint8,
-                       pin_memory=copy_stream is not None)
+    size = max(-(-total // J.ALIGN) * J.ALIGN, J.ALIGN)
+    source = reader._src.tensor
+    if (len(pieces) == 1 and source is not None and copy_stream is not None and source.is_pinned()
+            and lo % J.ALIGN == 0 and lo + size <= source.numel()):
+        host = source[lo:lo + size]
+    else:
+        host = torch.empty(size, dtype=torch.uint8, pin_memory=copy_stream is not None)
+        with warnings.catch_warnings():  # read-only source buffers: frombuffer only reads them here
+            warnings.simplefilter("ignore", UserWarning)
+            for at, to, n in pieces:
+                if n:
+                    host[to:to + n].copy_(torch.frombuffer(reader._src.read(at, n), dtype=torch.uint8))
     view = host.numpy()
-    for at, i, n in zip(offsets.tolist(), idx.tolist(), lengths.tolist()):
-        view[at:at + n] = np.frombuffer(reader._src.read(int(rec["offset"][i]), n), dtype=np.uint8)
 
-    def check(lo: int, hi: int):
-        for row, at, n, i in zip(rows[lo:hi].tolist(), offsets[lo:hi].tolist(), lengths[lo:hi].tolist(),
-                                 idx[lo:hi].tolist()):
+    def check(part: slice):
+        for row, at, n, i in zip(rows[part].tolist(), offsets[part].tolist(), lengths[part].tolist(),
+                                 idx[part].tolist()):
             if zlib.crc32(view[at:at + n]) != int(rec["crc32"][i]):
                 return row
         return None
 
     step = -(-len(rows) // CRC_THREADS) if len(rows) else 1
-    crc_checks.extend(pool.submit(check, lo, lo + step) for lo in range(0, len(rows), step))
+    crc_checks.extend(pool.submit(check, slice(a, a + step)) for a in range(0, len(rows), step))
     if copy_stream is None:
         return host
     with torch.cuda.stream(copy_stream):

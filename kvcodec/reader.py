@@ -1,5 +1,6 @@
 """Lazy `.kvc` reader: validates the header and index up front, then decodes only the
-records asked for. Works on paths, seekable binary files and in-memory bytes."""
+records asked for. Works on paths, seekable binary files, in-memory bytes and uint8 tensors
+(a pinned one lets GPU reads copy payloads to the device without a host copy)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class _Source:
 
     def __init__(self, src):
         self._own = False
+        self.tensor = None  # a CPU uint8 tensor holding the file, when given one (may be pinned)
+        if isinstance(src, torch.Tensor):
+            if src.dtype != torch.uint8 or src.dim() != 1 or src.device.type != "cpu" or not src.is_contiguous():
+                raise FormatError("a tensor source must be a contiguous 1-D uint8 CPU tensor")
+            self.tensor, src = src, memoryview(src.numpy())
         if isinstance(src, (bytes, bytearray, memoryview)):
             self._buf, self._file = memoryview(src).cast("B"), None
             self.size = len(self._buf)

@@ -51,9 +51,18 @@ class TensorTables:
     anchor_bits: int
     steps: np.ndarray  # float32 [H*D]
     anchored: np.ndarray  # bool [H*D]
-    tables: list  # (lo, ans.Table): H*D main tables, then one delta table per anchored channel
-    los: np.ndarray  # int64 [len(tables)]: each table's first value
-    sizes: np.ndarray  # int64 [len(tables)]: each table's alphabet size
+    weights: list  # int64 arrays: H*D main tables, then one delta table per anchored channel
+    los: np.ndarray  # int64 [len(weights)]: each table's first value
+    sizes: np.ndarray  # int64 [len(weights)]: each table's alphabet size
+    _tables: list | None = None
+
+    @property
+    def tables(self) -> list:
+        """(lo, ans.Table) per table, built on first use: the CPU coder's models cost ~10 us
+        each, and the GPU decoder needs only the weights."""
+        if self._tables is None:
+            self._tables = [(int(lo), ans.Table(w, checked=False)) for lo, w in zip(self.los, self.weights)]
+        return self._tables
 
     @property
     def delta_of(self) -> np.ndarray:
@@ -220,8 +229,7 @@ class CacheGenCodec(Codec):
                     codes = np.frombuffer(raw, dtype=np.uint8, count=int(ends[-1]) if n_tables else 0, offset=pos)
                     pos += codes.size
                     weights = ans.weights_from_counts_many(ans.codes_to_counts(codes), sizes)
-                    tables = [(int(lo), ans.Table(w, checked=False)) for lo, w in zip(los, weights)]
-                    tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), tables,
+                    tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), weights,
                                                       los, sizes)
             if pos != len(raw):
                 raise ValueError(f"{len(raw) - pos} bytes left over")
