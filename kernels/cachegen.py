@@ -141,12 +141,13 @@ class DeviceTables:
     def __init__(self, codec, blob: bytes, device):
         parsed = codec._parse(blob)
         self.entries: dict[tuple[int, str], tuple[int, int, int, int, int, int]] = {}
-        weights, los, mains, deltas, steps, ordinals = [], [], [], [], [], []
+        weights, sizes_list, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
         n_tables = n_channels = 0
         for key, tt in parsed.items():
             c = tt.heads * tt.head_dim
             self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits, tt.heads, tt.head_dim)
-            weights.extend(tt.weights)
+            weights.append(tt.flat_weights)
+            sizes_list.append(tt.sizes)
             los.append(tt.los)
             mains.append(n_tables + np.arange(c))
             delta = np.full(c, -1, dtype=np.int64)
@@ -156,9 +157,9 @@ class DeviceTables:
             ordinal[tt.anchored] = np.arange(int(tt.anchored.sum()))
             ordinals.append(ordinal)
             steps.append(tt.steps)
-            n_tables += len(tt.weights)
+            n_tables += len(tt.sizes)
             n_channels += c
-        sizes = np.array([w.size for w in weights], dtype=np.int64)
+        sizes = np.concatenate(sizes_list) if sizes_list else np.zeros(0, dtype=np.int64)
         cum = np.cumsum(np.concatenate(weights)) if weights else np.zeros(0, dtype=np.int64)
         ends = np.cumsum(sizes)
         cum -= np.repeat(np.concatenate([[0], cum[ends[:-1] - 1]]) if len(ends) else [], sizes).astype(np.int64)

@@ -57,7 +57,7 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl
     params = params_ptr + src // 2
     if is_key != 0:
         params += (bh * ((tokens + GROUP - 1) // GROUP) + t0 // GROUP) * D
-        g = (((t0 % GROUP) + ti) // GROUP) * D + d
+        g = (((t0 % GROUP).to(tl.int32) + ti) // GROUP) * D + d
     else:
         params += (bh * tokens + t0) * ((D + GROUP - 1) // GROUP)
         g = ti * ((D + GROUP - 1) // GROUP) + d // GROUP

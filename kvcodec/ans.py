@@ -43,12 +43,13 @@ def weights_from_counts(counts: np.ndarray) -> np.ndarray:
     return weights
 
 
-def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool = True):
     """`weights_from_counts` of many tables at once: `counts` holds them back to back,
-    `sizes` their alphabet sizes. Same results, vectorized (files hold thousands of tables)."""
+    `sizes` their alphabet sizes. Same results, vectorized (files hold thousands of tables);
+    a list of arrays, or with `split=False` the weights back to back in one array."""
     counts, sizes = np.asarray(counts, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
     if sizes.size == 0:
-        return []
+        return [] if split else np.zeros(0, dtype=np.int64)
     if sizes.min() < 2 or sizes.max() > MAX_ALPHABET or counts.size != int(sizes.sum()):
         raise CodecError(f"alphabets of 2 to {MAX_ALPHABET} symbols are supported")
     table = np.repeat(np.arange(sizes.size), sizes)
@@ -60,11 +61,12 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray) -> list[np.n
     weights = share + 1
     left = TOTAL - np.add.reduceat(weights, start)  # below the table's size: each floor loses < 1
     index = np.arange(counts.size) - start[table]
-    order = np.lexsort((index, -counts, table))  # per table: largest count first, lowest index on ties
+    # per table: largest count first, lowest index on ties (one sort key: counts < 2**20, index < 2**12)
+    order = np.argsort((table << 32) | ((np.int64(1 << 20) - counts) << 12) | index)
     rank = np.empty_like(order)
     rank[order] = np.arange(counts.size) - start[table[order]]
     weights += rank < left[table]
-    return np.split(weights, start[1:])
+    return np.split(weights, start[1:]) if split else weights
 
 
 def counts_to_codes(counts: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:

@@ -51,10 +51,14 @@ class TensorTables:
     anchor_bits: int
     steps: np.ndarray  # float32 [H*D]
     anchored: np.ndarray  # bool [H*D]
-    weights: list  # int64 arrays: H*D main tables, then one delta table per anchored channel
-    los: np.ndarray  # int64 [len(weights)]: each table's first value
-    sizes: np.ndarray  # int64 [len(weights)]: each table's alphabet size
+    flat_weights: np.ndarray  # int64: H*D main tables, then one delta table per anchored channel, back to back
+    los: np.ndarray  # int64 [tables]: each table's first value
+    sizes: np.ndarray  # int64 [tables]: each table's alphabet size
     _tables: list | None = None
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        return np.split(self.flat_weights, np.cumsum(self.sizes)[:-1])
 
     @property
     def tables(self) -> list:
@@ -228,7 +232,7 @@ class CacheGenCodec(Codec):
                     ends = np.cumsum(sizes)
                     codes = np.frombuffer(raw, dtype=np.uint8, count=int(ends[-1]) if n_tables else 0, offset=pos)
                     pos += codes.size
-                    weights = ans.weights_from_counts_many(ans.codes_to_counts(codes), sizes)
+                    weights = ans.weights_from_counts_many(ans.codes_to_counts(codes), sizes, split=False)
                     tensors[(i, name)] = TensorTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), weights,
                                                       los, sizes)
             if pos != len(raw):
