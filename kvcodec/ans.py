@@ -64,7 +64,7 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool 
     # per table: largest count first, lowest index on ties; one sort key when counts < 2**20
     # (always so for counts rebuilt from their codes), which sorts several times faster
     if counts.max() < 1 << 20:
-        order = np.argsort((table << 32) | ((np.int64(1 << 20) - counts) << 12) | index)
+        order = np.argsort((table << 32) | ((np.int64((1 << 20) - 1) - counts) << 12) | index)
     else:
         order = np.lexsort((index, -counts, table))
     rank = np.empty_like(order)
