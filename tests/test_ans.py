@@ -109,3 +109,18 @@ def test_count_codes_keep_five_significant_bits():
     assert np.all(np.abs(back[32:] - counts[32:]) <= counts[32:] / 32)
     big = ans.counts_to_codes(np.array([10**9, 10**6, 0]))  # scaled down together, zero stays zero
     assert ans.codes_to_counts(big)[2] == 0 and 900 < ans.codes_to_counts(big)[0] / ans.codes_to_counts(big)[1] < 1100
+
+
+@pytest.mark.parametrize("top", [5, 1 << 19, 1 << 24])
+def test_many_tables_get_the_weights_of_one_table_each(top):
+    """Zero counts, ties and counts on both sides of 2**20 (where the vectorized sort changes)."""
+    rng = np.random.default_rng(top)
+    sizes = rng.integers(2, 300, size=40)
+    counts = rng.integers(0, top, size=int(sizes.sum()))
+    counts[rng.random(counts.size) < 0.3] = 0
+    counts[:sizes[0]] = 0  # a table with no counts at all
+    many = ans.weights_from_counts_many(counts, sizes)
+    flat = ans.weights_from_counts_many(counts, sizes, split=False)
+    singles = [ans.weights_from_counts(c) for c in np.split(counts, np.cumsum(sizes)[:-1])]
+    assert all(np.array_equal(m, s) for m, s in zip(many, singles))
+    assert np.array_equal(flat, np.concatenate(singles))
