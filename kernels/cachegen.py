@@ -47,13 +47,13 @@ def _initial_state(words_ptr, start, end, mask):
 @triton.jit
 def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size_ptr, chan_main_ptr,
                   chan_delta_ptr, chan_step_ptr, chan_ord_ptr, lane_start_ptr, lane_end_ptr, table_ptr,
-                  prog_ptr, err_ptr, NCOL: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-                  ITERS: tl.constexpr):
+                  prog_ptr, err_ptr, NCOL: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
-    r0 = tl.load(prog_ptr + 4 * pid)
-    nr = tl.load(prog_ptr + 4 * pid + 1)
-    b = tl.load(prog_ptr + 4 * pid + 2)
-    c0 = tl.load(prog_ptr + 4 * pid + 3)
+    r0 = tl.load(prog_ptr + 5 * pid)
+    nr = tl.load(prog_ptr + 5 * pid + 1)
+    b = tl.load(prog_ptr + 5 * pid + 2)
+    c0 = tl.load(prog_ptr + 5 * pid + 3)
+    iters = tl.load(prog_ptr + 5 * pid + 4).to(tl.int32)
     first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
     batch = tl.load(first + 5)
     chan_base = tl.load(first + 14)
@@ -104,20 +104,20 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
         p = tl.where(use_main, pm, pd)
         start = tl.where(use_main, ms, ds)
         off = tl.where(use_main, m_off, d_off)
-        q = x & 0xFFFFFF
+        q = (x & 0xFFFFFF).to(tl.int32)
         lo_i = tl.zeros([BC, BR], dtype=tl.int32)
         hi_i = tl.where(use_main, m_size, d_size) + lo_i
-        left = tl.zeros([BC, BR], dtype=tl.uint64)
-        right = left + (1 << 24)
-        for _ in tl.static_range(ITERS):  # last cumulative weight <= q
+        left = lo_i
+        right = lo_i + (1 << 24)
+        for _ in range(iters):  # last cumulative weight <= q (iters: enough for this program's tables)
             mid = (lo_i + hi_i) >> 1
-            cum = tl.load(cdf_ptr + off + mid, mask=active, other=0).to(tl.uint64)
+            cum = tl.load(cdf_ptr + off + mid, mask=active, other=0)
             go = cum <= q
             lo_i = tl.where(go, mid, lo_i)
             hi_i = tl.where(go, hi_i, mid)
             left = tl.where(go, cum, left)
             right = tl.where(go, right, cum)
-        xn = (right - left) * (x >> 24) + q - left
+        xn = (right - left).to(tl.uint64) * (x >> 24) + (q - left).to(tl.uint64)
         refill = active & ((xn >> 32) == 0) & (p > start)
         xn = tl.where(refill, (xn << 32) | _load_word(words_ptr, p - 1, refill), xn)
         pn = tl.where(refill, p - 1, p)
@@ -174,7 +174,11 @@ class DeviceTables:
         self.chan_delta = dev(np.concatenate(deltas) if deltas else [], np.int64)
         self.chan_step = dev(np.concatenate(steps) if steps else [], np.float32)
         self.chan_ordinal = dev(np.concatenate(ordinals) if ordinals else [], np.int64)
-        self.search_steps = max(1, int(sizes.max() - 1).bit_length()) if len(sizes) else 1
+        chan_main, chan_delta = np.concatenate(mains) if mains else [], np.concatenate(deltas) if deltas else []
+        steps_of_table = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
+        self.search_steps = steps_of_table[chan_main] if len(sizes) else np.zeros(0, np.int64)
+        if len(sizes):  # binary-search steps per channel: its main and delta tables'
+            self.search_steps = np.maximum(self.search_steps, np.where(chan_delta >= 0, steps_of_table[chan_delta], 0))
         layers = 1 + max((layer for layer, _ in self.entries), default=-1)
         self.by_tensor = np.full((layers * 2, 6), -1, dtype=np.int64)  # row layer*2 + key/value
         for (layer, name), entry in self.entries.items():
@@ -199,9 +203,10 @@ def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
     return (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
 
 
-def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """int64 [programs, 4]: (first job, jobs, batch index, first channel), and the block's
-    channels and chunks. A program's jobs are consecutive chunks of one (layer, key/value)."""
+def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """int64 [programs, 5]: (first job, jobs, batch index, first channel, binary-search steps
+    its channels' tables need), and the block's channels and chunks. A program's jobs are
+    consecutive chunks of one (layer, key/value); `search_steps` is per channel of the file."""
     same = np.r_[False, table[1:, CHAN_BASE] == table[:-1, CHAN_BASE]]
     runs = np.flatnonzero(~same)
     run_len = np.diff(np.r_[runs, len(table)])
@@ -211,9 +216,11 @@ def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
     for start, length in zip(runs, run_len):
         r0 = np.arange(start, start + length, br)
         nr = np.minimum(br, start + length - r0)
-        batch, channels = int(table[start, J.BATCH]), int(table[start, CHANNELS])
-        b, c0, r = np.meshgrid(np.arange(batch), np.arange(0, channels, bc), np.arange(len(r0)), indexing="ij")
-        progs.append(np.stack([r0[r.ravel()], nr[r.ravel()], b.ravel(), c0.ravel()], 1))
+        batch, channels, base = (int(table[start, col]) for col in (J.BATCH, CHANNELS, CHAN_BASE))
+        steps = np.maximum.reduceat(search_steps[base:base + channels], np.arange(0, channels, bc))
+        b, cb, r = np.meshgrid(np.arange(batch), np.arange(len(steps)), np.arange(len(r0)), indexing="ij")
+        cb, r = cb.ravel(), r.ravel()
+        progs.append(np.stack([r0[r], nr[r], b.ravel(), cb * bc, steps[cb]], 1))
     return np.concatenate(progs).astype(np.int64), bc, br
 
 
@@ -271,15 +278,14 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
     copy_sinks = raw.copy_elements(staged, out, table, sinks)
     if copy_sinks:
         steps.append(copy_sinks)
-    programs, bc, br = _programs(table)
+    programs, bc, br = _programs(table, tables.search_steps)
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
     args = (words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
             tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table), dev(programs),
             err)
 
     def lanes():
-        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br,
-                                        ITERS=tables.search_steps)
+        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br)
     if len(programs):
         steps.append(lanes)
     return J.Launch(steps, [J.Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
