@@ -2,11 +2,12 @@
 of the same bytes, and end-to-end restore time against loading the raw cache and recomputing
 the prefill with a randomly initialised model of the same shape.
 
-    python benchmarks/bench_gpu_decode.py --data cache.safetensors [--tokens 1024,4096,16384,32768]
+    kvc capture -o cache.pt --tokens 1024
+    python benchmarks/bench_gpu_decode.py --data cache.pt [--tokens 1024,4096,16384,32768]
         [--shapes smollm2,llama3-8b] [--json out.json]
 
-Data: a real SmolLM2 cache of 1024 tokens (`--data`, keys `k{i}`/`v{i}`; synthetic KV-like
-tensors without it), tiled along tokens. Llama-3-8B-shaped layers (8 heads x 128) are built
+Data: a real SmolLM2 cache of 1024 tokens (`--data`, any cache file kvcodec loads; synthetic
+KV-like tensors without it), tiled along tokens. Llama-3-8B-shaped layers (8 heads x 128) are built
 from SmolLM2 heads placed side by side. Files are chunked by 1024 tokens; codecs are fitted on
 the first 2048 tokens and the file's later chunks repeat the second chunk's payload (the data is
 1024-periodic), so a 32K-token file costs 2K tokens of CPU encoding.
@@ -54,10 +55,9 @@ def real_layers(path):
             k[..., 8:16] = torch.cumsum(torch.randn(1, 3, 1024, 8, generator=g) * 0.3, 2)
             out.append((k.half(), torch.randn(1, 3, 1024, 64, generator=g).half()))
         return out
-    from safetensors.torch import load_file
+    from kvcodec import sources
 
-    d = load_file(path)
-    return [(d[f"k{i}"], d[f"v{i}"]) for i in range(len(d) // 2)]
+    return [(lay.key, lay.value) for lay in sources.load_cache(path).layers]
 
 
 def base_cache(shape: str, real, tokens: int) -> kvcodec.KVCache:
