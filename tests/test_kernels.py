@@ -209,3 +209,29 @@ def test_tensor_sources_decode_alike():
     assert got.equal(cpu_cache(data))
     with pytest.raises(kvcodec.FormatError, match="uint8"):
         kvcodec.open(source.view(torch.int16) if source.numel() % 2 == 0 else source.float())
+
+
+@pytest.mark.parametrize("options", [{}, {"sinks": 3, "group_size": 6, "anchor_bits": 2, "key_emphasis": 0.0}])
+def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
+    """The GPU chunk encoder (run here on the kernels' device) against the CPU encoder."""
+    from kvcodec.codec import ChunkInfo
+    from kvcodec.kernels import cachegen_encode
+
+    cache = smooth_cache(torch.float16, tokens=max(TOKENS, 250))
+    codec = kvcodec.get_codec("cachegen", **options)
+    chunk_tokens = max(CHUNK, 128)
+    context = codec.fit(cache, chunk_tokens)
+    tables = codec._parse(context[0])
+    assert not options or any(t.anchored.any() for t in tables.values())
+    for layer, lay in enumerate(cache.layers):
+        for info, chunk in api.layer_chunks(layer, lay, chunk_tokens):
+            want = codec.encode(chunk, info, context)
+            assert cachegen_encode.encode_chunk(codec, chunk.to(DEVICE), info, context) == want
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("codec,options", CODECS[1:], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_files_encoded_on_the_gpu_are_identical(codec, options):
+    cache = smooth_cache(torch.bfloat16)
+    assert kvcodec.encode(cache.to("cuda"), codec, chunk_tokens=CHUNK, **options) == \
+        kvcodec.encode(cache, codec, chunk_tokens=CHUNK, **options)

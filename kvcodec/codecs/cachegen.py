@@ -74,6 +74,12 @@ class TensorTables:
         return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
 
 
+def _triton_available() -> bool:
+    from ..kernels import triton_available
+
+    return triton_available()
+
+
 def _group_layout(n: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """For `n` coded tokens of a chunk: which are anchors, and each token's anchor index."""
     pos = np.arange(n)
@@ -256,6 +262,10 @@ class CacheGenCodec(Codec):
         return max(0, min(self.sinks - info.token_start, info.shape[2]))
 
     def encode(self, chunk, info, context):
+        if chunk.is_cuda and _triton_available():  # quantization and lane coding on the GPU, same bytes
+            from ..kernels import cachegen_encode
+
+            return cachegen_encode.encode_chunk(self, chunk, info, context)
         tt = self.tables_for(context, info)
         x = chunk.detach().to("cpu")
         s = self._sink_count(info)

@@ -58,7 +58,7 @@ class QuantCodec(Codec):
         return 4 * n_groups + bitpack.packed_length(info.numel, self.bits)
 
     def encode(self, chunk, info, context):
-        x = chunk.detach().to("cpu", torch.float32)
+        x = chunk.detach().to(torch.float32)  # on the chunk's device: a GPU encodes the same bytes
         if not torch.isfinite(x).all() or x.abs().max() > FP16_MAX:
             raise CodecError(
                 f"quant: layer {info.layer} {info.tensor} holds NaN, infinity or magnitudes beyond float16; "
@@ -80,8 +80,8 @@ class QuantCodec(Codec):
         q = torch.where(s > 0, torch.round((grouped - m) / torch.where(s > 0, s, 1.0)), 0.0)
         q = q.clamp_(0, levels).to(torch.uint8).flatten(axis, axis + 1).narrow(axis, 0, n)
         return b"".join(
-            (lo.contiguous().numpy().tobytes(), scale.contiguous().numpy().tobytes(),
-             bitpack.pack(q.contiguous().numpy().reshape(-1), self.bits))
+            (lo.contiguous().cpu().numpy().tobytes(), scale.contiguous().cpu().numpy().tobytes(),
+             bitpack.pack(q.contiguous().cpu().numpy().reshape(-1), self.bits))
         )
 
     def decode(self, payload, info, context):
