@@ -74,7 +74,8 @@ class QuantCodec(Codec):
         lo = _round_to_half(grouped.amin(axis + 1), -1)
         hi = grouped.amax(axis + 1)
         levels = (1 << self.bits) - 1
-        scale = _round_to_half((hi - lo.float()) / levels, +1)
+        # a tensor divisor: CUDA divides by a Python scalar through its reciprocal, which rounds differently
+        scale = _round_to_half((hi - lo.float()) / torch.full_like(hi, levels), +1)
         m = lo.float().unsqueeze(axis + 1)
         s = scale.float().unsqueeze(axis + 1)
         q = torch.where(s > 0, torch.round((grouped - m) / torch.where(s > 0, s, 1.0)), 0.0)
