@@ -143,9 +143,10 @@ class CacheGenCodec(Codec):
         b, h, n, d = x.shape
         if n == 0:
             return np.ones(h * d, dtype=np.float32)
+        x = x.double()  # float64 sums: the steps (rounded to float32) come out the same on every CPU
         centered = x - x.mean(dim=2, keepdim=True)
         sigma = float(centered.pow(2).mean().sqrt()) or 1.0
-        rms = x.pow(2).mean(dim=(0, 2)).sqrt().double().reshape(-1)  # [H*D]
+        rms = x.pow(2).mean(dim=(0, 2)).sqrt().reshape(-1)  # [H*D]
         weight = (rms / rms.mean()).clamp_min(1e-6).pow(-emphasis) if rms.mean() > 0 else torch.ones_like(rms)
         weight = (weight / weight.log().mean().exp()).clamp(1 / MAX_WEIGHT, MAX_WEIGHT)
         return (rel_step * sigma * weight).numpy().astype(np.float32)
