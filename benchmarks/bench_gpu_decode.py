@@ -26,7 +26,6 @@ import io
 import json
 import statistics
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -151,6 +150,13 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     return launch_s, with_prep_s
 
 
+def copy_time(nbytes: int, repeat: int) -> float:
+    """Seconds of a device-to-device copy writing `nbytes`."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    return cuda_time(lambda: dst.copy_(src), repeat)
+
+
 def pinned(data: bytes) -> torch.Tensor:
     t = torch.empty(len(data), dtype=torch.uint8, pin_memory=True)
     t.numpy()[:] = memoryview(data)
@@ -243,10 +249,7 @@ def main():
         for tokens in (int(t) for t in args.tokens.split(",")):
             cache = base_cache(shape, real, tokens)
             out_bytes = cache.nbytes
-            buf = torch.empty(out_bytes // 2, dtype=torch.float16, device="cuda")
-            dst = torch.empty_like(buf)
-            copy_s = cuda_time(lambda: dst.copy_(buf), args.repeat)
-            del buf, dst
+            copy_s = copy_time(out_bytes, args.repeat)
             raw_s = raw_load_time(cache, args.repeat)
             prefill_s = prefill_time(model, tokens, 3)
             for (name, opts), base_file in files.items():

@@ -135,54 +135,47 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
 
 
 class DeviceTables:
-    """One tables blob on the device: every table's cumulative weights back to back, and per
-    (layer, key/value) the channels' tables, steps and delta-lane ordinals."""
+    """One tables blob on the device: every table's cumulative weights back to back (each
+    followed by 2**24), and per channel of the file its tables, step, delta-lane ordinal and the
+    binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
 
     def __init__(self, codec, blob: bytes, device):
         parsed = codec._parse(blob)
-        self.entries: dict[tuple[int, str], tuple[int, int, int, int, int, int]] = {}
-        weights, sizes_list, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
+        layers = 1 + max((layer for layer, _ in parsed), default=-1)
+        # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
+        self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
+        weights, sizes, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
         n_tables = n_channels = 0
-        for key, tt in parsed.items():
-            c = tt.heads * tt.head_dim
-            self.entries[key] = (n_channels, int(tt.anchored.sum()), tt.group_size, tt.anchor_bits, tt.heads, tt.head_dim)
-            weights.append(tt.flat_weights)
-            sizes_list.append(tt.sizes)
-            los.append(tt.los)
-            mains.append(n_tables + np.arange(c))
-            delta = np.full(c, -1, dtype=np.int64)
-            delta[tt.anchored] = n_tables + tt.delta_of
-            deltas.append(delta)
-            ordinal = np.zeros(c, dtype=np.int64)
-            ordinal[tt.anchored] = np.arange(int(tt.anchored.sum()))
-            ordinals.append(ordinal)
-            steps.append(tt.steps)
+        for (layer, name), tt in parsed.items():
+            c, a = tt.heads * tt.head_dim, int(tt.anchored.sum())
+            self.by_tensor[2 * layer + ("key", "value").index(name)] = (n_channels, a, tt.group_size, tt.anchor_bits,
+                                                                        tt.heads, tt.head_dim)
+            delta, ordinal = np.full(c, -1, dtype=np.int64), np.zeros(c, dtype=np.int64)
+            delta[tt.anchored], ordinal[tt.anchored] = n_tables + tt.delta_of, np.arange(a)
+            for out, part in ((weights, tt.flat_weights), (sizes, tt.sizes), (los, tt.los), (steps, tt.steps),
+                              (mains, n_tables + np.arange(c)), (deltas, delta), (ordinals, ordinal)):
+                out.append(part)
             n_tables += len(tt.sizes)
             n_channels += c
-        sizes = np.concatenate(sizes_list) if sizes_list else np.zeros(0, dtype=np.int64)
-        cum = np.cumsum(np.concatenate(weights)) if weights else np.zeros(0, dtype=np.int64)
+        weights, sizes, los, mains, deltas, steps, ordinals = (
+            np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
+            for x in (weights, sizes, los, mains, deltas, steps, ordinals))
         ends = np.cumsum(sizes)
-        cum -= np.repeat(np.concatenate([[0], cum[ends[:-1] - 1]]) if len(ends) else [], sizes).astype(np.int64)
-        cdf = np.insert(cum, ends - sizes, 0)  # each table: 0, then its running sums
+        cdf = np.insert(ans.cumulative_many(weights, sizes), ends, ans.TOTAL)
+
         def dev(x, dtype):
             return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
         self.cdf = dev(cdf, np.int32)
         self.table_offset = dev(ends - sizes + np.arange(len(sizes)), np.int64)
         self.table_size = dev(sizes, np.int32)
-        self.table_lo = dev(np.concatenate(los) if los else [], np.int32)
-        self.chan_main = dev(np.concatenate(mains) if mains else [], np.int64)
-        self.chan_delta = dev(np.concatenate(deltas) if deltas else [], np.int64)
-        self.chan_step = dev(np.concatenate(steps) if steps else [], np.float32)
-        self.chan_ordinal = dev(np.concatenate(ordinals) if ordinals else [], np.int64)
-        chan_main, chan_delta = np.concatenate(mains) if mains else [], np.concatenate(deltas) if deltas else []
-        steps_of_table = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
-        self.search_steps = steps_of_table[chan_main] if len(sizes) else np.zeros(0, np.int64)
-        if len(sizes):  # binary-search steps per channel: its main and delta tables'
-            self.search_steps = np.maximum(self.search_steps, np.where(chan_delta >= 0, steps_of_table[chan_delta], 0))
-        layers = 1 + max((layer for layer, _ in self.entries), default=-1)
-        self.by_tensor = np.full((layers * 2, 6), -1, dtype=np.int64)  # row layer*2 + key/value
-        for (layer, name), entry in self.entries.items():
-            self.by_tensor[2 * layer + ("key", "value").index(name)] = entry
+        self.table_lo = dev(los, np.int32)
+        self.chan_main = dev(mains, np.int64)
+        self.chan_delta = dev(deltas, np.int64)
+        self.chan_step = dev(steps, np.float32)
+        self.chan_ordinal = dev(ordinals, np.int64)
+        table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
+        self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
+            if len(sizes) else np.zeros(0, dtype=np.int64)
 
 
 def _device_tables(codec, context, device) -> DeviceTables:

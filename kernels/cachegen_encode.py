@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvcodec import ans
 from kvcodec.errors import CodecError
 
 from .lane_encode import encode_lanes
@@ -17,11 +18,9 @@ def _device_tables(tt, device):
     """(cumulative weights, weights, first index of each table) of one (layer, key/value)."""
     cache = tt.__dict__.setdefault("_encode_tables", {})
     if device not in cache:
-        w = tt.flat_weights
         starts = np.cumsum(tt.sizes) - tt.sizes
-        cum = np.cumsum(w) - w
-        cum -= np.repeat(cum[starts], tt.sizes)
-        cache[device] = tuple(torch.from_numpy(a.astype(np.int32)).to(device) for a in (cum, w, starts))
+        cache[device] = tuple(torch.from_numpy(a.astype(np.int32)).to(device)
+                              for a in (ans.cumulative_many(tt.flat_weights, tt.sizes), tt.flat_weights, starts))
     return cache[device]
 
 

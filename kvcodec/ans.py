@@ -73,6 +73,14 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool 
     return np.split(weights, start[1:]) if split else weights
 
 
+def cumulative_many(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Each table's cumulative weights c[s] (c[0] = 0), for tables back to back in `weights`
+    with alphabet `sizes`; same layout as `weights`."""
+    weights, sizes = np.asarray(weights, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    before = np.cumsum(weights) - weights
+    return before - np.repeat(before[np.cumsum(sizes) - sizes], sizes)
+
+
 def counts_to_codes(counts: np.ndarray, sizes: np.ndarray | None = None) -> np.ndarray:
     """One byte per symbol count: exact below 32, else 5 significant bits and an exponent.
 

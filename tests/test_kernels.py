@@ -8,7 +8,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -214,7 +213,6 @@ def test_tensor_sources_decode_alike():
 @pytest.mark.parametrize("options", [{}, {"sinks": 3, "group_size": 6, "anchor_bits": 2, "key_emphasis": 0.0}])
 def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
     """The GPU chunk encoder (run here on the kernels' device) against the CPU encoder."""
-    from kvcodec.codec import ChunkInfo
     from kvcodec.kernels import cachegen_encode
 
     cache = smooth_cache(torch.float16, tokens=max(TOKENS, 250))
