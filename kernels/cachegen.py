@@ -25,7 +25,9 @@ from . import raw
 
 # extra job columns (12 ..= 19)
 CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(J.COLUMNS, J.COLUMNS + 8)
-LANES_PER_PROGRAM = 128
+LANES_PER_PROGRAM = 64  # these three: the best of a sweep on an H100 (BENCHMARKS.md)
+MAX_CHUNKS_PER_PROGRAM = 4
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -203,7 +205,7 @@ def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, 
     same = np.r_[False, table[1:, CHAN_BASE] == table[:-1, CHAN_BASE]]
     runs = np.flatnonzero(~same)
     run_len = np.diff(np.r_[runs, len(table)])
-    br = min(16, J.block(int(run_len.max())))
+    br = min(MAX_CHUNKS_PER_PROGRAM, J.block(int(run_len.max())))
     bc = max(1, LANES_PER_PROGRAM // br)
     progs = []
     for start, length in zip(runs, run_len):
@@ -278,7 +280,7 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
             err)
 
     def lanes():
-        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br)
+        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, num_warps=NUM_WARPS)
     if len(programs):
         steps.append(lanes)
     return J.Launch(steps, [J.Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
