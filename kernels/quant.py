@@ -16,6 +16,8 @@ from . import jobs as J
 from .rounding import to_output_dtype
 
 IS_KEY, GROUPS = J.COLUMNS, J.COLUMNS + 1  # extra job columns (12, 13)
+TILE_ELEMENTS = 1024  # elements per program; with NUM_WARPS, the best of a sweep on an H100
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -94,7 +96,7 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
                          f"its shape needs {int(expected[bad[0]])}")
     table = J.with_columns(table, is_key, groups)
     head_dim = J.head_dim_of(table)
-    bt = max(1, min(J.block(int(t.max())), max(1, 4096 // J.block(head_dim))))
+    bt = max(1, min(J.block(int(t.max())), max(1, TILE_ELEMENTS // J.block(head_dim))))
     programs = J.tile_programs(table, t, bt)
     whole_rows = codec.bits != 3 and J.block(head_dim) == head_dim and head_dim * codec.bits % 8 == 0 \
         and head_dim * codec.bits >= 8 * (8 // codec.bits)
@@ -104,5 +106,6 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
 
     def run():
         _quant_kernel[(len(programs),)](*args, NCOL=table.shape[1], BITS=codec.bits, GROUP=g, D=head_dim, BT=bt,
-                                        BD=J.block(head_dim), WHOLE_ROWS=whole_rows)
+                                        BD=J.block(head_dim), WHOLE_ROWS=whole_rows,
+                                        num_warps=NUM_WARPS)
     return J.Launch([run], [])
