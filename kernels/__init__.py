@@ -49,6 +49,8 @@ def use_kernels(device, decoder: str = "auto") -> bool:
 
 
 def kernel_module(codec):
-    """The module decoding `codec`'s records on the device, or None (those decode on the CPU)."""
+    """The module decoding `codec`'s records on the device, or None (those decode on the CPU).
+    Each has `supports(codec, job_table, itemsize)` (which records it can take) and
+    `prepare(codec, context, job_table, staged, out)` (a `jobs.Launch`)."""
     name = _MODULES.get(codec.name)
     return None if name is None else importlib.import_module(f"{__name__}.{name}")

@@ -195,7 +195,8 @@ def _sinks(codec, table: np.ndarray) -> np.ndarray:
 
 def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
     """Lanes are read as 32-bit words: the exact sink tokens before them must fill whole words."""
-    return (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
+    whole_words = (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
+    return whole_words & J.fits_grid(table)
 
 
 def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, int, int]:

@@ -29,16 +29,26 @@ def where(row: np.ndarray) -> str:
             f"tokens {int(row[TOKEN_START])}+{int(row[TOKENS])}")
 
 
-def tile_programs(table: np.ndarray, tokens: np.ndarray, block_tokens: int) -> np.ndarray:
-    """int64 [programs, 3]: (job, batch*heads index, first token) for tiles of `block_tokens`
-    of the first `tokens[job]` tokens of every (job, batch, head)."""
-    bh = table[:, BATCH] * table[:, HEADS]
-    tiles = -(-tokens // block_tokens)
-    per_job = bh * tiles
-    job = np.repeat(np.arange(len(table)), per_job)
-    k = np.arange(int(per_job.sum())) - np.repeat(np.cumsum(per_job) - per_job, per_job)
-    t = np.maximum(tiles[job], 1)
-    return np.ascontiguousarray(np.stack([job, k // t, (k % t) * block_tokens], 1))
+MAX_GRID_JOBS = 65535  # the grid's second and third axes
+
+
+def fits_grid(table: np.ndarray) -> np.ndarray:
+    """Jobs whose batch x heads fit a grid axis (beyond it, records decode on the CPU)."""
+    return table[:, BATCH] * table[:, HEADS] <= MAX_GRID_JOBS
+
+
+def tile_launches(table: np.ndarray, tokens: np.ndarray, block_tokens: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """Grids of programs for tiles of `block_tokens` of the first `tokens[job]` tokens of every
+    (job, batch, head): (first job, (tiles, batch*heads, jobs)) per launch. Programs past a
+    job's tokens or heads find nothing to do; no per-program table is built or copied."""
+    launches = []
+    for first in range(0, len(table), MAX_GRID_JOBS):
+        part = slice(first, first + MAX_GRID_JOBS)
+        tiles = int((-(-tokens[part] // block_tokens)).max(initial=0))
+        bh = int((table[part, BATCH] * table[part, HEADS]).max(initial=0))
+        if tiles and bh:
+            launches.append((first, (tiles, bh, len(table[part]))))
+    return launches
 
 
 def head_dim_of(table: np.ndarray) -> int:

@@ -39,19 +39,17 @@ def _unpacked_tile(codes, rows, BITS: tl.constexpr, D: tl.constexpr, BT: tl.cons
 
 
 @triton.jit
-def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl.constexpr, BITS: tl.constexpr,
+def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, BITS: tl.constexpr,
                   GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, WHOLE_ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    job = tl.load(prog_ptr + 3 * pid)
-    bh = tl.load(prog_ptr + 3 * pid + 1)
-    t0 = tl.load(prog_ptr + 3 * pid + 2)
-    row = table_ptr + job * NCOL
+    t0 = tl.program_id(0).to(tl.int64) * BT
+    bh = tl.program_id(1)
+    row = table_ptr + (first_job + tl.program_id(2)) * NCOL
     src = tl.load(row + 0)
     heads = tl.load(row + 6)
     tokens = tl.load(row + 7)
     is_key = tl.load(row + 12)
     n_groups = tl.load(row + 13)
-    rows = tokens - t0
+    rows = tl.where(bh < tl.load(row + 5) * heads, tokens - t0, 0)  # tokens of this tile
     ti = tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
     mask = (ti < rows) & (d < D)
@@ -84,6 +82,10 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl
     tl.store(out_ptr + base + ti * D + d, to_output_dtype(value, out_ptr), mask=mask)
 
 
+def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
+    return J.fits_grid(table)
+
+
 def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
     b, h, t, d = (table[:, c] for c in (J.BATCH, J.HEADS, J.TOKENS, J.HEAD_DIM))
     g = codec.group_size
@@ -97,15 +99,13 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
     table = J.with_columns(table, is_key, groups)
     head_dim = J.head_dim_of(table)
     bt = max(1, min(J.block(int(t.max())), max(1, TILE_ELEMENTS // J.block(head_dim))))
-    programs = J.tile_programs(table, t, bt)
+    launches = J.tile_launches(table, t, bt)
     whole_rows = codec.bits != 3 and J.block(head_dim) == head_dim and head_dim * codec.bits % 8 == 0 \
         and head_dim * codec.bits >= 8 * (8 // codec.bits)
-    if not len(programs):
-        return J.Launch([], [])
-    args = (staged, staged.view(torch.float16), out, J.to_device(table, out.device), J.to_device(programs, out.device))
+    args = (staged, staged.view(torch.float16), out, J.to_device(table, out.device))
 
     def run():
-        _quant_kernel[(len(programs),)](*args, NCOL=table.shape[1], BITS=codec.bits, GROUP=g, D=head_dim, BT=bt,
-                                        BD=J.block(head_dim), WHOLE_ROWS=whole_rows,
-                                        num_warps=NUM_WARPS)
+        for first, grid in launches:
+            _quant_kernel[grid](*args, first, NCOL=table.shape[1], BITS=codec.bits, GROUP=g, D=head_dim, BT=bt,
+                                BD=J.block(head_dim), WHOLE_ROWS=whole_rows, num_warps=NUM_WARPS)
     return J.Launch([run], [])

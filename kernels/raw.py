@@ -16,22 +16,19 @@ _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
 
 @triton.jit
-def _copy_kernel(src_ptr, out_ptr, table_ptr, prog_ptr, NCOL: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+def _copy_kernel(src_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                  BD: tl.constexpr):
-    pid = tl.program_id(0)
-    job = tl.load(prog_ptr + 3 * pid)
-    bh = tl.load(prog_ptr + 3 * pid + 1)
-    t0 = tl.load(prog_ptr + 3 * pid + 2)
-    row = table_ptr + job * NCOL
+    t0 = tl.program_id(0).to(tl.int64) * BT
+    bh = tl.program_id(1)
+    row = table_ptr + (first_job + tl.program_id(2)) * NCOL
     src = tl.load(row + NCOL - 2)  # element offset in the staged buffer's integer view
-    tokens = tl.load(row + NCOL - 1)  # tokens to copy
-    dst = tl.load(row + 2)
     heads = tl.load(row + 6)
+    tokens = tl.where(bh < tl.load(row + 5) * heads, tl.load(row + NCOL - 1), 0)  # tokens to copy
     t = t0 + tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
     mask = (t < tokens) & (d < D)
     x = tl.load(src_ptr + src + (bh * tokens + t) * D + d, mask=mask)
-    base = dst + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4)
+    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4)
     tl.store(out_ptr + base + t * D + d, x, mask=mask)
 
 
@@ -44,13 +41,18 @@ def copy_elements(staged: torch.Tensor, out: torch.Tensor, table: np.ndarray, to
     table = J.with_columns(table, table[:, J.SRC] // size, tokens)
     head_dim = J.head_dim_of(table)
     bt = max(1, min(J.block(int(tokens.max())), max(1, 4096 // J.block(head_dim))))
-    programs = J.tile_programs(table, tokens, bt)
     itype = _INT_OF_SIZE[size]
-    args = (staged.view(itype), out.view(itype), J.to_device(table, out.device), J.to_device(programs, out.device))
+    args = (staged.view(itype), out.view(itype), J.to_device(table, out.device))
+    launches = J.tile_launches(table, tokens, bt)
 
     def run():
-        _copy_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BT=bt, BD=J.block(head_dim))
+        for first, grid in launches:
+            _copy_kernel[grid](*args, first, NCOL=table.shape[1], D=head_dim, BT=bt, BD=J.block(head_dim))
     return run
+
+
+def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
+    return J.fits_grid(table)
 
 
 def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:

@@ -96,7 +96,7 @@ def kernel_groups(reader, plan: Plan, rows: np.ndarray):
         ok = np.zeros(len(members), dtype=bool)
         if module is not None:
             itemsize = torch.empty((), dtype=torch_dtype(fmt.record_dtype_name(int(key[1])))).element_size()
-            ok = module.supports(codec, plan.table[members], itemsize) if hasattr(module, "supports") else ~ok
+            ok = module.supports(codec, plan.table[members], itemsize)
         if ok.any():
             groups[tuple(int(k) for k in key)] = members[ok]
         cpu.extend(members[~ok].tolist())
