@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kvcodec import ans
+from kvcodec.codecs.cachegen import quantize
 from kvcodec.errors import CodecError
 
 from .lane_encode import encode_lanes
@@ -31,23 +32,14 @@ def encode_chunk(codec, chunk: torch.Tensor, info, context) -> bytes:
     body = chunk.detach()[:, :, s:].to(torch.float32)
     b, h, n, d = body.shape
     channels = h * d
-    steps = torch.from_numpy(tt.steps).to(device)
-    y = body.permute(0, 1, 3, 2).reshape(b, channels, n) / steps[:, None]
-    main = torch.round(y).to(torch.int64)
     anchored = torch.from_numpy(np.flatnonzero(tt.anchored)).to(device)
-    n_anchored = len(anchored)
+    main, anchors, deltas_body = quantize(body, torch.from_numpy(tt.steps), anchored, tt.group_size, tt.anchor_bits)
+    n_anchored, n_anchor = anchors.shape[1], anchors.shape[2]
     pos = torch.arange(n, device=device)
-    is_anchor = pos % tt.group_size == 0
-    n_anchor = int(is_anchor.sum())
     main_count = torch.full((b, channels), n, dtype=torch.int64, device=device)
     deltas = torch.zeros((b, n_anchored, n), dtype=torch.int64, device=device)
     if n_anchored:
-        scale = float(1 << tt.anchor_bits)
-        ya = y[:, anchored]
-        anchors = torch.round(ya[:, :, is_anchor] * scale).to(torch.int64)
-        group = (pos // tt.group_size)[~is_anchor]
-        deltas[:, :, :n - n_anchor] = torch.round(
-            ya[:, :, ~is_anchor].double() - (anchors.double() / scale)[:, :, group]).to(torch.int64)
+        deltas[:, :, :n - n_anchor] = deltas_body
         main[:, anchored, :n_anchor] = anchors
         main[:, anchored, n_anchor:] = 0
         main_count[:, anchored] = n_anchor

@@ -86,6 +86,27 @@ def _group_layout(n: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     return pos % group_size == 0, pos // group_size
 
 
+def quantize(x: torch.Tensor, steps: torch.Tensor, anchored: torch.Tensor, group_size: int, anchor_bits: int):
+    """Direct symbols of all channels, anchor symbols and deltas of the anchored ones, on x's
+    device (the CPU and GPU encoders share it, so their symbols agree exactly).
+
+    `x` [B, H, n, D] (float32) are the coded tokens of one chunk, `steps` [H*D] float32,
+    `anchored` the anchored channels' indices. Returns int64 tensors shaped [B, H*D, n],
+    [B, A, anchors] and [B, A, n - anchors] (A = anchored channels).
+    """
+    b, h, n, d = x.shape
+    y = x.permute(0, 1, 3, 2).reshape(b, h * d, n) / steps.to(x.device)[:, None]
+    direct = torch.round(y).to(torch.int64)  # half to even, as np.rint
+    pos = torch.arange(n, device=x.device)
+    is_anchor = pos % group_size == 0
+    ya = y[:, anchored.to(x.device)]
+    scale = float(1 << anchor_bits)
+    anchors = torch.round(ya[:, :, is_anchor] * scale).to(torch.int64)
+    group = (pos // group_size)[~is_anchor]
+    deltas = torch.round(ya[:, :, ~is_anchor].double() - (anchors.double() / scale)[:, :, group]).to(torch.int64)
+    return direct, anchors, deltas
+
+
 def _entropy_bits(symbols: np.ndarray) -> np.ndarray:
     """Empirical entropy (total bits) of each row of an int array: N log N - sum c log c."""
     rows, n = symbols.shape
@@ -153,20 +174,9 @@ class CacheGenCodec(Codec):
 
     # -- quantization, shared by fit and encode ------------------------------------------------
     def _symbols(self, x: torch.Tensor, steps: np.ndarray, anchored: np.ndarray, group_size: int):
-        """Direct symbols of all channels, anchor symbols and deltas of the anchored ones.
-
-        `x` [B, H, n, D] are the coded tokens of one chunk. Returns int64 arrays shaped
-        [B, H*D, n], [B, A, anchors] and [B, A, n - anchors] (A = anchored channels).
-        """
-        b, h, n, d = x.shape
-        y = (x.permute(0, 1, 3, 2).reshape(b, h * d, n) / torch.from_numpy(steps)[:, None]).numpy()
-        direct = np.rint(y).astype(np.int64)
-        is_anchor, group = _group_layout(n, group_size)
-        ya = y[:, anchored]
-        scale = float(1 << self.anchor_bits)
-        anchors = np.rint(ya[:, :, is_anchor] * scale).astype(np.int64)
-        deltas = np.rint(ya[:, :, ~is_anchor] - (anchors / scale)[:, :, group[~is_anchor]]).astype(np.int64)
-        return direct, anchors, deltas
+        """`quantize` of a CPU chunk, as int64 numpy arrays."""
+        return tuple(t.numpy() for t in quantize(x, torch.from_numpy(steps), torch.from_numpy(np.flatnonzero(anchored)),
+                                                 group_size, self.anchor_bits))
 
     def _chunk_bodies(self, t: torch.Tensor, chunk_tokens: int):
         for start in range(0, t.shape[2], chunk_tokens):
