@@ -1,7 +1,7 @@
 """`cachegen` chunk encoding on the GPU: quantization, anchors and deltas in torch on the chunk's
 device, lanes coded by `lane_encode` one per thread. The payload is byte-identical to the CPU
-encoder's (same float operations, same rounding, same coder). Tables are fitted beforehand by
-`CacheGenCodec.fit`, which reads each layer once on the CPU."""
+encoder's (same float operations, same rounding, same coder). `CacheGenCodec.fit` runs on the
+cache's device too: its sums in a fixed order, its counts exact, its logarithms on the CPU."""
 
 from __future__ import annotations
 

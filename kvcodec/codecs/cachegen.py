@@ -19,6 +19,7 @@ with per-channel tables in parallel lanes), adjusted to what measurements on Smo
 from __future__ import annotations
 
 import io
+import math
 import struct
 from dataclasses import dataclass
 
@@ -107,17 +108,53 @@ def quantize(x: torch.Tensor, steps: torch.Tensor, anchored: torch.Tensor, group
     return direct, anchors, deltas
 
 
-def _entropy_bits(symbols: np.ndarray) -> np.ndarray:
-    """Empirical entropy (total bits) of each row of an int array: N log N - sum c log c."""
+def _tree_sum(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum over `dims` by pairwise halving: the same additions in the same order on any device
+    (torch's own reductions order them per device and CPU), so the bits agree everywhere."""
+    keep = [i for i in range(x.dim()) if i not in dims]
+    x = x.permute(*keep, *dims).reshape(*[x.shape[i] for i in keep], -1)
+    width = 1 << max(0, (x.shape[-1] - 1).bit_length())
+    x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def _entropy_bits(symbols) -> np.ndarray:
+    """Empirical entropy (total bits) of each row of an int array or tensor: N log N - sum c log c.
+    Counted on the symbols' device; the logarithms on the CPU from the exact counts."""
+    symbols = torch.as_tensor(symbols)
     rows, n = symbols.shape
     if n == 0:
         return np.zeros(rows)
-    lo = symbols.min(axis=1, keepdims=True)
-    span = int((symbols - lo).max()) + 1
-    counts = np.bincount(((symbols - lo) + np.arange(rows)[:, None] * span).ravel(), minlength=rows * span)
+    shifted = symbols - symbols.min(dim=1, keepdim=True).values
+    span = int(shifted.max()) + 1
+    index = shifted + torch.arange(rows, device=symbols.device)[:, None] * span
+    counts = torch.bincount(index.reshape(-1), minlength=rows * span).cpu().numpy()
     nz = np.flatnonzero(counts)
     c = counts[nz].astype(np.float64)
     return n * np.log2(n) - np.bincount(nz // span, weights=c * np.log2(c), minlength=rows)
+
+
+def _fit_tables(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor, anchored: torch.Tensor):
+    """First value, alphabet size and symbol counts of every table of one (layer, key/value):
+    per channel its direct or (anchored) anchor symbols, then the anchored channels' deltas.
+    Counted on the symbols' device; returns numpy int64 arrays (counts back to back)."""
+    rows = [(direct[~anchored], ~anchored), (anchors[anchored], anchored)]
+    channels = len(anchored)
+    lo = torch.zeros(channels + int(anchored.sum()), dtype=torch.int64, device=direct.device)
+    hi = torch.zeros_like(lo)
+    delta_rows = channels + torch.arange(int(anchored.sum()), device=direct.device)
+    places = [torch.nonzero(which).reshape(-1) for _, which in rows] + [delta_rows]
+    values = [r for r, _ in rows] + [deltas[anchored]]
+    for place, v in zip(places, values):
+        if v.shape[1]:
+            lo[place], hi[place] = v.min(dim=1).values, v.max(dim=1).values
+    sizes = torch.clamp(hi - lo + 1, min=2)
+    offset = torch.cumsum(sizes, 0) - sizes - lo  # symbol value -> index in the counts
+    index = torch.cat([(v + offset[place][:, None]).reshape(-1) for place, v in zip(places, values)])
+    counts = torch.bincount(index, minlength=int(sizes.sum()))
+    return lo.cpu().numpy(), sizes.cpu().numpy(), counts.cpu().numpy()
 
 
 class CacheGenCodec(Codec):
@@ -160,14 +197,17 @@ class CacheGenCodec(Codec):
         return (base if base is not None else other) * scale
 
     def channel_steps(self, x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarray:
-        """float32 [H*D] steps for the body `x` [B, H, N, D] of one (layer, key/value)."""
+        """float32 [H*D] steps for the body `x` [B, H, N, D] of one (layer, key/value).
+
+        Sums run on x's device in a fixed pairwise order (`_tree_sum`) and everything after
+        them on the CPU, so the steps are the same bits wherever the cache lies."""
         b, h, n, d = x.shape
         if n == 0:
             return np.ones(h * d, dtype=np.float32)
-        x = x.double()  # float64 sums: the steps (rounded to float32) come out the same on every CPU
-        centered = x - x.mean(dim=2, keepdim=True)
-        sigma = float(centered.pow(2).mean().sqrt()) or 1.0
-        rms = x.pow(2).mean(dim=(0, 2)).sqrt().reshape(-1)  # [H*D]
+        x = x.double()
+        centered = x - (_tree_sum(x, (2,)) / n)[:, :, None, :]
+        sigma = math.sqrt(float(_tree_sum(centered.pow(2).reshape(1, -1), (1,))[0]) / x.numel()) or 1.0
+        rms = (_tree_sum(x.pow(2), (0, 2)).cpu() / (b * n)).sqrt().reshape(-1)  # [H*D]
         weight = (rms / rms.mean()).clamp_min(1e-6).pow(-emphasis) if rms.mean() > 0 else torch.ones_like(rms)
         weight = (weight / weight.log().mean().exp()).clamp(1 / MAX_WEIGHT, MAX_WEIGHT)
         return (rel_step * sigma * weight).numpy().astype(np.float32)
@@ -190,31 +230,26 @@ class CacheGenCodec(Codec):
         out.write(struct.pack("<I", len(cache.layers)))
         for i, lay in enumerate(cache.layers):
             for name, t in zip(TENSORS, (lay.key, lay.value)):
-                t = t.detach().to("cpu", torch.float32)
+                t = t.detach().to(torch.float32)  # stays on its device: a GPU fits the same tables
                 b, h, _, d = t.shape
+                c_all = h * d
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
                 steps = self.channel_steps(t[:, :, self.sinks:], self.relative_step(i, len(cache.layers), name), emphasis)
-                everyone = np.ones(h * d, dtype=bool)
-                parts = [self._symbols(body, steps, everyone, self.group_size)
+                everyone = torch.arange(c_all)
+                parts = [quantize(body, torch.from_numpy(steps), everyone, self.group_size, self.anchor_bits)
                          for body in self._chunk_bodies(t, chunk_tokens)]
-                direct, anchors, deltas = (np.concatenate([p[k].transpose(1, 0, 2).reshape(h * d, -1) for p in parts],
-                                                          axis=1) for k in range(3))  # [H*D, tokens of all chunks]
-                anchored = np.zeros(h * d, dtype=bool)
-                if self.group_size > 1 and deltas.size:
-                    table_bits = 8 * (deltas.max(axis=1) - deltas.min(axis=1) + 7)  # a second table's bytes
+                direct, anchors, deltas = (torch.cat([p[k].transpose(0, 1).reshape(c_all, -1) for p in parts], 1)
+                                           for k in range(3))  # [H*D, tokens of all chunks]
+                anchored = np.zeros(c_all, dtype=bool)
+                if self.group_size > 1 and deltas.numel():
+                    spans = (deltas.max(dim=1).values - deltas.min(dim=1).values).cpu().numpy()
+                    table_bits = 8 * (spans + 7)  # a second table's bytes
                     lane_bits = len(parts) * b * (32 + 48)  # a delta lane's length and final state per chunk
                     cost = _entropy_bits(anchors) + _entropy_bits(deltas) + table_bits + lane_bits
                     anchored = cost < _entropy_bits(direct)
-                rows = [direct[c] if not anchored[c] else anchors[c] for c in range(h * d)]
-                rows += [deltas[c] for c in np.flatnonzero(anchored)]
-                los = np.array([r.min() if r.size else 0 for r in rows], dtype=np.int64)
-                his = np.array([r.max() if r.size else 0 for r in rows], dtype=np.int64)
-                sizes = np.maximum(his - los + 1, 2)
+                los, sizes, counts = _fit_tables(direct, anchors, deltas, torch.from_numpy(anchored).to(t.device))
                 if sizes.max() > ans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
                     raise CodecError(f"cachegen: layer {i} {name} spans {sizes.max()} steps; use a larger step")
-                counts = np.bincount(np.concatenate(rows) - np.repeat(los - (np.cumsum(sizes) - sizes),
-                                                                      [r.size for r in rows]),
-                                     minlength=int(sizes.sum()))
                 out.write(struct.pack("<IIII", h, d, self.group_size, self.anchor_bits))
                 out.write(steps.astype("<f4").tobytes())
                 out.write(anchored.astype(np.uint8).tobytes())
