@@ -226,10 +226,9 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         raise CodecError("cachegen needs exactly one context blob (its tables)")
     tables = _device_tables(codec, context, device)
     key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
-    entry = tables.by_tensor[np.minimum(key, len(tables.by_tensor) - 1)] if len(tables.by_tensor) else None
-    covered = (entry is not None) & (key < len(tables.by_tensor))
-    if entry is not None:
-        covered &= (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
+    known = key < len(tables.by_tensor)  # rows of (layer, key/value)s the blob lacks hold -1
+    entry = np.vstack([tables.by_tensor, np.full((1, 6), -1)])[np.where(known, key, -1)]
+    covered = (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
     if not np.all(covered):
         bad = table[np.flatnonzero(~covered)[0]]
         raise CodecError(f"cachegen tables do not cover {J.where(bad)} of {int(bad[J.HEADS])} heads x "

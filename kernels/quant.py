@@ -15,7 +15,6 @@ from kvcodec.errors import CodecError
 from . import jobs as J
 from .rounding import to_output_dtype
 
-IS_KEY, GROUPS = J.COLUMNS, J.COLUMNS + 1  # extra job columns (12, 13)
 TILE_ELEMENTS = 1024  # elements per program; with NUM_WARPS, the best of a sweep on an H100
 NUM_WARPS = 2
 
@@ -47,7 +46,7 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: t
     src = tl.load(row + 0)
     heads = tl.load(row + 6)
     tokens = tl.load(row + 7)
-    is_key = tl.load(row + 12)
+    is_key = tl.load(row + 12)  # the two columns `prepare` adds to the job table
     n_groups = tl.load(row + 13)
     rows = tl.where(bh < tl.load(row + 5) * heads, tokens - t0, 0)  # tokens of this tile
     ti = tl.arange(0, BT)[:, None]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kvcodec import format as fmt
-from kvcodec.dtypes import torch_dtype
+from kvcodec.dtypes import itemsize, torch_dtype
 from kvcodec.errors import ChecksumError, CodecError
 
 from . import jobs as J
@@ -95,8 +95,7 @@ def kernel_groups(reader, plan: Plan, rows: np.ndarray):
         module = kernel_module(codec)
         ok = np.zeros(len(members), dtype=bool)
         if module is not None:
-            itemsize = torch.empty((), dtype=torch_dtype(fmt.record_dtype_name(int(key[1])))).element_size()
-            ok = module.supports(codec, plan.table[members], itemsize)
+            ok = module.supports(codec, plan.table[members], itemsize(fmt.record_dtype_name(int(key[1]))))
         if ok.any():
             groups[tuple(int(k) for k in key)] = members[ok]
         cpu.extend(members[~ok].tolist())

@@ -140,13 +140,12 @@ def _fit_tables(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tenso
     """First value, alphabet size and symbol counts of every table of one (layer, key/value):
     per channel its direct or (anchored) anchor symbols, then the anchored channels' deltas.
     Counted on the symbols' device; returns numpy int64 arrays (counts back to back)."""
-    rows = [(direct[~anchored], ~anchored), (anchors[anchored], anchored)]
-    channels = len(anchored)
-    lo = torch.zeros(channels + int(anchored.sum()), dtype=torch.int64, device=direct.device)
+    plain, marked = torch.nonzero(~anchored).reshape(-1), torch.nonzero(anchored).reshape(-1)
+    channels, n_anchored = len(anchored), len(marked)
+    places = [plain, marked, channels + torch.arange(n_anchored, device=direct.device)]  # table of each row
+    values = [direct[plain], anchors[marked], deltas[marked]]
+    lo = torch.zeros(channels + n_anchored, dtype=torch.int64, device=direct.device)
     hi = torch.zeros_like(lo)
-    delta_rows = channels + torch.arange(int(anchored.sum()), device=direct.device)
-    places = [torch.nonzero(which).reshape(-1) for _, which in rows] + [delta_rows]
-    values = [r for r, _ in rows] + [deltas[anchored]]
     for place, v in zip(places, values):
         if v.shape[1]:
             lo[place], hi[place] = v.min(dim=1).values, v.max(dim=1).values
