@@ -1,17 +1,21 @@
 """kvcodec: compression codecs for LLM key-value caches and the `.kvc` container."""
 
 from . import codecs as _builtin_codecs  # noqa: F401  (registers the built-in codecs)
+from . import selection as _builtin_selectors  # noqa: F401  (registers the built-in selection stages)
 from .api import decode, encode, open, pack, unpack
 from .cache import KVCache, LayerKV
 from .codec import ChunkInfo, Codec
 from .errors import ChecksumError, CodecError, FormatError, InputError, KVCError
 from .reader import KVCReader
-from .registry import available_codecs, codec_class, get_codec, register_codec
+from .registry import (available_codecs, available_selectors, codec_class, get_codec, register_codec,
+                       register_selector, selector_class)
+from .scores import AttentionScores
 
 __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "open", "encode", "decode", "KVCache", "LayerKV", "Codec", "ChunkInfo",
-    "KVCReader", "register_codec", "get_codec", "codec_class", "available_codecs",
+    "KVCReader", "register_codec", "get_codec", "codec_class", "available_codecs", "register_selector",
+    "selector_class", "available_selectors", "AttentionScores",
     "KVCError", "InputError", "FormatError", "ChecksumError", "CodecError",
 ]

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from . import format as fmt
+from . import pipeline, positions
 from .cache import KVCache
 from .codec import ChunkInfo, Codec
 from .dtypes import dtype_name, tensor_bytes
@@ -46,12 +47,22 @@ def _header(cache: KVCache, codecs: Sequence[Codec], chunk_tokens: int) -> fmt.H
     return fmt.Header(
         layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0])
                 for l in cache.layers],
+        length=cache.length,
+        selection=None if cache.selection is None else
+        fmt.CodecEntry(cache.selection["id"], cache.selection["name"], cache.selection["config"]),
         codecs=[fmt.CodecEntry(c.codec_id, c.name, c.get_config()) for c in codecs],
         chunk_tokens=chunk_tokens,
         layout=cache.layout,
         token_ids_shape=None if cache.token_ids is None else tuple(cache.token_ids.shape),
         metadata=dict(cache.metadata),
     )
+
+
+def encode_positions(layer: int, rows: torch.Tensor) -> bytes:
+    try:
+        return positions.encode(rows.cpu().numpy())
+    except ValueError as exc:
+        raise InputError(f"layer {layer}: {exc}") from None
 
 
 def check_chunk_tokens(chunk_tokens) -> None:
@@ -96,7 +107,7 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
         writer.add_blob(fmt.CONTAINER_OWNER, 0, tensor_bytes(cache.token_ids))
     for i, lay in enumerate(cache.layers):
         if lay.positions is not None:
-            writer.add_blob(fmt.CONTAINER_OWNER, 1 + i, tensor_bytes(lay.positions))
+            writer.add_blob(fmt.CONTAINER_OWNER, 1 + i, encode_positions(i, lay.positions))
     for i, lay in enumerate(cache.layers):
         for info, chunk in layer_chunks(i, lay, chunk_tokens):
             slot, payload = encoding.payload(info, chunk)
@@ -124,17 +135,26 @@ def plan(cache, codec: str | Codec | Encoding, chunk_tokens: int, options: dict,
     return adapt.for_max_error(cache, codec, max_error, chunk_tokens, options, progress)
 
 
+def prepare(cache, codec, options: dict, scores, chunk_tokens: int, target_ratio=None, max_error=None, progress=None):
+    """(cache to encode, what to write it with): the pipeline's selection stage applied, then `plan`."""
+    pipe = pipeline.parse(codec, options)
+    cache = pipe.prune(as_kvcache(cache), scores)
+    return cache, plan(cache, pipe.codec, chunk_tokens, pipe.options, target_ratio, max_error, progress)
+
+
 def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
          overwrite: bool = True, progress: Callable[[int], None] | None = None, target_ratio: float | None = None,
-         max_error: float | None = None, **options) -> int:
+         max_error: float | None = None, scores=None, **options) -> int:
     """Write `cache` to `dest` (a path or a binary file object) as `.kvc`; return its size.
 
-    With `target_ratio` (file at most `cache.nbytes / target_ratio` bytes) or `max_error` (every
+    `codec` is a codec name or object, or a pipeline `SELECTION+CODEC` (`h2o+cachegen`) whose
+    selection stage prunes tokens first; `scores` (AttentionScores) feed the stages that need
+    them. Options go to the stage that has them (`stage.option` to name one). With
+    `target_ratio` (file at most `cache.nbytes / target_ratio` bytes) or `max_error` (every
     chunk within that relative RMS error), each chunk gets one of the codec's presets.
     A path is written under a temporary name and renamed when complete.
     """
-    cache = as_kvcache(cache)
-    how = plan(cache, codec, chunk_tokens, options, target_ratio, max_error, progress)
+    cache, how = prepare(cache, codec, options, scores, chunk_tokens, target_ratio, max_error, progress)
     if isinstance(how, Encoding):  # planning already reported progress, layer by layer
         progress = None
     if isinstance(dest, (str, os.PathLike)):
@@ -144,11 +164,11 @@ def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens:
 
 
 def encode(cache, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-           target_ratio: float | None = None, max_error: float | None = None, **options) -> bytes:
-    """The `.kvc` bytes of `cache`, for key-value stores (targets as in `pack`)."""
+           target_ratio: float | None = None, max_error: float | None = None, scores=None, **options) -> bytes:
+    """The `.kvc` bytes of `cache`, for key-value stores (pipelines and targets as in `pack`)."""
     buf = io.BytesIO()
-    cache = as_kvcache(cache)
-    write_cache(cache, buf, plan(cache, codec, chunk_tokens, options, target_ratio, max_error), chunk_tokens)
+    cache, how = prepare(cache, codec, options, scores, chunk_tokens, target_ratio, max_error)
+    write_cache(cache, buf, how, chunk_tokens)
     return buf.getvalue()
 
 

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import api, capture, fidelity
+from . import api, capture, fidelity, pipeline
 from .errors import KVCError
-from .registry import codec_class
 
 SWEEP: dict[str, list[dict]] = {
     "raw": [{}],
@@ -110,23 +109,37 @@ def _restore_time(data: bytes, device, repeat: int) -> float:
         return best_time(lambda: api.unpack(path, device=device).to_hf(), repeat)
 
 
+def stage_config(pipe: pipeline.Pipeline) -> tuple[str, dict]:
+    """A pipeline's name and its options, the selection stage's as `stage.option`."""
+    codec_obj = api.make_codec(pipe.codec, pipe.options)
+    if pipe.selector is None:
+        return codec_obj.name, codec_obj.get_config()
+    options = {f"{pipe.selector.name}.{k}": v for k, v in pipe.selector.get_config().items()}
+    return f"{pipe.selector.name}+{codec_obj.name}", {**options, **codec_obj.get_config()}
+
+
 def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chunk_tokens: int, repeat: int,
                 first_token_s: float) -> BenchRow:
-    codec_obj = api.make_codec(codec, dict(options))
+    pipe = pipeline.parse(codec, options)
+    name, config = stage_config(pipe)
     fp16_mb = sum(c.fp16_bytes for c in contexts) / 1e6
-    datas = [api.encode(c.cache, codec_obj, chunk_tokens=chunk_tokens) for c in contexts]
-    encode_s = best_time(lambda: [api.encode(c.cache, codec_obj, chunk_tokens=chunk_tokens) for c in contexts], repeat)
+
+    def encode(ctx):
+        return api.encode(ctx.cache, codec, chunk_tokens=chunk_tokens, scores=fidelity.scores_for(ctx, pipe), **options)
+
+    datas = [encode(c) for c in contexts]
+    encode_s = best_time(lambda: [encode(c) for c in contexts], repeat)
     decode_s = best_time(lambda: [api.decode(d) for d in datas], repeat)
     gpu = None
     if torch.cuda.is_available():
         gpu = fp16_mb / best_time(lambda: [api.decode(d, device="cuda") for d in datas], repeat)
-    report = fidelity.Report(codec, [fidelity.score(c, api.decode(d), len(d)) for c, d in zip(contexts, datas)])
+    report = fidelity.Report(name, [fidelity.score(c, api.decode(d), len(d)) for c, d in zip(contexts, datas)])
     mean = report.mean
     elements = sum(c.fp16_bytes // fidelity.FP16_BYTES for c in contexts)
     restore_s = _restore_time(datas[0], model_device(), repeat)
     ttft = {str(bw): len(datas[0]) * 8 / (bw * 1e9) + restore_s + first_token_s for bw in BANDWIDTHS_GBPS}
     return BenchRow(
-        codec=codec_obj.name, options=codec_obj.get_config(), lossless=codec_class(codec_obj.name).lossless,
+        codec=name, options=config, lossless=pipe.selector is None and api.make_codec(pipe.codec, pipe.options).lossless,
         bits_per_element=8 * sum(map(len, datas)) / elements, ratio=sum(c.fp16_bytes for c in contexts) / sum(map(len, datas)),
         encode_MBps=fp16_mb / encode_s, decode_MBps=fp16_mb / decode_s, gpu_decode_MBps=gpu, restore_s=restore_s,
         delta_ppl_pct=mean["delta_ppl_pct"], abs_delta_ppl_pct=mean["abs_delta_ppl_pct"], top1=mean["top1"],
@@ -152,7 +165,7 @@ def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_to
 def short_options(row: BenchRow) -> str:
     """The options that differ from the codec's defaults, e.g. `bits=4 group_size=32`."""
     try:
-        defaults = codec_class(row.codec)().get_config()
+        defaults = stage_config(pipeline.parse(row.codec))[1]
     except (KVCError, TypeError, ValueError):  # unknown here, or a plugin that needs options
         defaults = {}
     return " ".join(f"{k}={v}" for k, v in row.options.items() if defaults.get(k, object()) != v)

@@ -25,10 +25,16 @@ class LayerKV:
 
 @dataclass
 class KVCache:
+    """A cache of all layers. A pruned cache (layers with `positions`) also records `length`,
+    the sequence length it continues from (new tokens take positions from there on), and
+    `selection`, the stage that chose its tokens ({"id", "name", "config"})."""
+
     layers: list[LayerKV]
     token_ids: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     layout: str = "legacy"
+    length: int | None = None
+    selection: dict | None = None
 
     def __post_init__(self):
         validate(self)
@@ -48,10 +54,17 @@ class KVCache:
     def __len__(self) -> int:
         return len(self.layers)
 
+    @property
+    def next_position(self) -> int:
+        """The position of the next token fed after this cache."""
+        if self.length is not None:
+            return self.length
+        return max(_end(lay) for lay in self.layers)
+
     def to(self, device=None, dtype=None) -> "KVCache":
         layers = [LayerKV(lay.key.to(device=device, dtype=dtype), lay.value.to(device=device, dtype=dtype),
                           lay.positions) for lay in self.layers]
-        return KVCache(layers, self.token_ids, dict(self.metadata), self.layout)
+        return KVCache(layers, self.token_ids, dict(self.metadata), self.layout, self.length, self.selection)
 
     def equal(self, other: "KVCache") -> bool:
         """Bit-exact equality of every tensor, dtype included."""
@@ -91,6 +104,13 @@ class KVCache:
         return cache
 
 
+def _end(lay: LayerKV) -> int:
+    """One past the last position a layer holds."""
+    if lay.positions is None:
+        return lay.key.shape[2]
+    return int(lay.positions.max()) + 1 if lay.positions.numel() else 0
+
+
 def validate(cache: KVCache) -> None:
     """Raise InputError unless the cache has the shapes, dtypes and types the format stores."""
     if not isinstance(cache.layers, list) or not cache.layers:
@@ -119,6 +139,17 @@ def validate(cache: KVCache) -> None:
                 lay.positions = p = p.reshape(1, -1)
             if p.dim() != 2 or p.shape[1] != tokens or p.shape[0] not in (1, heads):
                 raise InputError(f"layer {i} positions have shape {tuple(p.shape)}; expected [{tokens}] or [{heads}, {tokens}]")
+    if cache.length is not None:
+        if not isinstance(cache.length, int) or isinstance(cache.length, bool) or cache.length < 0:
+            raise InputError(f"length must be a non-negative integer, not {cache.length!r}")
+        for i, lay in enumerate(cache.layers):
+            top = _end(lay)
+            if top > cache.length:
+                raise InputError(f"layer {i} holds position {top - 1}, beyond the cache's length {cache.length}")
+    sel = cache.selection
+    if sel is not None and not (isinstance(sel, dict) and isinstance(sel.get("id"), int) and isinstance(sel.get("name"), str)
+                                and isinstance(sel.get("config"), dict)):
+        raise InputError("selection must be a dict {id: int, name: str, config: dict}")
     if cache.token_ids is not None:
         t = cache.token_ids
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() not in (1, 2):

@@ -83,19 +83,35 @@ def tokenize(text: str, tokens: int | None) -> torch.Tensor:
     return ids
 
 
+DEFAULT_WINDOW = 64
+
+
 @torch.no_grad()
-def prefill(ids: torch.Tensor):
-    """Run the model on `ids`; return (logits, DynamicCache)."""
+def prefill(ids: torch.Tensor, window: int | None = None):
+    """Run the model on `ids`; return (logits, DynamicCache, AttentionScores or None).
+
+    With `window`, attention runs eagerly and records the statistics selection methods need,
+    with the last `window` queries of every layer."""
     model, _ = load_model()
-    out = model(ids, use_cache=True)
-    return out.logits, out.past_key_values
+    if window is None:
+        out = model(ids, use_cache=True)
+        return out.logits, out.past_key_values, None
+    from .attention import Statistics, hooked
+    from .scores import AttentionScores
+
+    with hooked(model, Statistics(window)) as stats:
+        out = model(ids, use_cache=True)
+    layers = range(len(stats.attention))
+    return out.logits, out.past_key_values, AttentionScores([stats.attention[i] for i in layers],
+                                                            [stats.queries[i] for i in layers])
 
 
-def capture(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16) -> KVCache:
-    """The KV cache of SmolLM2 after reading `tokens` tokens of `text`."""
+def capture_with_scores(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16,
+                        window: int | None = DEFAULT_WINDOW):
+    """(KVCache, AttentionScores or None) of SmolLM2 after reading `tokens` tokens of `text`."""
     name, contents = read_text(text)
     ids = tokenize(contents, tokens)
-    _, past = prefill(ids)
+    _, past, scores = prefill(ids, window)
     meta = {
         "model": MODEL_NAME,
         "text": name,
@@ -105,4 +121,9 @@ def capture(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.flo
     cache = KVCache.from_hf(past, metadata=meta).to(dtype=dtype)
     cache.token_ids = ids.to(torch.int64)
     cache.layout = "dict"
-    return cache
+    return cache, scores
+
+
+def capture(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16) -> KVCache:
+    """The KV cache of SmolLM2 after reading `tokens` tokens of `text`."""
+    return capture_with_scores(text, tokens, dtype, window=None)[0]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
 
 from .errors import CodecError
+from .options import Configurable
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ChunkInfo:
         return b * h * t * d
 
 
-class Codec:
+class Codec(Configurable):
     """Base class. Subclasses set the class attributes, take their options as keyword
     arguments of `__init__` (validated there), and implement `encode` and `decode`.
 
@@ -47,23 +47,6 @@ class Codec:
     def __init__(self):
         """Codecs without options keep this signature; others list their options here."""
 
-    def get_config(self) -> dict:
-        """JSON-serializable options; `from_config(get_config())` rebuilds an equal codec."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in params if k != "self"}
-
-    @classmethod
-    def from_config(cls, config: dict) -> "Codec":
-        params = inspect.signature(cls.__init__).parameters
-        unknown = sorted(set(config) - set(params) - {"self"})
-        if unknown:
-            known = ", ".join(k for k in params if k != "self") or "none"
-            raise CodecError(f"codec {cls.name!r} has no option {unknown[0]!r} (options: {known})")
-        try:
-            return cls(**config)
-        except (TypeError, ValueError) as exc:
-            raise CodecError(f"codec {cls.name!r}: {exc}") from None
-
     @classmethod
     def presets(cls) -> list[dict]:
         """Option sets, finest first, among which size or error targets choose per chunk."""
@@ -77,13 +60,6 @@ class Codec:
 
     def decode(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes]) -> torch.Tensor:
         raise NotImplementedError
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __repr__(self):
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({opts})"
 
 
 def check_payload_length(payload, expected: int, info: ChunkInfo, codec: str) -> None:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import api, capture
-from .cache import KVCache
+from . import api, capture, pipeline
+from .cache import KVCache, LayerKV
 from .errors import InputError
 
 DEFAULT_PREFIX = 1536
@@ -56,6 +56,14 @@ class Context:
     cache: KVCache  # the original cache, in the dtype it is stored in
     ref_logprobs: torch.Tensor  # [continuation, vocab]
     ref_greedy: torch.Tensor  # [greedy]
+    _scores: object = None
+
+    @property
+    def scores(self):
+        """Attention statistics of the prefix (AttentionScores), computed on first use."""
+        if self._scores is None:
+            self._scores = capture.prefill(self.ids[:, :self.prefix], capture.DEFAULT_WINDOW)[2]
+        return self._scores
 
     @property
     def continuation(self) -> int:
@@ -70,7 +78,7 @@ class Context:
                   greedy: int = DEFAULT_GREEDY, dtype: torch.dtype = torch.float16) -> "Context":
         name, contents = capture.read_text(text)
         ids = capture.tokenize(contents, prefix + continuation + 1)
-        _, past = capture.prefill(ids[:, :prefix])
+        _, past, _ = capture.prefill(ids[:, :prefix])
         cache = KVCache.from_hf(past, metadata={"model": capture.MODEL_NAME, "text": name}).to(dtype=dtype)
         cache.token_ids = ids[:, :prefix]
         return cls.from_cache(name, ids, cache, greedy)
@@ -168,13 +176,42 @@ class Report:
         return {"label": self.label, "texts": [asdict(r) for r in self.results], "mean": self.mean}
 
 
-def evaluate_codec(contexts: list[Context], codec: str, options: dict | None = None,
+def scores_for(ctx: Context, pipe: pipeline.Pipeline):
+    """The context's attention statistics if the pipeline's selection stage needs them."""
+    return ctx.scores if pipe.selector is not None and pipe.selector.needs_scores else None
+
+
+def evaluate_codec(contexts: list[Context], codec, options: dict | None = None,
                    chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS) -> Report:
-    """Encode each context's cache with the codec, restore it, and score it."""
-    codec_obj = api.make_codec(codec, dict(options or {}))
+    """Encode each context's cache with the codec or pipeline (`h2o+cachegen`), restore it,
+    and score it."""
+    pipe = pipeline.parse(codec, options)
+    codec_obj = api.make_codec(pipe.codec, pipe.options)
     results = []
     for ctx in contexts:
-        data = api.encode(ctx.cache, codec_obj, chunk_tokens=chunk_tokens)
+        data = api.encode(ctx.cache, codec, chunk_tokens=chunk_tokens, scores=scores_for(ctx, pipe), **dict(options or {}))
         results.append(score(ctx, api.decode(data), len(data)))
-    label = " ".join([codec_obj.name] + [f"{k}={v}" for k, v in codec_obj.get_config().items()])
-    return Report(label, results)
+    return Report(pipeline.label(pipe.selector, codec_obj), results)
+
+
+@torch.no_grad()
+def masked_reference_logits(ctx: Context, restored: KVCache) -> torch.Tensor:
+    """Continuation logits [tokens, vocab] of the full cache with every token the restored cache
+    dropped hidden from attention, per (layer, KV head), and the kept tokens holding the restored
+    keys and values. A pruned cache must continue exactly like this reference."""
+    from .attention import HideTokens, hooked
+
+    layers, hidden = [], {}
+    for i, (full, lay) in enumerate(zip(ctx.cache.layers, restored.layers)):
+        b, h, n, _ = full.key.shape
+        positions = (lay.positions if lay.positions is not None else torch.arange(lay.key.shape[2])[None]).expand(h, -1)
+        key, value = full.key.clone(), full.value.clone()
+        index = positions[None, :, :, None]
+        key.scatter_(2, index.expand(b, -1, -1, key.shape[3]), lay.key.to(key.dtype))
+        value.scatter_(2, index.expand(b, -1, -1, value.shape[3]), lay.value.to(value.dtype))
+        keep = torch.zeros(h, n, dtype=torch.bool).scatter_(1, positions, True)
+        layers.append(LayerKV(key, value))
+        hidden[i] = ~keep
+    model, _ = capture.load_model()
+    with hooked(model, HideTokens(hidden)):
+        return continue_logits(KVCache(layers), ctx.ids[:, ctx.prefix:-1], ctx.prefix)

@@ -16,7 +16,7 @@ from .errors import ChecksumError, FormatError
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVC1END\n"
 INDEX_MAGIC = b"KVCX"
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 1, 1
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sHHII8sI")  # magic, major, minor, header_length, flags, reserved, crc
 TRAILER = struct.Struct("<QQII8s")  # index_offset, index_length, reserved, crc, end magic
@@ -68,11 +68,15 @@ class TensorSpec:
         return (self.batch, self.heads, self.tokens, self.head_dim)
 
 
+POSITION_ENCODINGS = ("runs", "int64")  # compact runs/bitmaps (kvcodec.positions); plain int64 (version 1.0)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     key: TensorSpec
     value: TensorSpec
     position_rows: int | None = None  # None: positions not stored
+    position_encoding: str = "runs"
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,14 @@ class Header:
     layout: str = "legacy"
     token_ids_shape: tuple[int, int] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    length: int | None = None  # sequence length a pruned cache continues from
+    selection: CodecEntry | None = None  # the stage that chose the kept tokens (informative)
 
     def to_bytes(self) -> bytes:
         doc = {
             "layers": [{"key": asdict(l.key), "value": asdict(l.value),
-                        "positions": None if l.position_rows is None else {"rows": l.position_rows}}
+                        "positions": None if l.position_rows is None else
+                        {"rows": l.position_rows, "encoding": l.position_encoding}}
                        for l in self.layers],
             "codecs": [asdict(c) for c in self.codecs],
             "chunk_tokens": self.chunk_tokens,
@@ -103,6 +110,10 @@ class Header:
             {"batch": self.token_ids_shape[0], "tokens": self.token_ids_shape[1]},
             "metadata": self.metadata,
         }
+        if self.length is not None:
+            doc["length"] = self.length
+        if self.selection is not None:
+            doc["selection"] = asdict(self.selection)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -135,11 +146,18 @@ class Header:
             _check(isinstance(ids, dict) and _is_int(ids.get("batch"), 1, MAX_DIM)
                    and _is_int(ids.get("tokens"), 0, MAX_TOKENS), "header token_ids must be {batch, tokens}")
             ids = (ids["batch"], ids["tokens"])
-        return cls(
+        length = doc.get("length")
+        _check(length is None or _is_int(length, 0, MAX_TOKENS), "header length must be a token count")
+        selection = doc.get("selection")
+        header = cls(
             layers=[_layer(i, lay) for i, lay in enumerate(layers)],
-            codecs=[_codec(i, c) for i, c in enumerate(codecs)],
-            chunk_tokens=chunk, layout=layout, token_ids_shape=ids, metadata=meta,
+            codecs=[_codec(f"codec {i}", c) for i, c in enumerate(codecs)],
+            chunk_tokens=chunk, layout=layout, token_ids_shape=ids, metadata=meta, length=length,
+            selection=None if selection is None else _codec("selection", selection),
         )
+        _check(length is None or all(l.key.tokens <= length for l in header.layers),
+               "header length is smaller than a layer's token count")
+        return header
 
 
 def _check(ok: bool, message: str) -> None:
@@ -165,17 +183,18 @@ def _layer(i: int, lay) -> LayerSpec:
     k, v = _tensor(f"layer {i} key", lay.get("key")), _tensor(f"layer {i} value", lay.get("value"))
     _check(k.shape[:3] == v.shape[:3], f"header layer {i}: key and value differ in batch, heads or tokens")
     pos = lay.get("positions")
-    rows = None
-    if pos is not None:
-        _check(isinstance(pos, dict) and pos.get("rows") in (1, k.heads) and _is_int(pos.get("rows"), 1, MAX_DIM),
-               f"header layer {i} positions.rows must be 1 or the head count")
-        rows = pos["rows"]
-    return LayerSpec(k, v, rows)
+    if pos is None:
+        return LayerSpec(k, v)
+    _check(isinstance(pos, dict) and pos.get("rows") in (1, k.heads) and _is_int(pos.get("rows"), 1, MAX_DIM),
+           f"header layer {i} positions.rows must be 1 or the head count")
+    encoding = pos.get("encoding", "int64")
+    _check(encoding in POSITION_ENCODINGS, f"header layer {i} positions.encoding must be one of {POSITION_ENCODINGS}")
+    return LayerSpec(k, v, pos["rows"], encoding)
 
 
-def _codec(i: int, c) -> CodecEntry:
+def _codec(where: str, c) -> CodecEntry:
     _check(isinstance(c, dict) and _is_int(c.get("id"), 1, 0xFFFFFFFF) and isinstance(c.get("name"), str)
-           and len(c["name"]) <= 64 and isinstance(c.get("config"), dict), f"header codec {i} is malformed")
+           and len(c["name"]) <= 64 and isinstance(c.get("config"), dict), f"header {where} is malformed")
     return CodecEntry(c["id"], c["name"], c["config"])
 
 
@@ -300,16 +319,24 @@ def _validate_blobs(header: Header, blobs: np.ndarray) -> None:
     required = container_blob_sizes(header)
     present = {o: int(n) for w, o, n in zip(blobs["owner"].tolist(), blobs["ordinal"].tolist(), blobs["length"].tolist())
                if w == CONTAINER_OWNER}
-    _check(present == required, "container blobs (token ids, positions) disagree with the header")
+    _check(present.keys() == required.keys() and all(lo <= present[o] <= hi for o, (lo, hi) in required.items()),
+           "container blobs (token ids, positions) disagree with the header")
 
 
-def container_blob_sizes(header: Header) -> dict[int, int]:
+def container_blob_sizes(header: Header) -> dict[int, tuple[int, int]]:
+    """Smallest and largest size each required container blob may have."""
     sizes = {}
     if header.token_ids_shape is not None:
-        sizes[0] = 8 * header.token_ids_shape[0] * header.token_ids_shape[1]
+        n = 8 * header.token_ids_shape[0] * header.token_ids_shape[1]
+        sizes[0] = (n, n)
     for i, lay in enumerate(header.layers):
-        if lay.position_rows is not None:
-            sizes[1 + i] = 8 * lay.position_rows * lay.key.tokens
+        if lay.position_rows is None:
+            continue
+        rows, tokens = lay.position_rows, lay.key.tokens
+        if lay.position_encoding == "int64":
+            sizes[1 + i] = (8 * rows * tokens, 8 * rows * tokens)
+        else:  # a row is at least a run count, and never larger than one run per token
+            sizes[1 + i] = (5 * rows, rows * (5 + 12 * tokens))
     return sizes
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from . import positions
 from .cache import KVCache, LayerKV
 from .codec import ChunkInfo, Codec
 from .dtypes import itemsize, torch_dtype
@@ -137,7 +138,8 @@ class KVCReader:
         """A JSON-ready summary: shapes, codecs, metadata and stored bytes per layer."""
         layers = []
         for i, lay in enumerate(self.header.layers):
-            entry = {"index": i, "positions": lay.position_rows is not None}
+            entry = {"index": i, "positions": lay.position_rows is not None,
+                     "kept": lay.key.tokens / self.header.length if self.header.length else 1.0}
             for t, name in enumerate(fmt.TENSORS):
                 spec = getattr(lay, name)
                 idx = self._groups.get((i, t), np.array([], dtype=np.int64))
@@ -150,14 +152,21 @@ class KVCReader:
                                                    zip(*np.unique(self.records["codec_slot"][idx], return_counts=True))}}
             layers.append(entry)
         raw = sum(l[n]["raw_bytes"] for l in layers for n in fmt.TENSORS)
+        # a pruned cache is measured against the full one it came from
+        full = sum(l[n]["raw_bytes"] / l["kept"] if l["kept"] else 0 for l in layers for n in fmt.TENSORS)
         return {
             "format_version": f"{fmt.MAJOR}.{fmt.MINOR}",
             "file_bytes": self.file_size,
             "raw_bytes": raw,
             "ratio": raw / self.file_size,
+            "full_raw_bytes": round(full),
+            "full_ratio": full / self.file_size,
             "layout": self.header.layout,
             "chunk_tokens": self.header.chunk_tokens,
             "codecs": [{"id": c.id, "name": c.name, "config": c.config} for c in self.header.codecs],
+            "selection": None if self.header.selection is None else
+            {"id": self.header.selection.id, "name": self.header.selection.name, "config": self.header.selection.config},
+            "length": self.header.length,
             "token_ids": list(self.header.token_ids_shape) if self.header.token_ids_shape else None,
             "metadata": dict(self.header.metadata),
             "layers": layers,
@@ -189,11 +198,10 @@ class KVCReader:
                                                         f"codec {slot} blob {o}")) for o, b in mine]
         return self._contexts[slot]
 
-    def _container_blob(self, ordinal: int) -> np.ndarray:
+    def _container_blob(self, ordinal: int):
         for b in self.blobs:
             if b["owner"] == fmt.CONTAINER_OWNER and b["ordinal"] == ordinal:
-                data = self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"container blob {ordinal}")
-                return np.frombuffer(data, dtype="<i8").copy()
+                return self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"container blob {ordinal}")
         raise FormatError(f"container blob {ordinal} is missing")
 
     def decode_record(self, i: int) -> torch.Tensor:
@@ -280,14 +288,23 @@ class KVCReader:
 
     def positions(self, layer: int) -> torch.Tensor | None:
         layer = self._check_layer(layer)
-        rows = self.header.layers[layer].position_rows
-        if rows is None:
+        spec = self.header.layers[layer]
+        if spec.position_rows is None:
             return None
-        return torch.from_numpy(self._container_blob(1 + layer).reshape(rows, -1))
+        data = self._container_blob(1 + layer)
+        if spec.position_encoding == "int64":
+            found = np.frombuffer(data, dtype="<i8").reshape(spec.position_rows, -1).astype(np.int64)
+        else:
+            found = positions.decode(data, spec.position_rows, spec.key.tokens)
+        if found.size and (found.min() < 0 or (self.header.length is not None and found.max() >= self.header.length)):
+            raise FormatError(f"layer {layer} positions lie outside the cache's length {self.header.length}")
+        return torch.from_numpy(found)
 
     def token_ids(self) -> torch.Tensor | None:
         shape = self.header.token_ids_shape
-        return None if shape is None else torch.from_numpy(self._container_blob(0).reshape(shape))
+        if shape is None:
+            return None
+        return torch.from_numpy(np.frombuffer(self._container_blob(0), dtype="<i8").astype(np.int64).reshape(shape))
 
     def read_cache(self, device=None, progress=None, decoder: str = "auto") -> KVCache:
         """The whole cache. With `progress`, calls progress(layers_done) as layers complete.
@@ -309,7 +326,10 @@ class KVCReader:
                 if progress:
                     progress(i + 1)
         layers = [LayerKV(k, v, self.positions(i)) for i, (k, v) in enumerate(pairs)]
-        return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout)
+        selection = self.header.selection
+        return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout, self.header.length,
+                       None if selection is None else {"id": selection.id, "name": selection.name,
+                                                       "config": selection.config})
 
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.

@@ -1,7 +1,8 @@
-"""Codec registry: codecs by numeric id and by name, built-ins plus entry-point plugins.
+"""Registries by numeric id and by name: value codecs and token-selection stages, built-ins plus
+entry-point plugins.
 
-Third-party packages register codecs through the entry-point group `kvcodec.codecs`; each
-entry point names a `Codec` subclass.
+Third-party packages register codecs through the entry-point group `kvcodec.codecs` and
+selection stages through `kvcodec.selectors`; each entry point names the class.
 """
 
 from __future__ import annotations
@@ -11,52 +12,73 @@ from importlib.metadata import entry_points
 from .codec import Codec
 from .errors import CodecError
 
-ENTRY_POINT_GROUP = "kvcodec.codecs"
 THIRD_PARTY_MIN_ID = 1024
 
-_by_id: dict[int, type[Codec]] = {}
-_by_name: dict[str, type[Codec]] = {}
-_plugins_loaded = False
-_plugin_errors: list[str] = []
+
+class Registry:
+    """Classes with an integer `codec_id` and a string `name`, unique within the registry."""
+
+    def __init__(self, kind: str, entry_point_group: str):
+        self.kind = kind
+        self.group = entry_point_group
+        self.by_id: dict[int, type] = {}
+        self.by_name: dict[str, type] = {}
+        self.plugins_loaded = False
+        self.plugin_errors: list[str] = []
+
+    def register(self, cls: type, builtin: bool = False) -> type:
+        if not (isinstance(getattr(cls, "codec_id", None), int) and isinstance(getattr(cls, "name", None), str)):
+            raise CodecError(f"{cls.__name__} must define integer codec_id and string name")
+        if not builtin and not THIRD_PARTY_MIN_ID <= cls.codec_id <= 0xFFFFFFFF:
+            raise CodecError(f"{self.kind} {cls.name!r}: third-party ids start at {THIRD_PARTY_MIN_ID}")
+        for table, key in ((self.by_id, cls.codec_id), (self.by_name, cls.name)):
+            if table.get(key, cls) is not cls:
+                raise CodecError(f"{self.kind} {key!r} is already registered by {table[key].__module__}.{table[key].__name__}")
+        self.by_id[cls.codec_id] = cls
+        self.by_name[cls.name] = cls
+        return cls
+
+    def _load_plugins(self) -> None:
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        for ep in entry_points(group=self.group):
+            try:
+                self.register(ep.load())
+            except Exception as exc:  # a broken plugin must not take the others down
+                self.plugin_errors.append(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
+
+    def __contains__(self, key) -> bool:
+        table = self.by_id if isinstance(key, int) else self.by_name
+        if key not in table:
+            self._load_plugins()
+        return key in table
+
+    def get(self, key: str | int) -> type:
+        if key not in self:
+            names = ", ".join(sorted(self.by_name))
+            what = f"id {key}" if isinstance(key, int) else repr(key)
+            broken = f"; {'; '.join(self.plugin_errors)}" if self.plugin_errors else ""
+            raise CodecError(f"unknown {self.kind} {what} (available: {names}){broken}")
+        return (self.by_id if isinstance(key, int) else self.by_name)[key]
+
+    def all(self) -> list[type]:
+        self._load_plugins()
+        return sorted(self.by_id.values(), key=lambda c: c.codec_id)
+
+
+CODECS = Registry("codec", "kvcodec.codecs")
+SELECTORS = Registry("selection method", "kvcodec.selectors")
 
 
 def register_codec(cls: type[Codec], *, builtin: bool = False) -> type[Codec]:
     """Register a codec class (usable as a decorator). Ids and names must be unique."""
-    if not (isinstance(getattr(cls, "codec_id", None), int) and isinstance(getattr(cls, "name", None), str)):
-        raise CodecError(f"{cls.__name__} must define integer codec_id and string name")
-    if not builtin and not THIRD_PARTY_MIN_ID <= cls.codec_id <= 0xFFFFFFFF:
-        raise CodecError(f"codec {cls.name!r}: third-party ids start at {THIRD_PARTY_MIN_ID}")
-    for table, key in ((_by_id, cls.codec_id), (_by_name, cls.name)):
-        if table.get(key, cls) is not cls:
-            raise CodecError(f"codec {key!r} is already registered by {table[key].__module__}.{table[key].__name__}")
-    _by_id[cls.codec_id] = cls
-    _by_name[cls.name] = cls
-    return cls
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            register_codec(ep.load())
-        except Exception as exc:  # a broken plugin must not take the other codecs down
-            _plugin_errors.append(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
+    return CODECS.register(cls, builtin)
 
 
 def codec_class(key: str | int) -> type[Codec]:
     """The codec class for a name or numeric id."""
-    table = _by_id if isinstance(key, int) else _by_name
-    if key not in table:
-        _load_plugins()
-    if key not in table:
-        names = ", ".join(sorted(_by_name))
-        what = f"id {key}" if isinstance(key, int) else repr(key)
-        broken = f"; {'; '.join(_plugin_errors)}" if _plugin_errors else ""
-        raise CodecError(f"unknown codec {what} (available: {names}){broken}")
-    return table[key]
+    return CODECS.get(key)
 
 
 def get_codec(key: str | int, /, **options) -> Codec:
@@ -64,5 +86,17 @@ def get_codec(key: str | int, /, **options) -> Codec:
 
 
 def available_codecs() -> list[type[Codec]]:
-    _load_plugins()
-    return sorted(_by_id.values(), key=lambda c: c.codec_id)
+    return CODECS.all()
+
+
+def register_selector(cls, *, builtin: bool = False):
+    """Register a token-selection stage class (see `kvcodec.select`)."""
+    return SELECTORS.register(cls, builtin)
+
+
+def selector_class(key: str | int):
+    return SELECTORS.get(key)
+
+
+def available_selectors() -> list:
+    return SELECTORS.all()

@@ -6,6 +6,7 @@ use tensor names `layers.{i}.key` / `layers.{i}.value`.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -19,6 +20,8 @@ from .writer import atomic_output
 LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSION = ".safetensors"
+# safetensors metadata keys that carry a pruned cache's length and selection stage
+LENGTH_KEY, SELECTION_KEY = "kvcodec.length", "kvcodec.selection"
 
 
 def check_readable(path) -> str:
@@ -122,8 +125,12 @@ def _from_dict(obj) -> KVCache:
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict):
         raise InputError("'metadata' must be a dict of strings")
+    selection = obj.get("selection")
+    if selection is not None and not (isinstance(selection, dict) and {"id", "name", "config"} <= selection.keys()):
+        raise InputError("'selection' must be a dict with id, name and config")
     return KVCache([LayerKV(k, v, p) for k, v, p in zip(keys, values, positions)],
-                   token_ids=obj.get("token_ids"), metadata=dict(meta), layout="dict")
+                   token_ids=obj.get("token_ids"), metadata=dict(meta), layout="dict", length=obj.get("length"),
+                   selection=selection)
 
 
 def _from_stacked(obj) -> KVCache:
@@ -164,7 +171,13 @@ def _load_safetensors(path) -> KVCache:
         raise InputError(f"{path} is not a readable safetensors file: {exc}") from None
     if not layers:
         raise InputError(f"{path} has no tensors named layers.0.key / layers.0.value")
-    return KVCache(layers, token_ids=ids, metadata=dict(meta), layout="safetensors")
+    meta = dict(meta)
+    try:
+        length = int(meta.pop(LENGTH_KEY)) if LENGTH_KEY in meta else None
+        selection = json.loads(meta.pop(SELECTION_KEY)) if SELECTION_KEY in meta else None
+    except ValueError:
+        raise InputError(f"{path}: unreadable {LENGTH_KEY} or {SELECTION_KEY} metadata") from None
+    return KVCache(layers, token_ids=ids, metadata=meta, layout="safetensors", length=length, selection=selection)
 
 
 def to_object(cache: KVCache, layout: str):
@@ -178,6 +191,10 @@ def to_object(cache: KVCache, layout: str):
             obj["positions"] = [l.positions for l in cache.layers]
         if cache.token_ids is not None:
             obj["token_ids"] = cache.token_ids
+        if cache.length is not None:
+            obj["length"] = cache.length
+        if cache.selection is not None:
+            obj["selection"] = cache.selection
         return obj
     shapes = {(tuple(l.key.shape), tuple(l.value.shape), l.key.dtype) for l in cache.layers}
     if layout in ("stacked", "cachegen") and len(shapes) != 1:
@@ -214,7 +231,12 @@ def save_cache(cache: KVCache, path, layout: str | None = None, overwrite: bool 
                 tensors[f"layers.{i}.positions"] = l.positions.contiguous()
         if cache.token_ids is not None:
             tensors["token_ids"] = cache.token_ids.contiguous()
-        data = save(tensors, metadata=dict(cache.metadata))
+        meta = dict(cache.metadata)
+        if cache.length is not None:
+            meta[LENGTH_KEY] = str(cache.length)
+        if cache.selection is not None:
+            meta[SELECTION_KEY] = json.dumps(cache.selection, sort_keys=True)
+        data = save(tensors, metadata=meta)
         with atomic_output(path, overwrite) as f:
             f.write(data)
         return "safetensors"

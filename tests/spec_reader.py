@@ -56,6 +56,29 @@ def read_kvc(data: bytes) -> dict:
     return out
 
 
+def read_positions(blob: bytes, rows: int, encoding: str) -> list[list[int]]:
+    """A layer's positions blob (spec 3.3): int64 rows, or rows of runs / bitmaps."""
+    if encoding == "int64":
+        return np.frombuffer(blob, "<i8").reshape(rows, -1).tolist()
+    out, at = [], 0
+    for _ in range(rows):
+        kind = blob[at]
+        if kind == 0:
+            count = struct.unpack_from("<I", blob, at + 1)[0]
+            starts = struct.unpack_from(f"<{count}Q", blob, at + 5)
+            lengths = struct.unpack_from(f"<{count}I", blob, at + 5 + 8 * count)
+            out.append([s + j for s, n in zip(starts, lengths) for j in range(n)])
+            at += 5 + 12 * count
+        else:
+            assert kind == 1
+            base, bits = struct.unpack_from("<QI", blob, at + 1)
+            flags = blob[at + 13:at + 13 + (bits + 7) // 8]
+            out.append([base + j for j in range(bits) if flags[j // 8] >> (j % 8) & 1])
+            at += 13 + (bits + 7) // 8
+    assert at == len(blob)
+    return out
+
+
 def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, context=(), layer=0,
                    start=0) -> np.ndarray:
     size = ITEMSIZE[dtype]

@@ -13,7 +13,7 @@ import zstandard
 
 import kvcodec
 from kvcodec import sources
-from spec_reader import parse_tables, read_kvc
+from spec_reader import parse_tables, read_kvc, read_positions
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
@@ -32,6 +32,11 @@ def test_there_is_a_vector_for_every_builtin_codec():
     tables = [parse_tables(blob) for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF]
     assert any(any(t[5]) for sets in tables for t in sets.values())  # an anchored channel
     assert {MANIFEST[n]["config"].get("bits") for n in NAMES if MANIFEST[n]["codec"] == "quant"} == {2, 3, 4, 8}
+    pruned = read_kvc((VECTORS / "raw-f16-pruned.kvc").read_bytes())
+    rows = [blob for (owner, ordinal), blob in pruned["blobs"].items() if owner == 0xFFFF and ordinal > 0]
+    second_row = [blob[5 + 12 * int.from_bytes(blob[1:5], "little")] for blob in rows]  # row 0 holds runs
+    assert {blob[0] for blob in rows} == {0} and set(second_row) == {1}  # both position forms
+    assert pruned["header"]["length"] == 420
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -39,6 +44,7 @@ def test_library_decodes_vector(name):
     data = (VECTORS / f"{name}.kvc").read_bytes()
     got, want = kvcodec.decode(data), expected_cache(name)
     assert got.equal(want) and got.metadata == want.metadata
+    assert got.length == want.length and got.selection == want.selection
     for a, b in zip(got.layers, want.layers):
         assert (a.positions is None and b.positions is None) or torch.equal(a.positions, b.positions)
     assert (got.token_ids is None and want.token_ids is None) or torch.equal(got.token_ids, want.token_ids)
@@ -53,8 +59,9 @@ def test_spec_only_decoder_agrees(name):
             bits = tensor.contiguous().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
             assert np.array_equal(decoded[(i, t)].view(bits.numpy().dtype), bits.numpy()), (i, t)
         if lay.positions is not None:
-            stored = np.frombuffer(decoded["blobs"][(0xFFFF, 1 + i)], "<i8").reshape(lay.positions.shape)
-            assert np.array_equal(stored, lay.positions.numpy())
+            spec = decoded["header"]["layers"][i]["positions"]
+            stored = read_positions(decoded["blobs"][(0xFFFF, 1 + i)], spec["rows"], spec.get("encoding", "int64"))
+            assert stored == lay.positions.tolist()
 
 
 @pytest.mark.parametrize("name", NAMES)

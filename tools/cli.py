@@ -13,8 +13,10 @@ import click
 import torch
 
 import kvcodec
-from kvcodec import adapt, api, sources
+from kvcodec import adapt, api, pipeline, scores, sources
 from kvcodec.errors import InputError, KVCError
+from kvcodec.scores import AttentionScores
+from kvcodec.selection import NEEDS_NOTHING
 
 from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
                      parse_options, progress_bar, quiet_option)
@@ -30,8 +32,12 @@ def cli():
 @cli.command()
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file [INPUT with .kvc].")
-@click.option("-c", "--codec", default="raw", show_default=True, help="Codec name (see `kvc codecs`).")
-@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Codec option, repeatable.")
+@click.option("-c", "--codec", default="raw", show_default=True,
+              help="Codec, or SELECTION+CODEC to prune tokens first, e.g. h2o+cachegen (see `kvc codecs`).")
+@click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
+              help="Option, repeatable; STAGE.KEY=VALUE names the stage (h2o.keep=0.25).")
+@click.option("--scores", "scores_path", type=click.Path(dir_okay=False),
+              help="Attention scores from `kvc capture --scores` [INPUT's .scores.safetensors if present].")
 @click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
               help="Tokens per independently decodable chunk.")
 @click.option("--target-ratio", type=click.FloatRange(1.0), default=None,
@@ -42,7 +48,7 @@ def cli():
 @heads_option
 @force_option
 @quiet_option
-def pack(input, output, codec, opts, chunk_tokens, target_ratio, max_error, layout, heads, force, quiet):
+def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, max_error, layout, heads, force, quiet):
     """Compress a cache file (.pt or .safetensors) into a .kvc file."""
     output = output_path(output, input, ".kvc")
     if os.path.abspath(output) == os.path.abspath(input):
@@ -53,16 +59,28 @@ def pack(input, output, codec, opts, chunk_tokens, target_ratio, max_error, layo
     targeted = target_ratio is not None or max_error is not None
     if target_ratio is not None and max_error is not None:
         raise InputError("give --target-ratio or --max-error, not both")
-    the_codec = api.make_codec(codec, {} if targeted else options)  # fail on a bad codec before reading
+    # fail on a bad codec, stage or option before reading anything
+    pipe = pipeline.parse(codec, options) if targeted else pipeline.checked(codec, options)
     if targeted:
-        adapt.candidates(codec, options)
+        adapt.candidates(pipe.codec, pipe.options)
+    scores = None
+    if pipe.selector is not None and pipe.selector.needs_scores:
+        scores = AttentionScores.load(scores_path or find_scores(input, pipe.selector.name))
     cache = sources.load_cache(input, layout=layout, heads=heads)
     with progress_bar(cache.num_layers, "choosing presets" if targeted else "packing", quiet) as update:
-        size = api.pack(cache, output, codec if targeted else the_codec, chunk_tokens=chunk_tokens, overwrite=force,
-                        progress=update, target_ratio=target_ratio, max_error=max_error, **(options if targeted else {}))
+        size = api.pack(cache, output, codec, chunk_tokens=chunk_tokens, overwrite=force, progress=update,
+                        target_ratio=target_ratio, max_error=max_error, scores=scores, **options)
     if not quiet:
         click.echo(f"{output}: {human(size)} ({cache.nbytes / size:.2f}x of {human(cache.nbytes)}, "
-                   f"codec {the_codec.name})", err=True)
+                   f"{'pipeline' if pipe.selector else 'codec'} {codec})", err=True)
+
+
+def find_scores(cache_path: str, method: str) -> str:
+    path = scores.path_beside(cache_path)
+    if not os.path.exists(path):
+        raise InputError(f"{method} needs attention scores: capture them with `kvc capture --scores` (expected "
+                         f"{path}) or pass --scores; methods that need none: {', '.join(NEEDS_NOTHING)}")
+    return path
 
 
 @cli.command()
@@ -103,17 +121,23 @@ def inspect(file, as_json):
 
     console = make_console()
     several = len(info["codecs"]) > 1
-    codecs = ", ".join((f"[{slot}] " if several else "") + " ".join([c["name"]] + [f"{k}={v}" for k, v in c["config"].items()])
-                       for slot, c in enumerate(info["codecs"]))
+    codecs = ", ".join((f"[{slot}] " if several else "") + describe(c) for slot, c in enumerate(info["codecs"]))
+    pruned = info["selection"] is not None or info["length"] is not None
+    against = (f"{human(info['full_raw_bytes'])} full cache of {info['length']} tokens ({info['full_ratio']:.2f}x)"
+               if pruned else f"{human(info['raw_bytes'])} ({info['ratio']:.2f}x)")
     console.print(f"[bold]{file}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
-                  f"{human(info['file_bytes'])} for {human(info['raw_bytes'])} ({info['ratio']:.2f}x), "
-                  f"layout {info['layout']}, chunks of {info['chunk_tokens']} tokens")
-    console.print(f"codecs: {codecs}")
+                  f"{human(info['file_bytes'])} for {against}, layout {info['layout']}, "
+                  f"chunks of {info['chunk_tokens']} tokens")
+    if info["selection"] is not None:
+        console.print(f"pipeline: {describe(info['selection'])} + {codecs}")
+    else:
+        console.print(f"codecs: {codecs}")
     if info["metadata"]:
         console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info["metadata"].items())))
     table = Table(show_edge=False)
-    for col in ("layer", "shape", "dtype", "codec", "bytes", "ratio", "chunks"):
-        table.add_column(col, justify="right" if col in ("layer", "bytes", "ratio", "chunks") else "left")
+    columns = ["layer", "shape", "dtype"] + (["kept"] if pruned else []) + ["codec", "bytes", "ratio", "chunks"]
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("layer", "kept", "bytes", "ratio", "chunks") else "left")
     for lay in info["layers"]:
         k, v = lay["key"], lay["value"]
         stored = k["bytes"] + v["bytes"]
@@ -122,9 +146,15 @@ def inspect(file, as_json):
         if v["shape"] != k["shape"]:
             shape = f"K {shape} V {'x'.join(map(str, v['shape']))}"
         table.add_row(str(lay["index"]), shape, k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
+                      *([f"{100 * lay['kept']:.1f}%"] if pruned else []),
                       slot_use(k, v) if several else ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
     console.print(table)
+
+
+def describe(stage: dict) -> str:
+    """`name key=value ...` of a codec or selection entry."""
+    return " ".join([stage["name"]] + [f"{k}={v}" for k, v in stage["config"].items()])
 
 
 def slot_use(key: dict, value: dict) -> str:
@@ -176,22 +206,28 @@ def verify(file, against, layout, heads):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def codecs(as_json):
-    """List the installed codecs with their ids and default options."""
+    """List the installed codecs and token-selection stages with their ids and default options."""
     rows = [{"id": c.codec_id, "name": c.name, "lossless": c.lossless,
              "defaults": c.from_config({}).get_config(), "description": c.description}
             for c in kvcodec.available_codecs()]
+    stages = [{"id": c.codec_id, "name": c.name, "needs_scores": c.needs_scores,
+               "defaults": c.from_config({}).get_config(), "description": c.description}
+              for c in kvcodec.available_selectors()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"codecs": rows, "selection": stages}, indent=2))
         return
     from rich.table import Table
 
-    table = Table(show_edge=False)
-    for col in ("id", "name", "lossless", "defaults", "description"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(str(r["id"]), r["name"], "yes" if r["lossless"] else "no",
-                      " ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["description"])
-    make_console().print(table)
+    console = make_console()
+    for title, items, flag, flag_name in (("codecs", rows, "lossless", "lossless"),
+                                           ("selection stages (SELECTION+CODEC)", stages, "needs_scores", "scores")):
+        table = Table(title=title, show_edge=False, title_justify="left")
+        for col in ("id", "name", flag_name, "defaults", "description"):
+            table.add_column(col)
+        for r in items:
+            table.add_row(str(r["id"]), r["name"], "yes" if r[flag] else "no",
+                          " ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["description"])
+        console.print(table)
 
 
 @cli.command()
@@ -199,22 +235,33 @@ def codecs(as_json):
 @click.option("--tokens", type=click.IntRange(1), default=1024, show_default=True, help="Prompt tokens.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output .pt or .safetensors.")
+@click.option("--scores", "with_scores", is_flag=True,
+              help="Also save attention statistics (for h2o, keyformer, snapkv, cam) as OUTPUT's .scores.safetensors.")
+@click.option("--window", type=click.IntRange(1), default=None,
+              help="Observation-window queries kept with --scores [64; larger lets keyformer accumulate over more].")
 @force_option
 @quiet_option
-def capture(text, tokens, dtype, output, force, quiet):
+def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
     """Run SmolLM2-135M on a text and save its real KV cache."""
     from kvcodec import capture as cap
 
-    if os.path.exists(output) and not force:
-        raise InputError(f"{output} exists (use --force to overwrite)")
     if not output.lower().endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise InputError(f"{output}: output must end in .pt or .safetensors")
-    cache = cap.capture(text, tokens, getattr(torch, dtype))
+    scores_out = scores.path_beside(output) if with_scores else None
+    for path in filter(None, (output, scores_out)):
+        if os.path.exists(path) and not force:
+            raise InputError(f"{path} exists (use --force to overwrite)")
+    if window is not None and not with_scores:
+        raise InputError("--window goes with --scores")
+    cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
+                                           window=(window or cap.DEFAULT_WINDOW) if with_scores else None)
     sources.save_cache(cache, output, overwrite=force)
+    if stats is not None:
+        stats.save(scores_out)
     if not quiet:
         lay = cache.layers[0]
         click.echo(f"{output}: {cache.num_layers} layers x {tuple(lay.key.shape)} {dtype}, "
-                   f"{human(cache.nbytes)}", err=True)
+                   f"{human(cache.nbytes)}" + (f"; scores in {scores_out}" if stats is not None else ""), err=True)
 
 
 def main():

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from kvcodec import api, bench, capture, fidelity, sources
+from kvcodec import api, bench, capture, fidelity, pipeline, sources
 from kvcodec.errors import InputError
 
 from .common import make_console
@@ -85,7 +85,7 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @heads_option
 def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
                  layout, heads):
-    """Measure how a codec (or an existing .kvc FILE) changes SmolLM2's predictions.
+    """Measure how a codec or pipeline (or an existing .kvc FILE) changes SmolLM2's predictions.
 
     With -c: each shipped text is split into a prefix, whose cache is compressed and restored, and
     a continuation scored with the restored versus the original cache. With FILE and --original
@@ -101,9 +101,10 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
                                              continuation, greedy)
         report = fidelity.Report(os.path.basename(file), [fidelity.score(ctx, restored, os.path.getsize(file))])
     else:
-        codec_obj = api.make_codec(codec, parse_options(opts))
+        options = parse_options(opts)
+        pipeline.checked(codec, options)
         contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
-        report = fidelity.evaluate_codec(contexts, codec_obj, chunk_tokens=chunk_tokens)
+        report = fidelity.evaluate_codec(contexts, codec, options, chunk_tokens=chunk_tokens)
     print_report(report, layers)
     if json_path:
         write_json(json_path, report.to_dict())
@@ -115,7 +116,7 @@ def parse_sweep(specs) -> dict[str, list[dict]]:
     for spec in specs:
         name, _, opts = spec.partition(":")
         options = parse_options([o for o in opts.split(",") if o]) if opts else {}
-        api.make_codec(name, dict(options))  # fail early on a bad codec or option
+        pipeline.checked(name, options)  # fail early on a bad codec, stage or option
         sweep.setdefault(name, []).append(options)
     return sweep
 

@@ -36,6 +36,8 @@ VECTORS = {
                              dict(layers=2, heads=2, tokens=250, dims=(16, 8), dtype=torch.float16, drift=True)),
     "cachegen-bf16-ladder": ("cachegen", {"target_ratio": 2.0, "sinks": 2}, 64,
                              dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16, drift=True)),
+    "raw-f16-pruned": ("raw", {}, 4, dict(layers=2, heads=2, tokens=9, dims=(4, 4), dtype=torch.float16,
+                                          positions="pruned", ids=True)),
 }
 
 
@@ -52,11 +54,17 @@ def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False
         pos = None
         if positions == "per-head":
             pos = torch.stack([torch.arange(n) * (h + 1) for h in range(heads)]).to(torch.int64)
+        elif positions == "pruned":  # head 0 keeps runs (sinks + recent), head 1 scattered tokens (a bitmap)
+            pos = torch.tensor([[0, 1, 2, 3, 400, 401, 402, 403, 404], [0, 2, 5, 11, 17, 18, 23, 31, 40]]) + i
         elif positions:
             pos = torch.arange(n, dtype=torch.int64) + 100
         out.append(kvcodec.LayerKV(k.to(dtype), v.to(dtype), pos))
-    token_ids = torch.randint(0, 50000, (batch, max(tokens) if isinstance(tokens, list) else tokens), generator=g) if ids else None
-    return kvcodec.KVCache(out, token_ids=token_ids, metadata={"model": "test-vector", "seed": str(seed)})
+    length = 420 if positions == "pruned" else None
+    n_ids = length or (max(tokens) if isinstance(tokens, list) else tokens)
+    token_ids = torch.randint(0, 50000, (batch, n_ids), generator=g) if ids else None
+    selection = {"id": 20, "name": "streamingllm", "config": {"keep": 9, "sink": 4}} if length else None
+    return kvcodec.KVCache(out, token_ids=token_ids, metadata={"model": "test-vector", "seed": str(seed)},
+                           length=length, selection=selection)
 
 
 def main() -> None:
