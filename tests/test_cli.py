@@ -137,7 +137,7 @@ def _save_evil(path):
 
 def test_codecs_lists_builtins():
     code, out = run("codecs", "--json")
-    rows = {r["name"]: r for r in json.loads(out)}
+    rows = {r["name"]: r for r in json.loads(out)["codecs"]}
     assert code == 0 and {"raw", "zstd", "shuffle-zstd", "quant"} <= set(rows)
     assert rows["quant"]["id"] == 4 and rows["quant"]["lossless"] is False
     assert rows["quant"]["defaults"] == {"bits": 4, "group_size": 64}
@@ -195,7 +195,7 @@ def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
 
     listed = kvc("codecs", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert {"id": 5000, "name": "xor-test"}.items() <= {k: v for r in json.loads(listed.stdout)
+    assert {"id": 5000, "name": "xor-test"}.items() <= {k: v for r in json.loads(listed.stdout)["codecs"]
                                                         for k, v in r.items() if r["name"] == "xor-test"}.items()
     packed = kvc("pack", path, "-c", "xor-test", "--opt", "key=7", "-o", tmp_path / "x.kvc")
     assert packed.returncode == 0, packed.stderr

@@ -21,7 +21,7 @@ def context(real_model):
     model, _ = real_model
     _, text = capture.read_text("prose")
     ids = capture.tokenize(text, PREFIX + CONTINUATION)
-    _, past = capture.prefill(ids[:, :PREFIX])
+    _, past, _ = capture.prefill(ids[:, :PREFIX])
     original = kvcodec.KVCache.from_hf(past)
     with torch.no_grad():
         reference = model(ids[:, PREFIX:], past_key_values=original.to_hf()).logits

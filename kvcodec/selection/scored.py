@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..errors import InputError
 from .base import Selector, check_amount, resolve, summed_over_batch
 
 
@@ -95,7 +96,7 @@ class Keyformer(RecentWindow):
 
 class SnapKV(Selector):
     """Tokens the last `window` queries attend to, pooled over neighbouring tokens (`kernel`,
-    `pooling`), averaged over the query heads of a KV head; the window itself always stays."""
+    `pooling`), summed over the query heads of a KV head; the window itself always stays."""
 
     codec_id = 18
     name = "snapkv"
@@ -114,13 +115,14 @@ class SnapKV(Selector):
         self.keep, self.window, self.kernel, self.pooling = keep, window, kernel, pooling
 
     def forced(self, tokens):
+        """The observation window (its latest tokens, if the budget is smaller)."""
         mask = torch.zeros(tokens, dtype=torch.bool)
-        mask[tokens - min(self.window, tokens):] = True
+        mask[tokens - min(self.window, self.budget(tokens)):] = True
         return mask
 
     def layer_scores(self, layer, lay, scores):
         if self.window > scores.window:
-            raise ValueError(f"snapkv window {self.window} is larger than the {scores.window} captured queries")
+            raise InputError(f"snapkv window {self.window} is larger than the {scores.window} captured queries")
         probs = torch.softmax(window_logits(layer, lay, scores, self.window), dim=-1).sum(dim=2)
         pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
         pooled = pool(probs, self.kernel, stride=1, padding=self.kernel // 2)
