@@ -233,3 +233,12 @@ def test_files_encoded_on_the_gpu_are_identical(codec, options):
     cache = smooth_cache(torch.bfloat16)
     assert kvcodec.encode(cache.to("cuda"), codec, chunk_tokens=CHUNK, **options) == \
         kvcodec.encode(cache, codec, chunk_tokens=CHUNK, **options)
+
+
+def test_pruned_pipeline_files_decode_with_their_positions():
+    cache = smooth_cache(torch.float16)
+    data = kvcodec.encode(cache, "knorm+cachegen", keep=0.5, chunk_tokens=CHUNK)
+    got, want = kernel_cache(data), cpu_cache(data)
+    assert got.equal(want) and got.length == want.length == TOKENS
+    assert all(torch.equal(a.positions, b.positions) for a, b in zip(got.layers, want.layers))
+    assert got.layers[0].key.shape[2] == round(TOKENS * 0.5)
