@@ -332,3 +332,19 @@ def test_cli_pack_pipeline_with_scores_beside_the_cache(tmp_path, cache):
     listed = json.loads(out)
     assert {s["name"] for s in listed["selection"]} == set(METHODS)
     assert {s["name"] for s in listed["selection"] if not s["needs_scores"]} == {"streamingllm", "lacache", "knorm"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("tokens", [1, 3, 7])
+def test_tiny_and_batched_caches(method, tokens):
+    cache = synthetic_cache(layers=2, batch=2, heads=HEADS, tokens=tokens, dtype=torch.float16)
+    scores = make_scores(cache, window=tokens)  # as captured: every query when there are fewer than the window
+    try:
+        pruned = select(method, cache, scores, **budget_options(method, 0.5))
+    except InputError as exc:  # only the ladder has a floor: its start tokens plus one per block
+        assert method == "lacache" and "cannot hold" in str(exc)
+        return
+    expected = round(tokens * 0.5) if method != "cam" else round(tokens * 0.25) + min(tokens - round(tokens * 0.25),
+                                                                                         round(tokens * 0.25))
+    assert all(lay.key.shape == (2, HEADS, expected, 16) for lay in pruned.layers)
+    assert kvcodec.decode(kvcodec.encode(pruned, "quant")).layers[1].positions.shape[1] == expected

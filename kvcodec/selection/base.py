@@ -67,7 +67,7 @@ class Selector(Configurable):
         if int(forced.sum()) > budget:
             raise InputError(f"{self.name}: the sink and recent tokens ({int(forced.sum())}) exceed the budget "
                              f"of {budget} tokens")
-        score = self.layer_scores(layer, lay, scores).double()
+        score = self.layer_scores(layer, lay, scores).double().cpu()
         score = score.masked_fill(forced, float("inf")).expand(heads, tokens)
         # ties go to the earlier token, so the choice is the same on every machine
         order = torch.argsort(-score, dim=1, stable=True)

@@ -54,14 +54,16 @@ class CaM(Selector):
         tokens = lay.key.shape[2]
         start, recent = self.counts(tokens)
         span = self.merge_span or recent
-        attention = summed_over_batch(scores.attention[layer])  # [heads, tokens]
         kept_mask = self.forced(tokens)
-        prominence = attention[:, kept_mask].max(dim=1).values.clamp_min(1e-300)
         dropped = range(start, tokens - recent)
+        if not len(dropped) or not bool(kept_mask.any()):
+            return gather(lay, kept)
+        attention = summed_over_batch(scores.attention[layer])  # [heads, tokens]
+        prominence = attention[:, kept_mask].max(dim=1).values.clamp_min(1e-300)
         probability = (attention[:, start:tokens - recent] / prominence[:, None]).clamp(0, 1)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
-        chosen = torch.bernoulli(probability, generator=generator)  # [heads, dropped]
         values = lay.value.double().clone()
+        chosen = torch.bernoulli(probability, generator=generator).to(values.device)  # [heads, dropped]
         for j, t in enumerate(dropped):
             share = values[:, :, t, :] * (chosen[:, j] / span)[None, :, None]
             values[:, :, t + 1:t + 1 + span, :] += share[:, :, None, :]

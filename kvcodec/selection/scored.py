@@ -49,7 +49,7 @@ def window_logits(layer: int, lay, scores, window: int | None) -> torch.Tensor:
         queries = queries[:, :, -window:]
     b, qh, w, d = queries.shape
     tokens = lay.key.shape[2]
-    keys = lay.key.double().repeat_interleave(qh // lay.key.shape[1], dim=1)
+    keys = lay.key.to(queries.device, torch.float64).repeat_interleave(qh // lay.key.shape[1], dim=1)
     logits = torch.matmul(queries, keys.transpose(2, 3)) / math.sqrt(d)
     query_pos = torch.arange(tokens - w, tokens)[:, None]
     return logits.masked_fill(torch.arange(tokens)[None, :] > query_pos, float("-inf"))
@@ -121,9 +121,10 @@ class SnapKV(Selector):
         return mask
 
     def layer_scores(self, layer, lay, scores):
-        if self.window > scores.window:
-            raise InputError(f"snapkv window {self.window} is larger than the {scores.window} captured queries")
-        probs = torch.softmax(window_logits(layer, lay, scores, self.window), dim=-1).sum(dim=2)
+        window = min(self.window, lay.key.shape[2])
+        if window > scores.window:
+            raise InputError(f"snapkv window {window} is larger than the {scores.window} captured queries")
+        probs = torch.softmax(window_logits(layer, lay, scores, window), dim=-1).sum(dim=2)
         pool = torch.nn.functional.max_pool1d if self.pooling == "max" else torch.nn.functional.avg_pool1d
         pooled = pool(probs, self.kernel, stride=1, padding=self.kernel // 2)
         return per_kv_head(pooled, lay.key.shape[1])
