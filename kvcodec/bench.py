@@ -34,6 +34,23 @@ QUICK_SWEEP: dict[str, list[dict]] = {"raw": [{}], "shuffle-zstd": [{"level": 3}
 BANDWIDTHS_GBPS = (1, 10, 100)
 
 
+def _selection_sweep() -> dict[str, list[dict]]:
+    """Every selection stage at 50 % and 25 % kept, alone and before `cachegen`; H2O also at
+    90 % and 75 %; `cachegen` alone for comparison."""
+    sweep: dict[str, list[dict]] = {}
+    for method in ("h2o", "streamingllm", "keyformer", "snapkv", "knorm", "lacache", "cam"):
+        keeps = (0.9, 0.75, 0.5, 0.25) if method == "h2o" else (0.5, 0.25)
+        for value_codec in ("", "+cachegen"):
+            sweep[method + value_codec] = [
+                {"cache_size": k} if method == "lacache" else
+                {"start_ratio": k / 2, "recent_ratio": k / 2} if method == "cam" else {"keep": k} for k in keeps]
+    sweep["cachegen"] = [{}, {"quality": "low"}, {"key_step": 1.0, "value_step": 1.0}]
+    return sweep
+
+
+SELECTION_SWEEP = _selection_sweep()
+
+
 def best_time(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -182,20 +199,23 @@ def result_from_dict(doc: dict) -> BenchResult:
 
 
 @contextlib.contextmanager
-def _figure(path: str, xlabel: str, ylabel: str, title: str, legend_size: float | None = None):
+def _figure(path: str, xlabel: str, ylabel: str, title: str, legend_size: float | None = None, width: float = 7):
     """An axes to draw on; labelled, gridded and saved as a PNG at `path` afterwards."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(width, 4.5))
     try:
         yield ax
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=legend_size)
+        if width > 7:  # room for the legend beside the axes
+            ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=legend_size)
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
@@ -204,15 +224,25 @@ def _figure(path: str, xlabel: str, ylabel: str, title: str, legend_size: float 
 
 
 def plot_rate_distortion(result: BenchResult, path: str) -> None:
-    """Compression ratio versus ΔPPL, one curve per codec family."""
+    """Compression ratio versus ΔPPL, one curve per codec or pipeline. Pipelines take their
+    selection stage's colour, dashed when a lossy codec follows it."""
+    import matplotlib
+
     title = (f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
              f"mean of {', '.join(result.texts)}")
-    with _figure(path, "compression ratio vs float16 cache", "mean |ΔPPL| (%) of the continuation", title) as ax:
-        for family in dict.fromkeys(r.codec for r in result.rows):
+    families = list(dict.fromkeys(r.codec for r in result.rows))
+    stages = list(dict.fromkeys(f.split("+")[0] for f in families))
+    palette = matplotlib.colormaps["tab20" if len(stages) > 10 else "tab10"]
+    width = 9.5 if len(families) > 6 else 7
+    with _figure(path, "compression ratio vs float16 cache", "mean |ΔPPL| (%) of the continuation", title,
+                 legend_size=7, width=width) as ax:
+        for family in families:
+            stage, _, value_codec = family.partition("+")
             rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
-            ax.plot([r.ratio for r in rows], [r.abs_delta_ppl_pct for r in rows], marker="o", label=family)
+            ax.plot([r.ratio for r in rows], [r.abs_delta_ppl_pct for r in rows], marker="o", label=family,
+                    color=palette(stages.index(stage)), linestyle="--" if value_codec not in ("", "raw") else "-")
             for r in rows:
-                if len(rows) > 1:
+                if len(rows) > 1 and not value_codec:
                     ax.annotate(short_options(r), (r.ratio, r.abs_delta_ppl_pct),
                                 fontsize=6, textcoords="offset points", xytext=(4, 4))
         ax.set_yscale("symlog", linthresh=0.1)

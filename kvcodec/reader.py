@@ -273,6 +273,8 @@ class KVCReader:
     def read(self, layer: int, tokens: slice | None = None, device=None,
              decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value of one layer, optionally a token range, decoding only the chunks needed.
+        In a pruned cache the range counts stored tokens; `positions(layer)` gives their original
+        positions.
 
         `decoder`: "auto" decodes with the GPU kernels when `device` is a CUDA device and Triton
         is installed (unless the environment sets KVCODEC_DECODER=cpu), "cpu" always on the CPU,

@@ -147,6 +147,7 @@ def print_bench(result: bench.BenchResult) -> None:
 @click.option("--codec", "codec_specs", multiple=True, metavar="NAME[:K=V,...]",
               help="Codec configuration to sweep, repeatable [a built-in sweep].")
 @click.option("--quick", is_flag=True, help="A small sweep on one text with short lengths.")
+@click.option("--selection", is_flag=True, help="Sweep the token-selection stages instead of the codecs.")
 @click.option("--cache", "caches", multiple=True, type=click.Path(dir_okay=False),
               help="Caches from `kvc capture` to sweep over, repeatable [the shipped texts].")
 @texts_option("prose,code,data")
@@ -156,9 +157,11 @@ def print_bench(result: bench.BenchResult) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
               help="Folder for bench.json, rate_distortion.png and ttft.png.")
 @quiet_option
-def bench_command(codec_specs, quick, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat, out_dir, quiet):
+def bench_command(codec_specs, quick, selection, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat,
+                  out_dir, quiet):
     """Sweep codecs: ratio, speed, ΔPPL, top-1 and time to first token; JSON and plots."""
-    sweep = parse_sweep(codec_specs) if codec_specs else (bench.QUICK_SWEEP if quick else bench.SWEEP)
+    sweep = (parse_sweep(codec_specs) if codec_specs else bench.SELECTION_SWEEP if selection
+             else bench.QUICK_SWEEP if quick else bench.SWEEP)
     if quick:
         texts = texts if texts != "prose,code,data" else "prose"
         prefix, continuation, greedy, repeat = min(prefix, 512), min(continuation, 128), min(greedy, 16), 1
