@@ -70,3 +70,14 @@ def test_capture_scores_then_pack_a_pipeline(tmp_path, real_model):
     assert out.exit_code == 0, out.output
     out = runner.invoke(cli, ["inspect", str(tmp_path / "c.kvc")])
     assert "pipeline: keyformer" in out.output and "50.0%" in out.output
+
+
+def test_captured_queries_reproduce_the_accumulated_attention(real_model):
+    from kvcodec import capture
+    from kvcodec.selection.scored import per_kv_head, window_logits
+
+    cache, scores = capture.capture_with_scores("code", tokens=48, dtype=torch.float32, window=48)
+    for i in (0, 13, 29):  # every query kept: softmax of their logits over the cached keys, summed
+        lay = cache.layers[i]
+        probs = torch.softmax(window_logits(i, lay, scores, None), dim=-1).sum(dim=2)
+        assert torch.allclose(per_kv_head(probs, 3), scores.attention[i][0].double(), rtol=1e-3, atol=1e-4)
