@@ -112,6 +112,12 @@ def test_unknown_header_members_are_ignored(files):
     (lambda d: d.update(metadata={"a": 1}), "metadata"),
     (lambda d: d.update(token_ids={"batch": 1, "tokens": 10**9}), "token ids|container"),
     (lambda d: d["layers"][0].update(positions={"rows": 99}), "positions"),
+    (lambda d: d["layers"][0].update(positions={"rows": 1, "encoding": "zip"}), "encoding"),
+    (lambda d: d["layers"][0].update(positions={"rows": 1, "encoding": "int64"}), "container blobs"),
+    (lambda d: d.update(length=5), "length is smaller"),
+    (lambda d: d.update(length=-1), "length must be"),
+    (lambda d: d.update(length=1.5), "length must be"),
+    (lambda d: d.update(selection={"id": 16, "name": "h2o"}), "selection is malformed"),
 ])
 def test_hostile_header_values_are_refused(files, edit, message):
     _, data = files["raw"]
