@@ -17,30 +17,44 @@ IMPLEMENTATION = "kvcodec_eager"
 _active = None
 
 
+QUERY_BLOCK = 1024  # queries per block: a block's logits are [batch, heads, QUERY_BLOCK, keys]
+
+
 class Hook:
     """Called by every attention layer; subclasses override what they need."""
 
+    def queries(self, layer: int, query: torch.Tensor) -> None:
+        """The layer's queries [batch, query heads, queries, head_dim], rotated."""
+
     def logits(self, layer: int, logits: torch.Tensor, groups: int) -> torch.Tensor:
-        """Attention logits [batch, query heads, queries, keys] before the softmax."""
+        """Attention logits [batch, query heads, queries of a block, keys] before the softmax."""
         return logits
 
-    def probabilities(self, layer: int, probs: torch.Tensor, query: torch.Tensor, groups: int) -> None:
-        """Attention probabilities after the softmax, with the layer's (rotated) queries."""
+    def probabilities(self, layer: int, probs: torch.Tensor, groups: int) -> None:
+        """Attention probabilities of a block of queries after the softmax."""
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    groups = module.num_key_value_groups
+    """Eager attention computed a block of queries at a time, so a long prefill never holds
+    the whole [queries, keys] matrix of every head at once."""
+    groups, layer = module.num_key_value_groups, module.layer_idx
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : key.shape[-2]]
     if _active is not None:
-        logits = _active.logits(module.layer_idx, logits, groups)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    if _active is not None:
-        _active.probabilities(module.layer_idx, probs, query, groups)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+        _active.queries(layer, query)
+    outputs = []
+    for start in range(0, query.shape[2], QUERY_BLOCK):
+        block = slice(start, start + QUERY_BLOCK)
+        logits = torch.matmul(query[:, :, block], key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[:, :, block, : key.shape[-2]]
+        if _active is not None:
+            logits = _active.logits(layer, logits, groups)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+        if _active is not None:
+            _active.probabilities(layer, probs, groups)
+        outputs.append(torch.matmul(probs, value))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -73,13 +87,15 @@ class Statistics(Hook):
     def __init__(self, window: int):
         self.window = window
         self.attention: dict[int, torch.Tensor] = {}
-        self.queries: dict[int, torch.Tensor] = {}
+        self.queries_of: dict[int, torch.Tensor] = {}
 
-    def probabilities(self, layer, probs, query, groups):
+    def queries(self, layer, query):
+        self.queries_of[layer] = query[:, :, -self.window:, :].float().clone()
+
+    def probabilities(self, layer, probs, groups):
         b, qh, _, keys = probs.shape
         summed = probs.float().sum(dim=2).reshape(b, qh // groups, groups, keys).sum(dim=2)
         self.attention[layer] = self.attention.get(layer, 0) + summed
-        self.queries[layer] = query[:, :, -self.window:, :].float().clone()
 
 
 class HideTokens(Hook):

@@ -103,7 +103,7 @@ def prefill(ids: torch.Tensor, window: int | None = None):
         out = model(ids, use_cache=True)
     layers = range(len(stats.attention))
     return out.logits, out.past_key_values, AttentionScores([stats.attention[i] for i in layers],
-                                                            [stats.queries[i] for i in layers])
+                                                            [stats.queries_of[i] for i in layers])
 
 
 def capture_with_scores(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16,

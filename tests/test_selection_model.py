@@ -72,11 +72,15 @@ def test_capture_scores_then_pack_a_pipeline(tmp_path, real_model):
     assert "pipeline: keyformer" in out.output and "50.0%" in out.output
 
 
-def test_captured_queries_reproduce_the_accumulated_attention(real_model):
-    from kvcodec import capture
+def test_captured_queries_reproduce_the_accumulated_attention(real_model, monkeypatch):
+    from kvcodec import attention, capture
     from kvcodec.selection.scored import per_kv_head, window_logits
 
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 20)  # queries in three blocks
     cache, scores = capture.capture_with_scores("code", tokens=48, dtype=torch.float32, window=48)
+    plain, _ = capture.capture_with_scores("code", tokens=48, dtype=torch.float32, window=None)
+    assert all(torch.allclose(a.key, b.key, atol=1e-5) and torch.allclose(a.value, b.value, atol=1e-5)
+               for a, b in zip(cache.layers, plain.layers))  # the hooked attention computes what sdpa does
     for i in (0, 13, 29):  # every query kept: softmax of their logits over the cached keys, summed
         lay = cache.layers[i]
         probs = torch.softmax(window_logits(i, lay, scores, None), dim=-1).sum(dim=2)
