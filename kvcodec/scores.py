@@ -60,7 +60,6 @@ class AttentionScores:
     @classmethod
     def load(cls, path) -> "AttentionScores":
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -68,7 +67,7 @@ class AttentionScores:
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(path)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"{path} is not a readable safetensors file ({exc})") from None
         if meta.get("format") != FORMAT:

@@ -16,7 +16,7 @@ import kvcodec
 from kvcodec import adapt, api, pipeline, scores, sources
 from kvcodec.errors import InputError, KVCError
 from kvcodec.scores import AttentionScores
-from kvcodec.selection import NEEDS_NOTHING
+from kvcodec.selection import needing_no_scores
 
 from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
                      parse_options, progress_bar, quiet_option)
@@ -79,7 +79,7 @@ def find_scores(cache_path: str, method: str) -> str:
     path = scores.path_beside(cache_path)
     if not os.path.exists(path):
         raise InputError(f"{method} needs attention scores: capture them with `kvc capture --scores` (expected "
-                         f"{path}) or pass --scores; methods that need none: {', '.join(NEEDS_NOTHING)}")
+                         f"{path}) or pass --scores; methods that need none: {needing_no_scores()}")
     return path
 
 

@@ -3,7 +3,7 @@
 A stage runs before the value codec (`h2o+cachegen`); see `base.Selector`."""
 
 from ..registry import register_selector
-from .base import NEEDS_NOTHING, Selector
+from .base import Selector, needing_no_scores
 from .merging import CaM
 from .positional import LaCache, StreamingLLM
 from .scored import H2O, KeyNorm, Keyformer, SnapKV
@@ -11,4 +11,4 @@ from .scored import H2O, KeyNorm, Keyformer, SnapKV
 for _cls in (H2O, Keyformer, SnapKV, KeyNorm, StreamingLLM, LaCache, CaM):
     register_selector(_cls, builtin=True)
 
-__all__ = ["Selector", "NEEDS_NOTHING", "H2O", "Keyformer", "SnapKV", "KeyNorm", "StreamingLLM", "LaCache", "CaM"]
+__all__ = ["Selector", "needing_no_scores", "H2O", "Keyformer", "SnapKV", "KeyNorm", "StreamingLLM", "LaCache", "CaM"]

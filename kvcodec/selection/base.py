@@ -17,7 +17,17 @@ from ..errors import InputError
 from ..options import Configurable
 from ..scores import AttentionScores
 
-NEEDS_NOTHING = ("streamingllm", "lacache", "knorm")
+def needing_no_scores() -> str:
+    """The registered methods that run without attention statistics, for error messages."""
+    from ..registry import available_selectors
+
+    return ", ".join(c.name for c in available_selectors() if not c.needs_scores)
+
+
+def check_count(name: str, value, low: int = 0) -> None:
+    """An integer option of at least `low` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
 
 
 def check_amount(name: str, value, allow_zero: bool = True) -> None:
@@ -38,7 +48,8 @@ def resolve(value: int | float, tokens: int) -> int:
 
 class Selector(Configurable):
     """Base class. Subclasses set `codec_id` and `name`, take their options as keywords (a
-    budget `keep` or the paper's own names), and implement `keep_indices` or `layer_scores`."""
+    budget `keep` or the paper's own names), and implement `forced`, `layer_scores` or
+    `keep_indices`."""
 
     kind: ClassVar[str] = "selection method"
     codec_id: ClassVar[int]
@@ -56,8 +67,9 @@ class Selector(Configurable):
         return torch.zeros(tokens, dtype=torch.bool)
 
     def layer_scores(self, layer: int, lay: LayerKV, scores: AttentionScores | None) -> torch.Tensor:
-        """Float [heads, tokens]: higher is kept first."""
-        raise NotImplementedError
+        """Float [heads, tokens]: higher is kept first. By default every token ties, for methods
+        whose forced tokens are the whole budget."""
+        return torch.zeros(lay.key.shape[1], lay.key.shape[2])
 
     def keep_indices(self, layer: int, num_layers: int, lay: LayerKV, scores: AttentionScores | None) -> torch.Tensor:
         """Long [heads, kept], ascending per head: the tokens of this layer that stay."""
@@ -83,7 +95,7 @@ class Selector(Configurable):
         if self.needs_scores:
             if scores is None:
                 raise InputError(f"{self.name} needs attention scores (kvc capture --scores, or scores=); "
-                                 f"methods that need none: {', '.join(NEEDS_NOTHING)}")
+                                 f"methods that need none: {needing_no_scores()}")
             scores.check(cache)
         layers = []
         for i, lay in enumerate(cache.layers):

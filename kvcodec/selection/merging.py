@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import LayerKV
-from .base import Selector, check_amount, gather, resolve, summed_over_batch
+from .base import Selector, check_amount, check_count, gather, resolve, summed_over_batch
 
 
 class CaM(Selector):
@@ -27,10 +27,9 @@ class CaM(Selector):
                  seed: int = 0):
         check_amount("start_ratio", start_ratio)
         check_amount("recent_ratio", recent_ratio, allow_zero=False)
-        if merge_span is not None and (isinstance(merge_span, bool) or not isinstance(merge_span, int) or merge_span < 1):
-            raise ValueError(f"merge_span must be a positive integer, not {merge_span!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+        if merge_span is not None:
+            check_count("merge_span", merge_span, 1)
+        check_count("seed", seed)
         self.start_ratio, self.recent_ratio, self.merge_span, self.seed = start_ratio, recent_ratio, merge_span, seed
 
     def counts(self, tokens: int) -> tuple[int, int]:
@@ -46,9 +45,6 @@ class CaM(Selector):
         mask[:start] = True
         mask[tokens - recent:] = True
         return mask
-
-    def layer_scores(self, layer, lay, scores):
-        return torch.zeros(lay.key.shape[1], lay.key.shape[2])
 
     def merge(self, layer, lay, kept, scores):
         tokens = lay.key.shape[2]

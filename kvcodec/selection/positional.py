@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import Selector, check_amount, resolve
+from .base import Selector, check_amount, check_count, resolve
 
 
 class StreamingLLM(Selector):
@@ -30,9 +30,6 @@ class StreamingLLM(Selector):
         mask[tokens - (budget - sinks):] = True
         return mask
 
-    def layer_scores(self, layer, lay, scores):
-        return torch.zeros(lay.key.shape[1], lay.key.shape[2])
-
 
 class LaCache(Selector):
     """The ladder: past the `start_size` sink tokens, the older context is cut into blocks and each
@@ -47,9 +44,9 @@ class LaCache(Selector):
 
     def __init__(self, cache_size: int | float = 0.5, span: int = 16, overlap: int = 0, start_size: int = 4):
         check_amount("cache_size", cache_size, allow_zero=False)
-        for name, v in (("span", span), ("overlap", overlap), ("start_size", start_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "span" else 0):
-                raise ValueError(f"{name} must be a {'positive' if name == 'span' else 'non-negative'} integer, not {v!r}")
+        check_count("span", span, 1)
+        check_count("overlap", overlap)
+        check_count("start_size", start_size)
         if overlap >= span:
             raise ValueError(f"overlap ({overlap}) must be smaller than span ({span})")
         self.cache_size, self.span, self.overlap, self.start_size = cache_size, span, overlap, start_size

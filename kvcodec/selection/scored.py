@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import InputError
-from .base import Selector, check_amount, resolve, summed_over_batch
+from .base import Selector, check_amount, check_count, resolve, summed_over_batch
 
 
 class RecentWindow(Selector):
@@ -78,10 +78,9 @@ class Keyformer(RecentWindow):
         for name, tau in (("tau_init", tau_init), ("tau_end", tau_end)):
             if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
                 raise ValueError(f"{name} must be a positive number, not {tau!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be a positive integer, not {window!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+        if window is not None:
+            check_count("window", window, 1)
+        check_count("seed", seed)
         self.tau_init, self.tau_end, self.window, self.seed = tau_init, tau_end, window, seed
 
     def layer_scores(self, layer, lay, scores):
@@ -105,9 +104,8 @@ class SnapKV(Selector):
 
     def __init__(self, keep: int | float = 0.5, window: int = 32, kernel: int = 7, pooling: str = "max"):
         check_amount("keep", keep, allow_zero=False)
-        for name, v in (("window", window), ("kernel", kernel)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, not {v!r}")
+        check_count("window", window, 1)
+        check_count("kernel", kernel, 1)
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, not {kernel}")
         if pooling not in ("max", "avg"):
