@@ -1,0 +1,164 @@
+"""Learned autoencoders for KV vectors: each key or value vector of a head is mapped to a short
+latent and back (the `ae` codec stores the latents).
+
+Keys and values have separate networks. Each is a two-layer MLP encoder and decoder with inputs
+normalized per (layer, channel); its weights are either one set per layer, or one set shared by
+all layers with a learned per-layer embedding added to the hidden units (`shared`). Weights and
+their config travel as one safetensors file whose sha256 names them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import CodecError, InputError
+
+FORMAT = "kvcodec-ae-1"
+TENSORS = ("key", "value")
+
+
+@dataclass
+class AEConfig:
+    """What a trained autoencoder fits and how it was made."""
+
+    layers: int
+    heads: int
+    head_dim: dict  # {"key": D, "value": D}
+    latent_dim: int
+    hidden: int = 128
+    shared: bool = False
+    model: str = ""
+    texts: dict = field(default_factory=dict)  # training text name -> sha256
+
+    def check_fits(self, cache) -> None:
+        """CodecError unless every layer of `cache` has the shape these weights were trained on."""
+        if cache.num_layers != self.layers:
+            raise CodecError(f"ae: the weights fit {self.layers} layers, the cache has {cache.num_layers}")
+        for i, lay in enumerate(cache.layers):
+            for name, t in (("key", lay.key), ("value", lay.value)):
+                if t.shape[1] != self.heads or t.shape[3] != self.head_dim[name]:
+                    raise CodecError(f"ae: layer {i} {name} has {t.shape[1]} heads of {t.shape[3]}; the weights fit "
+                                     f"{self.heads} heads of {self.head_dim[name]}")
+
+
+class VectorAE(torch.nn.Module):
+    """Encoder and decoder for one tensor kind of every layer. Inputs are [layers, n, dim]: a
+    batch of vectors per layer, all layers at once (training) or one layer (`layers=slice(i, i+1)`)."""
+
+    def __init__(self, layers: int, dim: int, latent: int, hidden: int, shared: bool):
+        super().__init__()
+        slots = 1 if shared else layers
+        self.shared = shared
+
+        def weight(n_in, n_out):
+            return torch.nn.Parameter(torch.randn(slots, n_in, n_out) / math.sqrt(n_in))
+
+        def bias(n):
+            return torch.nn.Parameter(torch.zeros(slots, n))
+
+        self.w_in, self.b_in = weight(dim, hidden), bias(hidden)
+        self.w_latent, self.b_latent = weight(hidden, latent), bias(latent)
+        self.w_up, self.b_up = weight(latent, hidden), bias(hidden)
+        self.w_out, self.b_out = weight(hidden, dim), bias(dim)
+        embed = torch.zeros(layers if shared else 0, hidden)
+        self.embed_in, self.embed_up = torch.nn.Parameter(embed.clone()), torch.nn.Parameter(embed.clone())
+        self.register_buffer("mean", torch.zeros(layers, dim))
+        self.register_buffer("std", torch.ones(layers, dim))
+
+    def _linear(self, x, w, b, layers: slice, embed=None):
+        """x @ W + b with the weights of `layers` (of the one shared slot), plus the layers'
+        embedding where the weights are shared."""
+        slot = slice(0, 1) if self.shared else layers
+        y = torch.matmul(x, w[slot]) + b[slot][:, None]
+        return y + embed[layers][:, None] if self.shared and embed is not None else y
+
+    def encode(self, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        x = (x - self.mean[layers][:, None]) / self.std[layers][:, None]
+        h = torch.nn.functional.silu(self._linear(x, self.w_in, self.b_in, layers, self.embed_in))
+        return self._linear(h, self.w_latent, self.b_latent, layers)
+
+    def decode(self, z: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+        h = torch.nn.functional.silu(self._linear(z, self.w_up, self.b_up, layers, self.embed_up))
+        y = self._linear(h, self.w_out, self.b_out, layers)
+        return y * self.std[layers][:, None] + self.mean[layers][:, None]
+
+
+class CacheAutoencoder(torch.nn.Module):
+    """The key and the value autoencoder of one model shape, with their config."""
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        self.nets = torch.nn.ModuleDict({name: VectorAE(config.layers, config.head_dim[name], config.latent_dim,
+                                                        config.hidden, config.shared) for name in TENSORS})
+
+    def encode(self, tensor: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, tokens, dim] of one layer -> latents [batch, heads, tokens, latent]."""
+        shape = x.shape
+        z = self.nets[tensor].encode(x.reshape(1, -1, shape[-1]).float(), slice(layer, layer + 1))
+        return z.reshape(*shape[:-1], -1)
+
+    def decode(self, tensor: str, layer: int, z: torch.Tensor) -> torch.Tensor:
+        shape = z.shape
+        x = self.nets[tensor].decode(z.reshape(1, -1, shape[-1]).float(), slice(layer, layer + 1))
+        return x.reshape(*shape[:-1], -1)
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        return save(tensors, metadata={"format": FORMAT, "config": json.dumps(asdict(self.config), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "ae weights") -> "CacheAutoencoder":
+        from safetensors.torch import load
+
+        try:
+            tensors = load(bytes(data))
+            meta = _metadata(bytes(data))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            config = AEConfig(**json.loads(meta["config"]))
+            model = cls(config)
+            model.load_state_dict(tensors, strict=True)
+        except (ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
+            raise CodecError(f"{where} are not a kvcodec autoencoder ({str(exc).splitlines()[0][:200]})") from None
+        return model.eval()
+
+    def save(self, path) -> str:
+        """Write the weights (and `<path>.json`, their config); return their sha256."""
+        from .writer import atomic_output
+
+        data = self.to_bytes()
+        with atomic_output(path, overwrite=True) as f:
+            f.write(data)
+        digest = sha256(data)
+        doc = {**asdict(self.config), "sha256": digest, "weights": os.path.basename(os.fspath(path))}
+        with atomic_output(os.path.splitext(os.fspath(path))[0] + ".json", overwrite=True) as f:
+            f.write((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        return digest
+
+    @classmethod
+    def load(cls, path) -> "CacheAutoencoder":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such autoencoder weights file")
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read(), path)
+
+
+def _metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors byte string."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

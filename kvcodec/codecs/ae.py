@@ -1,0 +1,103 @@
+"""`ae`: a learned autoencoder (`kvc train-ae`) maps every key and value vector to a short
+latent; the latents are stored with `quant`'s grouped integer quantization.
+
+The weights are named by the sha256 of their file. They travel in the container's shared
+context (`embed=True`), or stay outside it and are looked up by that hash in the folders of
+`KVCODEC_AE_PATH` and `~/.cache/kvcodec/ae` when the file is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..autoencoder import CacheAutoencoder, sha256
+from ..codec import ChunkInfo, Codec
+from ..errors import CodecError
+from .quant import QuantCodec
+
+SEARCH_ENV = "KVCODEC_AE_PATH"
+DEFAULT_FOLDER = Path.home() / ".cache" / "kvcodec" / "ae"
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def search_folders() -> list[Path]:
+    folders = [Path(p) for p in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if p]
+    return folders + [DEFAULT_FOLDER]
+
+
+def find_weights(digest: str) -> bytes:
+    """The weights file whose sha256 is `digest`, from the search folders."""
+    for folder in search_folders():
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            data = path.read_bytes()
+            if sha256(data) == digest:
+                return data
+    where = ", ".join(str(f) for f in search_folders())
+    raise CodecError(f"ae weights sha256:{digest[:16]}... are not embedded in the file and not found in {where} "
+                     f"(set {SEARCH_ENV} to the folder holding them)")
+
+
+class AECodec(Codec):
+    codec_id = 6
+    name = "ae"
+    lossless = False
+    description = "learned autoencoder latents, quantized (weights from kvc train-ae)"
+
+    def __init__(self, weights: str = "", embed: bool = True, bits: int = 8, group_size: int = 16):
+        if not isinstance(weights, str) or not weights:
+            raise ValueError("weights must name a weights file from `kvc train-ae` (or sha256:<hex>)")
+        if not isinstance(embed, bool):
+            raise ValueError(f"embed must be true or false, not {embed!r}")
+        self._latents = QuantCodec(bits, group_size)
+        self._data: bytes | None = None
+        self._models: dict[str, CacheAutoencoder] = {}
+        if _HASH.fullmatch(weights) is None:  # a path: read it now, and record only its hash
+            if not os.path.isfile(weights):
+                raise ValueError(f"{weights}: no such weights file")
+            self._data = Path(weights).read_bytes()
+            weights = "sha256:" + sha256(self._data)
+        self.weights, self.embed, self.bits, self.group_size = weights, embed, bits, group_size
+
+    @property
+    def digest(self) -> str:
+        return self.weights.removeprefix("sha256:")
+
+    def _model(self, context, device) -> CacheAutoencoder:
+        key = str(device)
+        if key not in self._models:
+            if context:
+                data = bytes(context[0])
+                if sha256(data) != self.digest:
+                    raise CodecError("ae: the embedded weights do not match the sha256 the header names")
+            else:
+                data = self._data if self._data is not None else find_weights(self.digest)
+            self._models[key] = CacheAutoencoder.from_bytes(data).to(device)
+        return self._models[key]
+
+    def fit(self, cache, chunk_tokens):
+        self._model([], "cpu").config.check_fits(cache)
+        return [self._data if self._data is not None else find_weights(self.digest)] if self.embed else []
+
+    def _latent_info(self, ae: CacheAutoencoder, info: ChunkInfo) -> ChunkInfo:
+        c = ae.config
+        b, h, t, d = info.shape
+        if info.layer >= c.layers or h != c.heads or d != c.head_dim[info.tensor]:
+            raise CodecError(f"ae: layer {info.layer} {info.tensor} of {h} heads x {d} does not fit the weights "
+                             f"({c.layers} layers of {c.heads} heads x {c.head_dim[info.tensor]})")
+        return ChunkInfo(info.layer, "value", info.token_start, (b, h, t, c.latent_dim), torch.float32)
+
+    @torch.no_grad()
+    def encode(self, chunk, info, context):
+        ae = self._model(context, chunk.device)
+        latent = ae.encode(info.tensor, info.layer, chunk)
+        return self._latents.encode(latent, self._latent_info(ae, info), [])
+
+    @torch.no_grad()
+    def decode(self, payload, info, context):
+        ae = self._model(context, "cpu")
+        latent = self._latents.decode(payload, self._latent_info(ae, info), [])
+        return ae.decode(info.tensor, info.layer, latent).to(info.dtype)
