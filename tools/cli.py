@@ -21,6 +21,7 @@ from kvcodec.selection import needing_no_scores
 from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
                      parse_options, progress_bar, quiet_option)
 from .harness import bench_command, eval_command
+from .train import train_ae_command
 
 
 @click.group(cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -208,10 +209,10 @@ def verify(file, against, layout, heads):
 def codecs(as_json):
     """List the installed codecs and token-selection stages with their ids and default options."""
     rows = [{"id": c.codec_id, "name": c.name, "lossless": c.lossless,
-             "defaults": c.from_config({}).get_config(), "description": c.description}
+             "defaults": c.defaults(), "description": c.description}
             for c in kvcodec.available_codecs()]
     stages = [{"id": c.codec_id, "name": c.name, "needs_scores": c.needs_scores,
-               "defaults": c.from_config({}).get_config(), "description": c.description}
+               "defaults": c.defaults(), "description": c.description}
               for c in kvcodec.available_selectors()]
     if as_json:
         click.echo(json.dumps({"codecs": rows, "selection": stages}, indent=2))
@@ -270,6 +271,7 @@ def main():
 
 cli.add_command(eval_command)
 cli.add_command(bench_command)
+cli.add_command(train_ae_command)
 
 
 if __name__ == "__main__":

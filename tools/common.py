@@ -46,7 +46,8 @@ def _message(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def progress_bar(total: int, label: str, quiet: bool):
-    """A rich progress bar on stderr when it is a terminal; yields an `update(done)` callback."""
+    """A rich progress bar on stderr when it is a terminal; yields an `update(done, label=None)`
+    callback (a new label replaces the description, e.g. to show a loss)."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
@@ -56,7 +57,10 @@ def progress_bar(total: int, label: str, quiet: bool):
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda done: bar.update(task, completed=done)
+        def update(done: int, label: str | None = None) -> None:
+            bar.update(task, completed=done, **({"description": label} if label else {}))
+
+        yield update
 
 
 def parse_options(pairs) -> dict:

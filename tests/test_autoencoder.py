@@ -1,0 +1,153 @@
+"""The `ae` codec and its training on synthetic caches: training lowers the reconstruction error
+below a stated bound, weights save and load exactly, embedded and referenced weights decode alike,
+and wrong, damaged or missing weights are refused."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec import ae_training
+from kvcodec.autoencoder import CacheAutoencoder
+from kvcodec.codecs.ae import SEARCH_ENV
+from kvcodec.errors import CodecError, InputError
+from conftest import synthetic_cache
+
+LATENT = 4
+
+
+def low_rank_cache(seed=0, layers=2, heads=2, tokens=48, dim=16) -> kvcodec.KVCache:
+    """Vectors that lie in a 4-dimensional subspace per layer (plus a little noise): a latent of
+    4 can hold them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(layers):
+        basis = torch.randn(LATENT, dim, generator=g)
+        k, v = (torch.randn(1, heads, tokens, LATENT, generator=g) @ basis + 0.01 * torch.randn(1, heads, tokens, dim, generator=g)
+                for _ in range(2))
+        out.append(kvcodec.LayerKV(k.half(), v.half()))
+    return kvcodec.KVCache(out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cache = low_rank_cache()
+    ae = ae_training.train([cache], LATENT, hidden=32, steps=400, lr=1e-2)
+    folder = tmp_path_factory.mktemp("weights")
+    digest = ae.save(folder / "ae.safetensors")
+    return cache, ae, folder, digest
+
+
+def test_training_reduces_the_error_below_the_bound(trained):
+    cache, ae, _, _ = trained
+    untrained = ae_training.train([cache], LATENT, hidden=32, steps=1, lr=1e-9)
+    before, after = ae_training.relative_error(untrained, cache), ae_training.relative_error(ae, cache)
+    assert all(after[t] < 0.1 for t in after), after  # the stated bound: 10 % relative RMS error
+    assert all(after[t] < before[t] / 5 for t in after), (before, after)
+
+
+def test_shared_weights_with_a_layer_embedding_train_too():
+    cache = low_rank_cache(seed=1)
+    ae = ae_training.train([cache], LATENT, hidden=32, steps=400, lr=1e-2, shared=True)
+    assert ae.nets["key"].w_in.shape[0] == 1 and ae.nets["key"].embed_in.shape == (2, 32)
+    assert max(ae_training.relative_error(ae, cache).values()) < 0.2
+
+
+def test_weights_save_and_load_exactly(trained):
+    _, ae, folder, digest = trained
+    back = CacheAutoencoder.load(folder / "ae.safetensors")
+    assert back.to_bytes() == ae.to_bytes() and back.config == ae.config
+    config = (folder / "ae.json").read_text()
+    assert digest in config and '"latent_dim": 4' in config
+
+
+def test_embedded_and_referenced_weights_decode_identically(trained, monkeypatch):
+    cache, ae, folder, digest = trained
+    embedded = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), chunk_tokens=16)
+    referenced = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False, chunk_tokens=16)
+    assert len(referenced) < len(embedded)
+    with kvcodec.open(referenced) as reader:
+        assert reader.info()["codecs"][0]["config"]["weights"] == f"sha256:{digest}"  # no local path recorded
+    monkeypatch.setenv(SEARCH_ENV, str(folder))
+    a, b = kvcodec.decode(embedded), kvcodec.decode(referenced)
+    assert a.equal(b)
+    x = cache.layers[1].value.float()
+    assert float((a.layers[1].value.float() - x).norm() / x.norm()) < 0.1
+
+
+def test_missing_mismatched_or_damaged_weights_are_refused(trained, tmp_path, monkeypatch):
+    cache, _, folder, digest = trained
+    referenced = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False)
+    other = ae_training.train([low_rank_cache(seed=3)], LATENT, hidden=32, steps=5)
+    other.save(tmp_path / "other.safetensors")  # a different network in the search path
+    monkeypatch.setenv(SEARCH_ENV, str(tmp_path))
+    with pytest.raises(CodecError, match=f"sha256:{digest[:16]}.*not found"):
+        kvcodec.decode(referenced)
+    # embedded weights altered, the container checksums re-sealed
+    embedded = bytearray(kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors")))
+    with kvcodec.open(bytes(embedded)) as reader:
+        blob = next(b for b in reader.blobs if b["owner"] == 0)
+    start, length = int(blob["offset"]), int(blob["length"])
+    mine = bytes(embedded[start:start + length])
+    swapped = mine[:-1] + bytes([mine[-1] ^ 1])  # one weight changed: still a valid network
+    embedded[start:start + length] = swapped
+    reseal_blob(embedded, start, zlib.crc32(swapped))
+    with pytest.raises(CodecError, match="do not match the sha256"):
+        kvcodec.decode(bytes(embedded))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10" + bytes(40))
+    with pytest.raises(CodecError, match="not a kvcodec autoencoder"):
+        CacheAutoencoder.load(tmp_path / "broken.safetensors")
+    with pytest.raises(InputError, match="no such"):
+        CacheAutoencoder.load(tmp_path / "missing.safetensors")
+    with pytest.raises(CodecError, match="no such weights file"):
+        kvcodec.get_codec("ae", weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_a_cache_the_weights_do_not_fit_is_refused(trained):
+    _, _, folder, _ = trained
+    wrong = synthetic_cache(layers=2, heads=2, tokens=10, head_dim=8)
+    with pytest.raises(CodecError, match="heads of 8; the weights fit 2 heads of 16"):
+        kvcodec.encode(wrong, "ae", weights=str(folder / "ae.safetensors"))
+    with pytest.raises(CodecError, match="the weights fit 2 layers"):
+        kvcodec.encode(low_rank_cache(layers=3), "ae", weights=str(folder / "ae.safetensors"))
+
+
+def reseal_blob(data: bytearray, offset: int, crc: int) -> None:
+    """Write a blob's new crc32 into the index and re-seal the index checksum."""
+    index_offset, index_length = struct.unpack_from("<QQ", data, len(data) - 32)
+    n_rec, n_blob, rec_size, blob_size = struct.unpack_from("<IIII", data, index_offset + 4)
+    for i in range(n_blob):
+        at = index_offset + 32 + n_rec * rec_size + i * blob_size
+        if struct.unpack_from("<Q", data, at)[0] == offset:
+            struct.pack_into("<I", data, at + 16, crc)
+    index = bytes(data[index_offset:index_offset + index_length])
+    trailer = len(data) - 32
+    struct.pack_into("<I", data, trailer + 20, zlib.crc32(index, zlib.crc32(bytes(data[trailer:trailer + 20]))))
+
+
+@pytest.mark.model
+def test_train_ae_on_the_model_then_pack(tmp_path, real_model, monkeypatch):
+    from click.testing import CliRunner
+
+    from kvcodec import capture
+    from kvcodec.tools.cli import cli
+
+    runner = CliRunner()
+    out = runner.invoke(cli, ["train-ae", "--texts", "prose", "-o", str(tmp_path / "w.safetensors")])
+    assert out.exit_code == 1 and "is an evaluation text" in out.output
+    out = runner.invoke(cli, ["train-ae", "--latent-dim", "8", "--tokens", "64", "--steps", "30",
+                              "-o", str(tmp_path / "w.safetensors")])
+    assert out.exit_code == 0, out.output
+    ae = CacheAutoencoder.load(tmp_path / "w.safetensors")
+    assert ae.config.latent_dim == 8 and ae.config.layers == 30 and ae.config.head_dim == {"key": 64, "value": 64}
+    assert set(ae.config.texts) == {"train-prose", "train-code", "train-data"}
+    cache = capture.capture("code", tokens=32)
+    data = kvcodec.encode(cache, "ae", weights=str(tmp_path / "w.safetensors"), embed=False)
+    monkeypatch.setenv(SEARCH_ENV, str(tmp_path))
+    restored = kvcodec.decode(data)
+    assert restored.layers[4].key.shape == cache.layers[4].key.shape and restored.layers[4].key.dtype == torch.float16
+    assert 8 < cache.nbytes / len(data) < 16  # 64 float16 elements -> 8 bytes of latents (+ 16-group parameters)

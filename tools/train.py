@@ -1,0 +1,70 @@
+"""`kvc train-ae`: train the key/value autoencoders of the `ae` codec on SmolLM2's caches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import click
+import torch
+
+from kvcodec.cache import KVCache
+from kvcodec.errors import InputError
+
+from .common import force_option, progress_bar, quiet_option
+
+
+@click.command("train-ae")
+@click.option("--latent-dim", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Latent size each key or value vector is coded to.")
+@click.option("--shared", is_flag=True, help="One network for all layers, with a learned layer embedding "
+                                             "(default: one network per layer).")
+@click.option("--hidden", type=click.IntRange(1, 65536), default=128, show_default=True, help="Hidden units.")
+@click.option("--texts", default=None,
+              help="Comma-separated training texts: names (train-prose, train-code, train-data) or files [all three].")
+@click.option("--tokens", type=click.IntRange(16), default=1024, show_default=True,
+              help="Tokens of each text (fewer if a text is shorter).")
+@click.option("--steps", type=click.IntRange(1), default=1500, show_default=True, help="Optimizer steps.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="Weights (.safetensors); the config goes beside it as .json.")
+@force_option
+@quiet_option
+def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, output, force, quiet):
+    """Train autoencoders for SmolLM2's keys and values, for `kvc pack -c ae --opt weights=FILE`.
+
+    Caches are captured from training texts disjoint from the evaluation texts; keys and values
+    get separate networks. Prints the relative reconstruction error on the training caches and
+    the weights' sha256 (what a file packed without embedded weights refers to)."""
+    from kvcodec import ae_training, capture
+
+    if not output.endswith(".safetensors"):
+        raise InputError(f"{output}: the weights file must end in .safetensors")
+    config_path = os.path.splitext(output)[0] + ".json"
+    for path in (output, config_path):
+        if os.path.exists(path) and not force:
+            raise InputError(f"{path} exists (use --force to overwrite)")
+    names = [t.strip() for t in texts.split(",") if t.strip()] if texts else list(capture.training_texts())
+    evaluation = [n for n in names if n in capture.shipped_texts()]
+    if evaluation:
+        raise InputError(f"{evaluation[0]!r} is an evaluation text; train on others (train-prose, train-code, "
+                         "train-data or your own files)")
+    caches, hashes = [], {}
+    for name in names:
+        label, contents = capture.read_text(name)
+        ids = capture.tokenize(contents, None)[:, :tokens]
+        _, past, _ = capture.prefill(ids)
+        caches.append(KVCache.from_hf(past).to(dtype=torch.float32))
+        hashes[label] = hashlib.sha256(contents.encode()).hexdigest()
+    with progress_bar(steps, "training", quiet) as update:
+        report = None if update is None else (lambda step, loss: update(step, f"training, loss {loss:.4f}"))
+        ae = ae_training.train(caches, latent_dim, hidden=hidden, shared=shared, steps=steps, seed=seed,
+                               model=capture.MODEL_NAME, texts=hashes, progress=report)
+    digest = ae.save(output)
+    if not quiet:
+        errors = [ae_training.relative_error(ae, c) for c in caches]
+        key = sum(e["key"] for e in errors) / len(errors)
+        value = sum(e["value"] for e in errors) / len(errors)
+        click.echo(f"{output}: latent {latent_dim}, {'shared' if shared else 'per-layer'} weights, "
+                   f"{os.path.getsize(output) / 2**20:.1f} MiB, sha256 {digest}; relative error on the training "
+                   f"caches: keys {key:.3f}, values {value:.3f}", err=True)
