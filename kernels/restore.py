@@ -126,7 +126,7 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
                                                       plan.buffers[dtype])
                 launches.append((launch(), members, codec))
             for row in cpu:
-                chunk = reader.decode_record(int(plan.record[row]))
+                chunk = reader.decode_record(int(plan.record[row]), device)
                 out = int(plan.output_of[row])
                 t0 = int(plan.table[row, J.TOKEN_START]) - plan.outputs[out][3]
                 plan.view(out)[:, :, t0:t0 + chunk.shape[2]].copy_(chunk, non_blocking=True)

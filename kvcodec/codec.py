@@ -61,6 +61,11 @@ class Codec(Configurable):
     def decode(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes]) -> torch.Tensor:
         raise NotImplementedError
 
+    def decode_to(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes], device) -> torch.Tensor:
+        """Decode onto `device`. By default on the CPU, then copied; codecs whose decoding is
+        mostly arithmetic a GPU does better (ae's decoder network) run it there instead."""
+        return self.decode(payload, info, context).to(device)
+
 
 def check_payload_length(payload, expected: int, info: ChunkInfo, codec: str) -> None:
     if len(payload) != expected:

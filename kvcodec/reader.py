@@ -204,7 +204,7 @@ class KVCReader:
                 return self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"container blob {ordinal}")
         raise FormatError(f"container blob {ordinal} is missing")
 
-    def decode_record(self, i: int) -> torch.Tensor:
+    def decode_record(self, i: int, device=None) -> torch.Tensor:
         r = self.records[i]
         layer, tensor = int(r["layer"]), fmt.TENSORS[r["tensor"]]
         spec = getattr(self.header.layers[layer], tensor)
@@ -217,7 +217,10 @@ class KVCReader:
         self._check_expansion(i)
         payload = memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]), f"record of {where}"))
         try:
-            out = codec.decode(payload, info, self._context(slot))
+            if device is None:
+                out = codec.decode(payload, info, self._context(slot))
+            else:
+                out = codec.decode_to(payload, info, self._context(slot), device)
         except KVCError:
             raise
         except Exception as exc:  # a codec bug or a plugin's own exception: report, don't crash
@@ -251,9 +254,9 @@ class KVCReader:
         for i in needed:
             r0 = int(self.records["token_start"][i])
             r1 = r0 + int(self.records["tokens"][i])
-            chunk = self.decode_record(i)
+            chunk = self.decode_record(i, out.device)
             lo, hi = max(r0, start), min(r1, stop)
-            out[:, :, lo - start:hi - start] = chunk[:, :, lo - r0:hi - r0].to(device)
+            out[:, :, lo - start:hi - start] = chunk[:, :, lo - r0:hi - r0]
         return out
 
     def _token_range(self, layer: int, tokens) -> tuple[int, int]:

@@ -96,8 +96,12 @@ class AECodec(Codec):
         latent = ae.encode(info.tensor, info.layer, chunk)
         return self._latents.encode(latent, self._latent_info(ae, info), [])
 
-    @torch.no_grad()
     def decode(self, payload, info, context):
-        ae = self._model(context, "cpu")
+        return self.decode_to(payload, info, context, "cpu")
+
+    @torch.no_grad()
+    def decode_to(self, payload, info, context, device):
+        """Latents dequantized on the CPU (a few bytes per vector), the network run on `device`."""
+        ae = self._model(context, torch.device(device))
         latent = self._latents.decode(payload, self._latent_info(ae, info), [])
-        return ae.decode(info.tensor, info.layer, latent).to(info.dtype)
+        return ae.decode(info.tensor, info.layer, latent.to(device)).to(info.dtype)
