@@ -151,3 +151,15 @@ def test_train_ae_on_the_model_then_pack(tmp_path, real_model, monkeypatch):
     restored = kvcodec.decode(data)
     assert restored.layers[4].key.shape == cache.layers[4].key.shape and restored.layers[4].key.dtype == torch.float16
     assert 8 < cache.nbytes / len(data) < 16  # 64 float16 elements -> 8 bytes of latents (+ 16-group parameters)
+
+
+def test_the_device_dequantizer_matches_quant(trained):
+    """The 8-bit latent dequantizer used on GPUs gives `quant`'s own decode (run here on the CPU)."""
+    cache, _, folder, _ = trained
+    codec = kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), group_size=3)
+    ae = codec._model([], torch.device("cpu"))
+    info = kvcodec.ChunkInfo(1, "key", 0, tuple(cache.layers[1].key.shape), torch.float16)
+    payload = codec.encode(cache.layers[1].key, info, [])
+    latent_info = codec._latent_info(ae, info)
+    want = codec._latents.decode(memoryview(payload), latent_info, [])
+    assert torch.equal(codec._dequantize_8bit(memoryview(payload), latent_info, "cpu"), want)

@@ -8,6 +8,7 @@ context (`embed=True`), or stay outside it and are looked up by that hash in the
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..autoencoder import CacheAutoencoder, sha256
-from ..codec import ChunkInfo, Codec
+from ..codec import ChunkInfo, Codec, check_payload_length
 from ..errors import CodecError
 from .quant import QuantCodec
 
@@ -101,7 +102,25 @@ class AECodec(Codec):
 
     @torch.no_grad()
     def decode_to(self, payload, info, context, device):
-        """Latents dequantized on the CPU (a few bytes per vector), the network run on `device`."""
-        ae = self._model(context, torch.device(device))
-        latent = self._latents.decode(payload, self._latent_info(ae, info), [])
-        return ae.decode(info.tensor, info.layer, latent.to(device)).to(info.dtype)
+        """The payload moves to `device` as it is (a few bytes per vector); 8-bit latents are
+        dequantized and the network run there."""
+        device = torch.device(device)
+        ae = self._model(context, device)
+        latent_info = self._latent_info(ae, info)
+        if self.bits == 8 and device.type != "cpu":
+            latent = self._dequantize_8bit(payload, latent_info, device)
+        else:
+            latent = self._latents.decode(payload, latent_info, []).to(device)
+        return ae.decode(info.tensor, info.layer, latent).to(info.dtype)
+
+    def _dequantize_8bit(self, payload, info: ChunkInfo, device) -> torch.Tensor:
+        """`quant`'s 8-bit value layout (float16 minima, float16 scales, one byte per code),
+        decoded with tensor operations on `device`."""
+        check_payload_length(payload, self._latents.payload_length(info), info, self.name)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        groups = self._latents._param_shape(info)
+        n = math.prod(groups)
+        lo, scale = data[:4 * n].view(torch.float16).float().reshape(2, *groups)
+        codes = data[4 * n:].float().reshape(info.shape)
+        g, d = self.group_size, info.shape[3]
+        return codes * scale.repeat_interleave(g, 3)[..., :d] + lo.repeat_interleave(g, 3)[..., :d]
