@@ -48,6 +48,12 @@ class Codec(Configurable):
         """Codecs without options keep this signature; others list their options here."""
 
     @classmethod
+    def from_header(cls, config: dict) -> "Codec":
+        """The codec a file's header describes. Like `from_config`, but for untrusted input:
+        codecs whose options may name local resources refuse them here."""
+        return cls.from_config(config)
+
+    @classmethod
     def presets(cls) -> list[dict]:
         """Option sets, finest first, among which size or error targets choose per chunk."""
         return []

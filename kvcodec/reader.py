@@ -188,7 +188,7 @@ class KVCReader:
                 raise CodecError(f"the file uses codec id {entry.id} ({entry.name!r}), which is not installed") from None
             if cls.name != entry.name:
                 raise CodecError(f"codec id {entry.id} is {cls.name!r} here but {entry.name!r} in the file")
-            self._codecs[slot] = cls.from_config(entry.config)
+            self._codecs[slot] = cls.from_header(entry.config)
         return self._codecs[slot]
 
     def _context(self, slot: int) -> list[bytes]:

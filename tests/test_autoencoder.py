@@ -163,3 +163,20 @@ def test_the_device_dequantizer_matches_quant(trained):
     latent_info = codec._latent_info(ae, info)
     want = codec._latents.decode(memoryview(payload), latent_info, [])
     assert torch.equal(codec._dequantize_8bit(memoryview(payload), latent_info, "cpu"), want)
+
+
+def test_a_header_naming_a_local_path_is_refused(trained, tmp_path):
+    """A file names its weights by hash: a header naming a local file is refused, not opened."""
+    cache, _, folder, digest = trained
+    data = bytearray(kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False))
+    named = f"sha256:{digest}".encode()
+    local = tmp_path / ("w" * (len(named) - len(str(tmp_path)) - 1))  # a real file, as long as the hash
+    local.write_bytes((folder / "ae.safetensors").read_bytes())
+    assert len(str(local)) == len(named)
+    at = data.index(named)
+    data[at:at + len(named)] = str(local).encode()
+    length = struct.unpack_from("<I", data, 12)[0]  # re-seal the header checksum
+    struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[32:32 + length]), zlib.crc32(bytes(data[:28]))))
+    with pytest.raises(CodecError, match="must name its weights as sha256"):
+        kvcodec.decode(bytes(data))
+    assert kvcodec.codec_class("ae").from_config({"weights": str(local)}).weights == f"sha256:{digest}"

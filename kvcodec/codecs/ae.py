@@ -63,6 +63,13 @@ class AECodec(Codec):
             weights = "sha256:" + sha256(self._data)
         self.weights, self.embed, self.bits, self.group_size = weights, embed, bits, group_size
 
+    @classmethod
+    def from_header(cls, config):
+        """A file names its weights by hash only; a path in a header is refused, never opened."""
+        if not isinstance(config.get("weights"), str) or _HASH.fullmatch(config["weights"]) is None:
+            raise CodecError("ae: the header must name its weights as sha256:<64 hex digits>")
+        return cls.from_config(config)
+
     @property
     def digest(self) -> str:
         return self.weights.removeprefix("sha256:")
