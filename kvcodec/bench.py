@@ -183,9 +183,21 @@ def short_options(row: BenchRow) -> str:
     """The options that differ from the codec's defaults, e.g. `bits=4 group_size=32`."""
     try:
         defaults = stage_config(pipeline.parse(row.codec))[1]
-    except (KVCError, TypeError, ValueError):  # unknown here, or a plugin that needs options
-        defaults = {}
-    return " ".join(f"{k}={v}" for k, v in row.options.items() if defaults.get(k, object()) != v)
+    except (KVCError, TypeError, ValueError):  # unknown here, or a codec with a required option
+        defaults = codec_defaults(row.codec)
+
+    def shown(v) -> str:  # long values (a weights hash) shortened for tables and plots
+        text = str(v)
+        return text if len(text) <= 20 else text[:19] + "…"
+
+    return " ".join(f"{k}={shown(v)}" for k, v in row.options.items() if defaults.get(k, object()) != v)
+
+
+def codec_defaults(name: str) -> dict:
+    """A registered codec's signature defaults, or none for a name not registered here."""
+    from .registry import CODECS
+
+    return CODECS.get(name).defaults() if name in CODECS else {}
 
 
 def label(row: BenchRow) -> str:
