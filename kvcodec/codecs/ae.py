@@ -74,6 +74,12 @@ class AECodec(Codec):
     def digest(self) -> str:
         return self.weights.removeprefix("sha256:")
 
+    def _weights(self) -> bytes:
+        """The weights file's bytes: read when the codec was given a path, else found by hash once."""
+        if self._data is None:
+            self._data = find_weights(self.digest)
+        return self._data
+
     def _model(self, context, device) -> CacheAutoencoder:
         key = str(device)
         if key not in self._models:
@@ -82,13 +88,13 @@ class AECodec(Codec):
                 if sha256(data) != self.digest:
                     raise CodecError("ae: the embedded weights do not match the sha256 the header names")
             else:
-                data = self._data if self._data is not None else find_weights(self.digest)
+                data = self._weights()
             self._models[key] = CacheAutoencoder.from_bytes(data).to(device)
         return self._models[key]
 
     def fit(self, cache, chunk_tokens):
         self._model([], "cpu").config.check_fits(cache)
-        return [self._data if self._data is not None else find_weights(self.digest)] if self.embed else []
+        return [self._weights()] if self.embed else []
 
     def _latent_info(self, ae: CacheAutoencoder, info: ChunkInfo) -> ChunkInfo:
         c = ae.config
