@@ -14,7 +14,7 @@ import os
 
 DECODER_ENV = "KVCODEC_DECODER"
 DECODERS = ("auto", "cpu", "kernels")
-_MODULES = {"raw": "raw", "quant": "quant", "cachegen": "cachegen"}  # codec name -> kernel module
+_MODULES = {"raw": "raw", "quant": "quant", "cachegen": "cachegen", "ae": "ae"}  # codec name -> kernel module
 
 
 def triton_available() -> bool:
@@ -50,7 +50,7 @@ def use_kernels(device, decoder: str = "auto") -> bool:
 
 def kernel_module(codec):
     """The module decoding `codec`'s records on the device, or None (those decode on the CPU).
-    Each has `supports(codec, job_table, itemsize)` (which records it can take) and
+    Each has `supports(codec, context, job_table, itemsize)` (which records it can take) and
     `prepare(codec, context, job_table, staged, out)` (a `jobs.Launch`)."""
     name = _MODULES.get(codec.name)
     return None if name is None else importlib.import_module(f"{__name__}.{name}")

@@ -193,7 +193,7 @@ def _sinks(codec, table: np.ndarray) -> np.ndarray:
     return np.clip(codec.sinks - table[:, J.TOKEN_START], 0, table[:, J.TOKENS])
 
 
-def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
+def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     """Lanes are read as 32-bit words: the exact sink tokens before them must fill whole words."""
     whole_words = (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
     return whole_words & J.fits_grid(table)

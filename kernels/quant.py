@@ -81,7 +81,7 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: t
     tl.store(out_ptr + base + ti * D + d, to_output_dtype(value, out_ptr), mask=mask)
 
 
-def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
+def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     return J.fits_grid(table)
 
 

@@ -51,7 +51,7 @@ def copy_elements(staged: torch.Tensor, out: torch.Tensor, table: np.ndarray, to
     return run
 
 
-def supports(codec, table: np.ndarray, itemsize: int) -> np.ndarray:
+def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     return J.fits_grid(table)
 
 

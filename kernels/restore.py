@@ -95,7 +95,8 @@ def kernel_groups(reader, plan: Plan, rows: np.ndarray):
         module = kernel_module(codec)
         ok = np.zeros(len(members), dtype=bool)
         if module is not None:
-            ok = module.supports(codec, plan.table[members], itemsize(fmt.record_dtype_name(int(key[1]))))
+            ok = module.supports(codec, reader._context(int(key[0])), plan.table[members],
+                                 itemsize(fmt.record_dtype_name(int(key[1]))))
         if ok.any():
             groups[tuple(int(k) for k in key)] = members[ok]
         cpu.extend(members[~ok].tolist())

@@ -157,9 +157,10 @@ def test_the_device_dequantizer_matches_quant(trained):
     """The 8-bit latent dequantizer used on GPUs gives `quant`'s own decode (run here on the CPU)."""
     cache, _, folder, _ = trained
     codec = kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), group_size=3)
-    ae = codec._model([], torch.device("cpu"))
+    context = codec.fit(cache, 64)
+    ae = codec.network(context, torch.device("cpu"))
     info = kvcodec.ChunkInfo(1, "key", 0, tuple(cache.layers[1].key.shape), torch.float16)
-    payload = codec.encode(cache.layers[1].key, info, [])
+    payload = codec.encode(cache.layers[1].key, info, context)
     latent_info = codec._latent_info(ae, info)
     want = codec._latents.decode(memoryview(payload), latent_info, [])
     assert torch.equal(codec._dequantize_8bit(memoryview(payload), latent_info, "cpu"), want)
@@ -180,3 +181,38 @@ def test_a_header_naming_a_local_path_is_refused(trained, tmp_path):
     with pytest.raises(CodecError, match="must name its weights as sha256"):
         kvcodec.decode(bytes(data))
     assert kvcodec.codec_class("ae").from_config({"weights": str(local)}).weights == f"sha256:{digest}"
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_entropy_coded_latents_round_trip_smaller_at_a_stated_error(trained, embed, monkeypatch):
+    """`entropy=True` codes the latents with cachegen's steps and tables: the file shrinks against
+    8-bit latents, the decoded cache stays within the autoencoder's own error plus the step's."""
+    cache, ae, folder, _ = trained
+    monkeypatch.setenv(SEARCH_ENV, str(folder))
+    weights = str(folder / "ae.safetensors")
+    plain = kvcodec.encode(cache, "ae", weights=weights, embed=embed, chunk_tokens=16)
+    coded = kvcodec.encode(cache, "ae", weights=weights, embed=embed, entropy=True, step=0.1, chunk_tokens=16)
+    coarse = kvcodec.encode(cache, "ae", weights=weights, embed=embed, entropy=True, step=0.5, chunk_tokens=16)
+    assert len(coarse) < len(coded) < len(plain)
+    with kvcodec.open(coded) as reader:
+        config = reader.info()["codecs"][0]["config"]
+        assert config["entropy"] is True and config["step"] == 0.1
+        assert sum(b["owner"] == 0 for b in reader.blobs) == 1 + embed  # tables (and weights)
+    exact = ae_training.relative_error(ae, cache)
+    restored = kvcodec.decode(coded)
+    for i, lay in enumerate(cache.layers):
+        for name in ("key", "value"):
+            x, y = getattr(lay, name).float(), getattr(restored.layers[i], name).float()
+            assert float((y - x).norm() / x.norm()) < exact[name] + 0.05, (i, name)
+
+
+def test_entropy_coded_latents_need_their_tables(trained):
+    cache, _, folder, _ = trained
+    codec = kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), entropy=True)
+    info = kvcodec.ChunkInfo(0, "key", 0, tuple(cache.layers[0].key.shape), torch.float16)
+    context = codec.fit(cache, 64)
+    payload = codec.encode(cache.layers[0].key, info, context)
+    with pytest.raises(CodecError, match="needs 2 context blob\\(s\\); the file has 1"):
+        codec.decode(memoryview(payload), info, context[:1])
+    with pytest.raises(CodecError, match="step must be a number"):
+        kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), step=0)

@@ -242,3 +242,52 @@ def test_pruned_pipeline_files_decode_with_their_positions():
     assert got.equal(want) and got.length == want.length == TOKENS
     assert all(torch.equal(a.positions, b.positions) for a, b in zip(got.layers, want.layers))
     assert got.layers[0].key.shape[2] == round(TOKENS * 0.5)
+
+
+def random_autoencoder(tmp_path, latent, shared, layers=2, heads=HEADS, head_dim=HEAD_DIM, seed=0) -> str:
+    """An untrained network with random weights and normalization (the kernel's arithmetic does
+    not depend on training); returns the weights file's path."""
+    from kvcodec.autoencoder import AEConfig, CacheAutoencoder
+
+    torch.manual_seed(seed)
+    ae = CacheAutoencoder(AEConfig(layers, heads, {"key": head_dim, "value": head_dim}, latent, hidden=32,
+                                   shared=shared))
+    for net in ae.nets.values():
+        net.mean.normal_()
+        net.std.uniform_(0.5, 2.0)
+        if shared:
+            net.embed_up.data.normal_()
+    path = tmp_path / f"ae{latent}{'s' if shared else ''}.safetensors"
+    ae.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("latent,shared,group_size", [(8, False, 16), (12, True, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_fused_ae_decoder_matches_the_cpu_decoder(tmp_path, monkeypatch, latent, shared, group_size, dtype):
+    """Dequantize + the decoder network in one kernel: equal to the CPU decoder up to float32
+    rounding in the matmuls (then one rounding to the output dtype). The CPU path is disabled
+    while the kernels decode, so the fused kernel did the work."""
+    from kvcodec.codecs.ae import AECodec
+
+    weights = random_autoencoder(tmp_path, latent, shared)
+    cache = synthetic_cache(layers=2, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM, dtype=dtype)
+    data = kvcodec.encode(cache, "ae", weights=weights, group_size=group_size, chunk_tokens=CHUNK)
+    want = cpu_cache(data)
+    monkeypatch.setattr(AECodec, "decode_to", lambda *a: pytest.fail("decoded off the fused kernel"))
+    got = kernel_cache(data)
+    for (gk, gv), (wk, wv) in zip(got, want):
+        for g, w in ((gk, wk), (gv, wv)):
+            assert g.dtype == dtype and g.shape == w.shape
+            tolerance = 2 * max(torch.finfo(dtype).eps, 1e-5) * float(w.float().abs().max())
+            assert float((g.cpu().float() - w.float()).abs().max()) <= tolerance
+
+
+def test_entropy_coded_ae_records_decode_beside_the_kernels(tmp_path):
+    weights = random_autoencoder(tmp_path, 8, False)
+    cache = synthetic_cache(layers=2, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
+    data = kvcodec.encode(cache, "ae", weights=weights, entropy=True, chunk_tokens=CHUNK)
+    got, want = kernel_cache(data), cpu_cache(data)
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            assert float((a.cpu().float() - b.float()).abs().max()) <= 1e-3 * float(b.float().abs().max())

@@ -1,5 +1,7 @@
 """`ae`: a learned autoencoder (`kvc train-ae`) maps every key and value vector to a short
-latent; the latents are stored with `quant`'s grouped integer quantization.
+latent; the latents are stored with `quant`'s grouped integer quantization, or (`entropy=True`)
+with the `cachegen` coder: a uniform step of `step` times the spread of a layer's latents, and
+per-channel rANS tables fitted on the whole cache's latents.
 
 The weights are named by the sha256 of their file. They travel in the container's shared
 context (`embed=True`), or stay outside it and are looked up by that hash in the folders of
@@ -18,6 +20,7 @@ import torch
 from ..autoencoder import CacheAutoencoder, sha256
 from ..codec import ChunkInfo, Codec, check_payload_length
 from ..errors import CodecError
+from .cachegen import CacheGenCodec
 from .quant import QuantCodec
 
 SEARCH_ENV = "KVCODEC_AE_PATH"
@@ -48,12 +51,19 @@ class AECodec(Codec):
     lossless = False
     description = "learned autoencoder latents, quantized (weights from kvc train-ae)"
 
-    def __init__(self, weights: str = "", embed: bool = True, bits: int = 8, group_size: int = 16):
+    def __init__(self, weights: str = "", embed: bool = True, bits: int = 8, group_size: int = 16,
+                 entropy: bool = False, step: float = 0.25):
         if not isinstance(weights, str) or not weights:
             raise ValueError("weights must name a weights file from `kvc train-ae` (or sha256:<hex>)")
-        if not isinstance(embed, bool):
-            raise ValueError(f"embed must be true or false, not {embed!r}")
+        for name, v in (("embed", embed), ("entropy", entropy)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, not {v!r}")
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not 1e-4 <= step <= 100:
+            raise ValueError(f"step must be a number from 0.0001 to 100, not {step!r}")
         self._latents = QuantCodec(bits, group_size)
+        # latent channels have no query partner to weigh them, and no sinks: plain steps
+        self._coder = CacheGenCodec(key_step=step, value_step=step, key_emphasis=0, value_emphasis=0,
+                                    shallow_layers=0, sinks=0)
         self._data: bytes | None = None
         self._models: dict[str, CacheAutoencoder] = {}
         if _HASH.fullmatch(weights) is None:  # a path: read it now, and record only its hash
@@ -62,6 +72,7 @@ class AECodec(Codec):
             self._data = Path(weights).read_bytes()
             weights = "sha256:" + sha256(self._data)
         self.weights, self.embed, self.bits, self.group_size = weights, embed, bits, group_size
+        self.entropy, self.step = entropy, step
 
     @classmethod
     def from_header(cls, config):
@@ -80,10 +91,20 @@ class AECodec(Codec):
             self._data = find_weights(self.digest)
         return self._data
 
-    def _model(self, context, device) -> CacheAutoencoder:
+    def _check_context(self, context) -> None:
+        expected = int(self.embed) + int(self.entropy)
+        if len(context) != expected:
+            raise CodecError(f"ae with embed={self.embed} and entropy={self.entropy} needs {expected} context "
+                             f"blob(s); the file has {len(context)}")
+
+    def network(self, context, device) -> CacheAutoencoder:
+        """The autoencoder on `device`, from the embedded weights or found by hash; built once
+        per device."""
         key = str(device)
         if key not in self._models:
-            if context:
+            if self.embed:
+                if not context:
+                    raise CodecError("ae: the file has no embedded weights though its header says embed=true")
                 data = bytes(context[0])
                 if sha256(data) != self.digest:
                     raise CodecError("ae: the embedded weights do not match the sha256 the header names")
@@ -92,22 +113,43 @@ class AECodec(Codec):
             self._models[key] = CacheAutoencoder.from_bytes(data).to(device)
         return self._models[key]
 
+    @torch.no_grad()
     def fit(self, cache, chunk_tokens):
-        self._model([], "cpu").config.check_fits(cache)
-        return [self._weights()] if self.embed else []
+        weights = [self._weights()] if self.embed else []
+        ae = self.network(weights, "cpu")
+        ae.config.check_fits(cache)
+        if not self.entropy:
+            return weights
+        from ..api import layer_chunks
+        from ..cache import KVCache, LayerKV
+
+        layers = []  # every chunk's latents computed exactly as `encode` will, so they fall in the tables
+        for i, lay in enumerate(cache.layers):
+            device_ae = self.network(weights, lay.key.device)
+            latents = {name: [] for name in ("key", "value")}
+            for info, chunk in layer_chunks(i, lay, chunk_tokens):
+                latents[info.tensor].append(device_ae.encode(info.tensor, i, chunk))
+            layers.append(LayerKV(*(torch.cat(latents[name], 2) for name in ("key", "value"))))
+        return weights + self._coder.fit(KVCache(layers), chunk_tokens)
 
     def _latent_info(self, ae: CacheAutoencoder, info: ChunkInfo) -> ChunkInfo:
+        """The latents' chunk: quant codes them in its value layout (groups along a vector's
+        latent channels), cachegen with the tables of the chunk's own layer and tensor."""
         c = ae.config
         b, h, t, d = info.shape
         if info.layer >= c.layers or h != c.heads or d != c.head_dim[info.tensor]:
             raise CodecError(f"ae: layer {info.layer} {info.tensor} of {h} heads x {d} does not fit the weights "
                              f"({c.layers} layers of {c.heads} heads x {c.head_dim[info.tensor]})")
-        return ChunkInfo(info.layer, "value", info.token_start, (b, h, t, c.latent_dim), torch.float32)
+        tensor = info.tensor if self.entropy else "value"
+        return ChunkInfo(info.layer, tensor, info.token_start, (b, h, t, c.latent_dim), torch.float32)
 
     @torch.no_grad()
     def encode(self, chunk, info, context):
-        ae = self._model(context, chunk.device)
+        self._check_context(context)
+        ae = self.network(context, chunk.device)
         latent = ae.encode(info.tensor, info.layer, chunk)
+        if self.entropy:
+            return self._coder.encode(latent, self._latent_info(ae, info), [context[-1]])
         return self._latents.encode(latent, self._latent_info(ae, info), [])
 
     def decode(self, payload, info, context):
@@ -118,9 +160,12 @@ class AECodec(Codec):
         """The payload moves to `device` as it is (a few bytes per vector); 8-bit latents are
         dequantized and the network run there."""
         device = torch.device(device)
-        ae = self._model(context, device)
+        self._check_context(context)
+        ae = self.network(context, device)
         latent_info = self._latent_info(ae, info)
-        if self.bits == 8 and device.type != "cpu":
+        if self.entropy:
+            latent = self._coder.decode(payload, latent_info, [context[-1]]).to(device)
+        elif self.bits == 8 and device.type != "cpu":
             latent = self._dequantize_8bit(payload, latent_info, device)
         else:
             latent = self._latents.decode(payload, latent_info, []).to(device)
