@@ -25,7 +25,13 @@ from kvcodec.autoencoder import AEConfig, CacheAutoencoder
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # float16 keys and values
-CODECS = {"raw": {}, "quant": {"bits": 4}, "cachegen": {}, "ae": {"embed": False}}
+CODECS = {  # label -> (codec, options)
+    "raw": ("raw", {}),
+    "quant": ("quant", {"bits": 4}),
+    "cachegen": ("cachegen", {}),
+    "ae": ("ae", {"embed": False}),
+    "ae-entropy": ("ae", {"embed": False, "entropy": True}),
+}
 
 
 def model_like_smollm2(device):
@@ -90,19 +96,21 @@ def main() -> None:
         ae = CacheAutoencoder(AEConfig(LAYERS, KV_HEADS, {"key": HEAD_DIM, "value": HEAD_DIM}, args.latent_dim))
         ae.save(os.path.join(tmp, "ae.safetensors"))
         os.environ["KVCODEC_AE_PATH"] = tmp
-        print(f"{'size MB':>8} {'tokens':>7} {'codec':>9} {'ratio':>6} {'TTFT s':>8} {'restore s':>9}")
+        print(f"{'size MB':>8} {'tokens':>7} {'codec':>10} {'ratio':>6} {'TTFT s':>8} {'restore s':>9}")
         for size in args.sizes_mb:
             tokens = max(1, int(size * 1e6 // BYTES_PER_TOKEN))
             cache = random_cache(tokens)
             for name in args.codecs:
-                options = dict(CODECS[name], weights=os.path.join(tmp, "ae.safetensors")) if name == "ae" else CODECS[name]
+                codec, options = CODECS[name]
+                if codec == "ae":
+                    options = dict(options, weights=os.path.join(tmp, "ae.safetensors"))
                 path = os.path.join(tmp, f"{name}.kvc")
-                stored = kvcodec.pack(cache, path, name, **options)
+                stored = kvcodec.pack(cache, path, codec, **options)
                 total, restore = ttft(model, path, tokens, device, args.repeat)
                 row = {"size_mb": size, "tokens": tokens, "codec": name, "ratio": cache.nbytes / stored,
                        "ttft_s": total, "restore_s": restore}
                 rows.append(row)
-                print(f"{size:8.0f} {tokens:7d} {name:>9} {row['ratio']:6.2f} {total:8.4f} {restore:9.4f}", flush=True)
+                print(f"{size:8.0f} {tokens:7d} {name:>10} {row['ratio']:6.2f} {total:8.4f} {restore:9.4f}", flush=True)
                 os.unlink(path)
     if args.json:
         doc = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -1,8 +1,9 @@
-"""GPU decode of `ae` records with 8-bit latents, fused: each program dequantizes a tile of
-latent vectors, runs the decoder network on it (latent -> hidden -> SiLU -> head_dim, then the
-layer's normalization undone) and writes fp16/bf16/fp32 straight into the output layout. One
-launch decodes every record of a batch, whatever its layer: the weights of all layers lie
-stacked on the device and each program picks its own.
+"""GPU decode of `ae` records, fused: each program dequantizes a tile of 8-bit latent vectors,
+runs the decoder network on it (latent -> hidden -> SiLU -> head_dim, then the layer's
+normalization undone) and writes fp16/bf16/fp32 straight into the output layout. One launch
+decodes every record of a batch, whatever its layer: the weights of all layers lie stacked on
+the device and each program picks its own. Entropy-coded latents are first decoded by the
+cachegen kernel into a float32 buffer, which the same network kernel then reads.
 
 Matmuls accumulate in float32 ("ieee" precision, no TF32), in a different order from torch's:
 the output matches the CPU decoder to float32 rounding, not bit for bit (the codec is lossy and
@@ -11,6 +12,8 @@ its CPU and GPU paths differ alike).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 import triton
@@ -18,6 +21,7 @@ import triton.language as tl
 
 from kvcodec.errors import CodecError
 
+from . import cachegen as cachegen_kernels
 from . import jobs as J
 from .rounding import to_output_dtype
 
@@ -27,10 +31,10 @@ MAX_WIDTH = 256  # latent, hidden and head dims a program holds in registers
 
 
 @triton.jit
-def _ae_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, w_up, b_up, e_up, w_out, b_out, mean, std,
-               NCOL: tl.constexpr, L: tl.constexpr, HID: tl.constexpr, D: tl.constexpr, SLOTS: tl.constexpr,
-               LAYERS: tl.constexpr, GROUP: tl.constexpr, SHARED: tl.constexpr, BT: tl.constexpr,
-               BL: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
+def _ae_kernel(staged_ptr, params_ptr, latents_ptr, out_ptr, table_ptr, first_job, w_up, b_up, e_up, w_out, b_out,
+               mean, std, NCOL: tl.constexpr, L: tl.constexpr, HID: tl.constexpr, D: tl.constexpr,
+               SLOTS: tl.constexpr, LAYERS: tl.constexpr, GROUP: tl.constexpr, SHARED: tl.constexpr,
+               DECODED: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     t0 = tl.program_id(0).to(tl.int64) * BT
     bh = tl.program_id(1)
     row = table_ptr + (first_job + tl.program_id(2)) * NCOL
@@ -39,21 +43,23 @@ def _ae_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, w_up, b_up
     tokens = tl.load(row + 7)
     layer = tl.load(row + 8)
     tensor = tl.load(row + 9)
-    n_groups = tl.load(row + 12)  # the column `prepare` adds
     rows = tl.where(bh < tl.load(row + 5) * heads, tokens - t0, 0)
     ti = tl.arange(0, BT)[:, None]
     li = tl.arange(0, BL)
     hi = tl.arange(0, BH)
     di = tl.arange(0, BD)
-    # latents in quant's value layout: one float16 minimum and scale per GROUP channels of a vector
     vector = bh * tokens + t0 + ti
     mask = (ti < rows) & (li[None, :] < L)
-    g = vector * ((L + GROUP - 1) // GROUP) + li[None, :] // GROUP
-    params = params_ptr + src // 2
-    lo = tl.load(params + g, mask=mask, other=0).to(tl.float32)
-    scale = tl.load(params + n_groups + g, mask=mask, other=0).to(tl.float32)
-    code = tl.load(staged_ptr + src + 4 * n_groups + vector * L + li[None, :], mask=mask, other=0).to(tl.float32)
-    z = code * scale + lo
+    if DECODED:  # float32 latents [batch, heads, tokens, L] from column 12's element offset on
+        z = tl.load(latents_ptr + tl.load(row + 12) + vector * L + li[None, :], mask=mask, other=0)
+    else:  # quant's value layout: one float16 minimum and scale per GROUP channels of a vector
+        n_groups = tl.load(row + 12)
+        g = vector * ((L + GROUP - 1) // GROUP) + li[None, :] // GROUP
+        params = params_ptr + src // 2
+        lo = tl.load(params + g, mask=mask, other=0).to(tl.float32)
+        scale = tl.load(params + n_groups + g, mask=mask, other=0).to(tl.float32)
+        code = tl.load(staged_ptr + src + 4 * n_groups + vector * L + li[None, :], mask=mask, other=0)
+        z = code.to(tl.float32) * scale + lo
     # the decoder network of this record's layer and tensor (slot 0 of each tensor when shared)
     net = tensor * SLOTS + (0 if SHARED else layer)
     at_layer = tensor * LAYERS + layer
@@ -81,24 +87,26 @@ def _dims(codec, context) -> tuple[int, int, int] | None:
 
 
 def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
-    """8-bit latents without entropy coding, networks narrow enough for one program's registers."""
-    dims = _dims(codec, context) if codec.bits == 8 and not codec.entropy else None
+    """8-bit or entropy-coded latents, networks narrow enough for one program's registers."""
+    dims = _dims(codec, context) if codec.bits == 8 or codec.entropy else None
     return J.fits_grid(table) & (dims is not None and max(dims) <= MAX_WIDTH)
 
 
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> its stacked tensors
+
+
 def stacked_weights(codec, context, device) -> dict[str, torch.Tensor]:
-    """The key and value networks' tensors stacked along a first axis of 2 (key, value), cached
-    on the codec per device."""
-    cache = codec.__dict__.setdefault("_kernel_weights", {})
-    if str(device) not in cache:
-        ae = codec.network(context, device)
+    """The key and value networks' tensors stacked along a first axis of 2 (key, value), kept
+    as long as the network is."""
+    ae = codec.network(context, device)
+    if ae not in _STACKED:
         nets = [ae.nets[name] for name in ("key", "value")]
         stack = {name: torch.stack([getattr(n, name).detach().float() for n in nets]).contiguous()
                  for name in ("w_up", "b_up", "w_out", "b_out", "mean", "std")}
         embed = torch.stack([n.embed_up.detach().float() for n in nets]).contiguous()
         stack["e_up"] = embed if embed.numel() else torch.zeros(1, device=device)
-        cache[str(device)] = stack
-    return cache[str(device)]
+        _STACKED[ae] = stack
+    return _STACKED[ae]
 
 
 def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
@@ -110,23 +118,38 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         raise CodecError(f"ae: the record of {J.where(table[misfit[0]])} does not fit the weights "
                          f"({config.layers} layers of {config.heads} heads x {head_dim})")
     g = codec.group_size
-    groups = b * h * t * (-(-latent // g))
-    expected = 4 * groups + b * h * t * latent
-    bad = np.flatnonzero(table[:, J.LENGTH] != expected)
-    if bad.size:
-        raise CodecError(f"ae payload of {J.where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
-                         f"its shape needs {int(expected[bad[0]])}")
-    table = J.with_columns(table, groups)
+    steps, checks = [], []
+    if codec.entropy:  # the cachegen kernel decodes the latents of every record into one buffer
+        n = b * h * t * latent
+        at = np.cumsum(n) - n
+        latent_table = table.copy()
+        latent_table[:, J.HEAD_DIM], latent_table[:, J.DST] = latent, at
+        latent_table[:, J.STRIDE_B], latent_table[:, J.STRIDE_H] = h * t * latent, t * latent
+        latents = torch.empty(max(1, int(n.sum())), dtype=torch.float32, device=out.device)
+        decode_latents = cachegen_kernels.prepare(codec._coder, [context[-1]], latent_table, staged, latents)
+        steps.append(decode_latents)
+        checks = decode_latents.checks
+        table = J.with_columns(table, at)
+    else:
+        groups = b * h * t * (-(-latent // g))
+        expected = 4 * groups + b * h * t * latent
+        bad = np.flatnonzero(table[:, J.LENGTH] != expected)
+        if bad.size:
+            raise CodecError(f"ae payload of {J.where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
+                             f"its shape needs {int(expected[bad[0]])}")
+        latents = out  # unused
+        table = J.with_columns(table, groups)
     weights = stacked_weights(codec, context, out.device)
     bt = TOKENS_PER_PROGRAM
     launches = J.tile_launches(table, t, bt)
-    args = (staged, staged.view(torch.float16), out, J.to_device(table, out.device))
+    args = (staged, staged.view(torch.float16), latents, out, J.to_device(table, out.device))
     stack = [weights[k] for k in ("w_up", "b_up", "e_up", "w_out", "b_out", "mean", "std")]
 
     def run():
         for first, grid in launches:
             _ae_kernel[grid](*args, first, *stack, NCOL=table.shape[1], L=latent, HID=hidden, D=head_dim,
                              SLOTS=1 if config.shared else config.layers, LAYERS=config.layers, GROUP=g,
-                             SHARED=config.shared, BT=bt, BL=max(16, J.block(latent)), BH=max(16, J.block(hidden)),
-                             BD=max(16, J.block(head_dim)), num_warps=NUM_WARPS)
-    return J.Launch([run], [])
+                             SHARED=config.shared, DECODED=codec.entropy, BT=bt, BL=max(16, J.block(latent)),
+                             BH=max(16, J.block(hidden)), BD=max(16, J.block(head_dim)), num_warps=NUM_WARPS)
+    steps.append(run)
+    return J.Launch(steps, checks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import kvcodec
 from kvcodec import ae_training
 from kvcodec.autoencoder import CacheAutoencoder
+from kvcodec.codecs import ae as ae_codec
 from kvcodec.codecs.ae import SEARCH_ENV
 from kvcodec.errors import CodecError, InputError
 from conftest import synthetic_cache
@@ -81,7 +83,9 @@ def test_embedded_and_referenced_weights_decode_identically(trained, monkeypatch
 
 def test_missing_mismatched_or_damaged_weights_are_refused(trained, tmp_path, monkeypatch):
     cache, _, folder, digest = trained
+    monkeypatch.setattr(ae_codec, "_NETWORKS", OrderedDict())
     referenced = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False)
+    ae_codec._NETWORKS.clear()  # as in a process that has not loaded these weights
     other = ae_training.train([low_rank_cache(seed=3)], LATENT, hidden=32, steps=5)
     other.save(tmp_path / "other.safetensors")  # a different network in the search path
     monkeypatch.setenv(SEARCH_ENV, str(tmp_path))
@@ -216,3 +220,16 @@ def test_entropy_coded_latents_need_their_tables(trained):
         codec.decode(memoryview(payload), info, context[:1])
     with pytest.raises(CodecError, match="step must be a number"):
         kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), step=0)
+
+
+def test_a_network_is_loaded_once_per_process(trained, monkeypatch):
+    """Weights named by hash never change: a second file referencing them decodes without
+    searching the folders again, and embedded weights are still checked against their hash."""
+    cache, _, folder, digest = trained
+    monkeypatch.setattr(ae_codec, "_NETWORKS", OrderedDict())
+    monkeypatch.setenv(SEARCH_ENV, str(folder))
+    data = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False)
+    first = kvcodec.decode(data)
+    monkeypatch.setattr(ae_codec, "find_weights", lambda digest: pytest.fail("searched again"))
+    assert kvcodec.decode(data).equal(first)
+    assert list(ae_codec._NETWORKS) == [(digest, "cpu")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -26,6 +27,10 @@ from .quant import QuantCodec
 SEARCH_ENV = "KVCODEC_AE_PATH"
 DEFAULT_FOLDER = Path.home() / ".cache" / "kvcodec" / "ae"
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
+# Networks already built, by (sha256, device): weights named by their hash never change, so a
+# process restoring many files loads each network once.
+_NETWORKS: OrderedDict[tuple[str, str], CacheAutoencoder] = OrderedDict()
+MAX_NETWORKS = 8
 
 
 def search_folders() -> list[Path]:
@@ -65,7 +70,7 @@ class AECodec(Codec):
         self._coder = CacheGenCodec(key_step=step, value_step=step, key_emphasis=0, value_emphasis=0,
                                     shallow_layers=0, sinks=0)
         self._data: bytes | None = None
-        self._models: dict[str, CacheAutoencoder] = {}
+        self._embedded_checked = False
         if _HASH.fullmatch(weights) is None:  # a path: read it now, and record only its hash
             if not os.path.isfile(weights):
                 raise ValueError(f"{weights}: no such weights file")
@@ -98,20 +103,22 @@ class AECodec(Codec):
                              f"blob(s); the file has {len(context)}")
 
     def network(self, context, device) -> CacheAutoencoder:
-        """The autoencoder on `device`, from the embedded weights or found by hash; built once
-        per device."""
-        key = str(device)
-        if key not in self._models:
-            if self.embed:
-                if not context:
-                    raise CodecError("ae: the file has no embedded weights though its header says embed=true")
-                data = bytes(context[0])
-                if sha256(data) != self.digest:
-                    raise CodecError("ae: the embedded weights do not match the sha256 the header names")
-            else:
-                data = self._weights()
-            self._models[key] = CacheAutoencoder.from_bytes(data).to(device)
-        return self._models[key]
+        """The autoencoder on `device`, from the embedded weights (checked against the hash once
+        per codec) or found by hash; built once per process and device."""
+        if self.embed and not self._embedded_checked:
+            if not context:
+                raise CodecError("ae: the file has no embedded weights though its header says embed=true")
+            if sha256(bytes(context[0])) != self.digest:
+                raise CodecError("ae: the embedded weights do not match the sha256 the header names")
+            self._embedded_checked = True
+        key = (self.digest, str(device))
+        if key not in _NETWORKS:
+            data = bytes(context[0]) if self.embed else self._weights()
+            _NETWORKS[key] = CacheAutoencoder.from_bytes(data).to(device)
+            while len(_NETWORKS) > MAX_NETWORKS:
+                _NETWORKS.popitem(last=False)
+        _NETWORKS.move_to_end(key)
+        return _NETWORKS[key]
 
     @torch.no_grad()
     def fit(self, cache, chunk_tokens):
