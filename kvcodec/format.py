@@ -301,6 +301,14 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
     return groups
 
 
+def index_bound(header: "Header") -> int:
+    """Bytes of index and trailer a writer produces for `header` (with up to 8 context blobs
+    per codec): how much of a remote file's tail to fetch at once."""
+    records = sum(-(-getattr(lay, t).tokens // header.chunk_tokens) for lay in header.layers for t in TENSORS)
+    blobs = 8 * len(header.codecs) + 1 + len(header.layers)
+    return INDEX_HEAD.size + records * RECORD_DTYPE.itemsize + blobs * BLOB_DTYPE.itemsize + TRAILER.size
+
+
 def extents(records: np.ndarray, blobs: np.ndarray) -> list[tuple[int, int]]:
     """(offset, length) of every payload and blob, in file order."""
     return sorted(zip(records["offset"].tolist() + blobs["offset"].tolist(),

@@ -1,18 +1,22 @@
 """Lazy `.kvc` reader: validates the header and index up front, then decodes only the
-records asked for. Works on paths, seekable binary files, in-memory bytes and uint8 tensors
-(a pinned one lets GPU reads copy payloads to the device without a host copy)."""
+records asked for. Works on paths, seekable binary files, in-memory bytes, uint8 tensors (a
+pinned one lets GPU reads copy payloads to the device without a host copy) and URLs (http(s)
+with Range requests, or any fsspec filesystem), fetching only the byte ranges it needs."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import format as fmt
-from . import positions
+from . import positions, ranged
 from .cache import KVCache, LayerKV
 from .codec import ChunkInfo, Codec
 from .dtypes import itemsize, torch_dtype
@@ -26,6 +30,12 @@ class _Source:
     def __init__(self, src):
         self._own = False
         self.tensor = None  # a CPU uint8 tensor holding the file, when given one (may be pinned)
+        self.remote = None  # a ranged.RangedFile for URLs
+        if ranged.is_url(src):
+            self.remote, self._own = ranged.RangedFile(ranged.backend_for(src)), True
+            self._buf = self._file = None
+            self.size = self.remote.size
+            return
         if isinstance(src, torch.Tensor):
             if src.dtype != torch.uint8 or src.dim() != 1 or src.device.type != "cpu" or not src.is_contiguous():
                 raise FormatError("a tensor source must be a contiguous 1-D uint8 CPU tensor")
@@ -50,15 +60,31 @@ class _Source:
             raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
         if self._buf is not None:
             return self._buf[offset:offset + length]
+        if self.remote is not None:
+            return self.remote.read(offset, length)
         self._file.seek(offset)
         data = self._file.read(length)
         if len(data) != length:
             raise FormatError("the file ended early (changed while reading?)")
         return data
 
+    def prefetch(self, extents) -> None:
+        """Announce the (offset, length) extents about to be read: a remote file fetches them in
+        as few requests as they allow; local sources need nothing."""
+        if self.remote is not None:
+            self.remote.prefetch(extents)
+
+    def forget(self, start: int, stop: int) -> None:
+        if self.remote is not None:
+            self.remote.forget(start, stop)
+
+    def expect_tail(self, length: int) -> None:
+        if self.remote is not None:
+            self.remote.tail_window = max(self.remote.tail_window, length)
+
     def close(self):
         if self._own:
-            self._file.close()
+            (self.remote or self._file).close()
 
 
 def _use_kernels(device, decoder: str) -> bool:
@@ -99,6 +125,7 @@ class KVCReader:
         fmt.check_header_crc(preamble, header_bytes)
         self.header = fmt.Header.from_bytes(header_bytes)
         self.header_end = fmt.PREAMBLE.size + header_len
+        src.expect_tail(fmt.index_bound(self.header))
         self.data_start = fmt.align(self.header_end)
         trailer = bytes(src.read(src.size - fmt.TRAILER.size, fmt.TRAILER.size))
         index_offset, index_len = fmt.parse_trailer(trailer, src.size, self.data_start)
@@ -238,6 +265,22 @@ class KVCReader:
             raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
                               f"{int(r['length'])}-byte payload: the file is corrupt")
 
+    def _prefetch(self, records) -> tuple[int, int]:
+        """Announce the payloads of `records` and the blobs decoding them needs (their codecs'
+        contexts, token ids, positions) to the source; return the span the payloads cover."""
+        records = np.asarray(records, dtype=np.int64)
+        if not records.size:
+            return 0, 0
+        r = self.records[records]
+        owners = set(np.unique(r["codec_slot"]).tolist()) | {fmt.CONTAINER_OWNER}
+        b = self.blobs[np.isin(self.blobs["owner"], list(owners))]
+        self._src.prefetch(list(zip(r["offset"].tolist() + b["offset"].tolist(),
+                                    r["length"].tolist() + b["length"].tolist())))
+        return int(r["offset"].min()), int((r["offset"] + r["length"]).max())
+
+    def _layer_records(self, layer: int) -> list[int]:
+        return [i for t in (0, 1) for i in self._groups.get((layer, t), [])]
+
     def _records_for(self, layer: int, t: int, start: int, stop: int) -> list[int]:
         """Indices of the records of (layer, key/value) overlapping tokens [start, stop)."""
         return [i for i in self._groups.get((layer, t), [])
@@ -284,6 +327,7 @@ class KVCReader:
         "kernels" always with the kernels (see `kvcodec.kernels`)."""
         layer = self._check_layer(layer)
         start, stop = self._token_range(layer, tokens)
+        self._prefetch([i for t in (0, 1) for i in self._records_for(layer, t, start, stop)])
         if _use_kernels(device, decoder):
             from .kernels import restore
 
@@ -314,6 +358,7 @@ class KVCReader:
     def read_cache(self, device=None, progress=None, decoder: str = "auto") -> KVCache:
         """The whole cache. With `progress`, calls progress(layers_done) as layers complete.
         `decoder` as in `read`; the kernels decode all layers into one buffer per dtype."""
+        self._prefetch(np.arange(len(self.records)))
         if _use_kernels(device, decoder):
             from .kernels import restore
 
@@ -336,9 +381,36 @@ class KVCReader:
                        None if selection is None else {"id": selection.id, "name": selection.name,
                                                        "config": selection.config})
 
+    def stream(self, device=None, decoder: str = "auto", ahead: int = 2) -> Iterator[tuple[int, LayerKV]]:
+        """(index, layer) for every layer in order, each as soon as its bytes have arrived and
+        decoded: a background thread fetches the next `ahead` layers while one decodes, so a
+        remote restore overlaps transfer and decoding. Fetched bytes are dropped once decoded."""
+        if not isinstance(ahead, int) or ahead < 1:
+            raise ValueError(f"ahead must be a positive integer, not {ahead!r}")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = deque(pool.submit(self._prefetch, self._layer_records(i))
+                            for i in range(min(ahead, self.num_layers)))
+            for i in range(self.num_layers):
+                span = pending.popleft().result()
+                if i + ahead < self.num_layers:
+                    pending.append(pool.submit(self._prefetch, self._layer_records(i + ahead)))
+                key, value = self.read(i, device=device, decoder=decoder)
+                self._src.forget(*span)
+                yield i, LayerKV(key, value, self.positions(i))
+
+    def to_hf(self, device=None, config=None, decoder: str = "auto"):
+        """A transformers `DynamicCache` built layer by layer as the file streams in."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config) if config is not None else DynamicCache()
+        for i, lay in self.stream(device=device, decoder=decoder):
+            cache.update(lay.key, lay.value, i)
+        return cache
+
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.
         Together with the checksums this detects any flipped bit in the file."""
+        self._src.prefetch([(self.header_end, self.index_offset - self.header_end)])
         pos = self.header_end
         for offset, length in fmt.extents(self.records, self.blobs) + [(self.index_offset, 0)]:
             gap = offset - pos

@@ -1,0 +1,122 @@
+"""Ranged reads of `.kvc` files over HTTP from a real server on the loopback address (and
+through fsspec): opening costs at most two small requests, reading a layer or a token range
+fetches only its records, streamed restores equal whole ones, and bad servers get clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec import ranged
+from kvcodec.errors import FormatError, InputError
+from kvcodec.serve import FileServer
+from conftest import synthetic_cache
+
+LAYERS, TOKENS, CHUNK = 6, 600, 64
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    cache = synthetic_cache(layers=LAYERS, heads=4, tokens=TOKENS, head_dim=64, token_ids=True)
+    kvcodec.pack(cache, root / "c.kvc", "cachegen", chunk_tokens=CHUNK)
+    kvcodec.pack(cache, root / "q.kvc", "quant", chunk_tokens=CHUNK)
+    with FileServer(root) as server:
+        yield server, root, cache
+
+
+def payload_bytes(reader, layer, tokens=None) -> int:
+    lo, hi = reader._token_range(layer, tokens)
+    return sum(int(reader.records["length"][i]) for t in (0, 1) for i in reader._records_for(layer, t, lo, hi))
+
+
+def test_opening_costs_two_small_requests(served):
+    server, root, _ = served
+    server.log.clear()
+    with kvcodec.open(server.url("c.kvc")) as reader:
+        assert reader.num_layers == LAYERS
+        info = reader.info()
+    assert server.log.requests == 2, server.log.entries
+    size = (root / "c.kvc").stat().st_size
+    assert server.log.bytes_sent < 2 * ranged.HEAD_WINDOW + 16384 < size / 4
+    assert info["file_bytes"] == size and info["codecs"][0]["name"] == "cachegen"
+
+
+@pytest.mark.parametrize("name", ["c.kvc", "q.kvc"])
+def test_a_layer_or_token_range_fetches_only_its_records(served, name):
+    server, root, cache = served
+    local = kvcodec.open(root / name)
+    with kvcodec.open(server.url(name)) as reader:
+        server.log.clear()
+        k, v = reader.read(3)
+        assert server.log.requests == 1  # the layer's records are adjacent: one request
+        need = payload_bytes(reader, 3)
+        assert need <= server.log.bytes_sent <= need + 64 * len(reader._layer_records(3))
+        assert k.equal(local.read(3)[0]) and v.equal(local.read(3)[1])
+        server.log.clear()
+        k, v = reader.read(5, tokens=slice(130, 200))  # two chunks of each tensor
+        need = payload_bytes(reader, 5, slice(130, 200))
+        assert server.log.bytes_sent <= need + 64 * 4 + 2 * 65536  # records, padding, gap between key and value
+        assert server.log.requests <= 2
+        assert k.equal(local.read(5, tokens=slice(130, 200))[0])
+
+
+def test_streamed_and_whole_restores_equal_the_local_file(served):
+    server, root, cache = served
+    want = kvcodec.unpack(root / "c.kvc")
+    server.log.clear()
+    with kvcodec.open(server.url("c.kvc")) as reader:
+        layers = list(reader.stream())
+    assert [i for i, _ in layers] == list(range(LAYERS))
+    for (_, got), ref in zip(layers, want.layers):
+        assert got.key.equal(ref.key) and got.value.equal(ref.value)
+    size = (root / "c.kvc").stat().st_size
+    assert server.log.bytes_sent <= size + 2 * ranged.HEAD_WINDOW  # nothing fetched twice beyond the windows
+    assert kvcodec.unpack(server.url("c.kvc")).equal(want)  # strict: every byte checked
+    assert kvcodec.open(server.url("c.kvc")).token_ids().equal(want.token_ids)
+
+
+def test_to_hf_builds_layer_by_layer(served):
+    pytest.importorskip("transformers")
+    server, root, cache = served
+    hf = kvcodec.open(server.url("q.kvc")).to_hf()
+    want = kvcodec.unpack(root / "q.kvc")
+    assert len(hf.layers) == LAYERS
+    assert hf.layers[2].keys.equal(want.layers[2].key) and hf.layers[2].values.equal(want.layers[2].value)
+
+
+def test_fsspec_urls_read_alike(served):
+    pytest.importorskip("fsspec")
+    _, root, _ = served
+    assert kvcodec.unpack(f"file://{root / 'c.kvc'}").equal(kvcodec.unpack(root / "c.kvc"))
+
+
+def test_missing_files_truncated_files_and_servers_without_ranges_are_refused(served, tmp_path):
+    server, root, _ = served
+    with pytest.raises(InputError, match="HTTP 404"):
+        kvcodec.open(server.url("missing.kvc"))
+    data = (root / "c.kvc").read_bytes()
+    (root / "cut.kvc").write_bytes(data[:len(data) // 2])
+    with pytest.raises(FormatError, match="no end marker"):
+        kvcodec.open(server.url("cut.kvc"))
+    with pytest.raises(InputError, match="not an http"):
+        ranged.HTTPBackend("http://")
+    with pytest.raises(InputError, match="Connection refused|connect"):
+        kvcodec.open("http://127.0.0.1:1/c.kvc")
+
+
+def test_a_server_ignoring_ranges_is_refused(tmp_path):
+    import http.server
+    import threading
+
+    (tmp_path / "a.kvc").write_bytes(kvcodec.encode(synthetic_cache()))
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InputError, match="ignores Range requests"):
+            kvcodec.open(f"http://127.0.0.1:{server.server_address[1]}/a.kvc")
+    finally:
+        server.shutdown()
+        server.server_close()
