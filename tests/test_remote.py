@@ -5,7 +5,6 @@ fetches only its records, streamed restores equal whole ones, and bad servers ge
 from __future__ import annotations
 
 import pytest
-import torch
 
 import kvcodec
 from kvcodec import ranged
