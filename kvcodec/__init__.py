@@ -10,12 +10,14 @@ from .reader import KVCReader
 from .registry import (available_codecs, available_selectors, codec_class, get_codec, register_codec,
                        register_selector, selector_class)
 from .scores import AttentionScores
+from .store import MemoryBackend, PrefixStore, RedisBackend, content_key, encode_chunk
 
 __version__ = "0.1.0"
 
 __all__ = [
     "pack", "unpack", "open", "encode", "decode", "KVCache", "LayerKV", "Codec", "ChunkInfo",
     "KVCReader", "register_codec", "get_codec", "codec_class", "available_codecs", "register_selector",
-    "selector_class", "available_selectors", "AttentionScores",
+    "selector_class", "available_selectors", "AttentionScores", "PrefixStore", "MemoryBackend", "RedisBackend",
+    "content_key", "encode_chunk",
     "KVCError", "InputError", "FormatError", "ChecksumError", "CodecError",
 ]

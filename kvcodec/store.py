@@ -1,0 +1,174 @@
+"""Caches in key-value stores: one entry per chunk of tokens, keyed by its content, so a prefix
+shared by many prompts is stored once and any prompt starting with it finds it.
+
+A chunk's key hashes the model id, the codec and its config, where the chunk starts and every
+token id up to its end: the keys and values of a token depend on all tokens before it, so equal
+keys mean equal chunks. An entry is an ordinary `.kvc` file of the chunk's tokens of every layer.
+
+`PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
+(a dict) and `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) are here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .api import decode, encode
+from .cache import KVCache, LayerKV
+from .codec import Codec
+from .errors import InputError
+from .pipeline import parse
+from .registry import codec_class
+
+KEY_VERSION = "kvcodec-chunk-1"
+
+
+def content_key(model_id: str, token_ids: Sequence[int], codec: str, config: dict, start: int = 0) -> str:
+    """Hex sha256 naming the chunk of tokens [start, len(token_ids)) of the cache that `model_id`
+    computes for `token_ids`, stored with `codec` and `config`."""
+    ids = np.asarray(token_ids, dtype="<i8").reshape(-1)
+    if not 0 <= start < len(ids):
+        raise InputError(f"a chunk starts inside its tokens: start {start} of {len(ids)}")
+    head = json.dumps({"v": KEY_VERSION, "model": model_id, "codec": codec, "config": config, "start": start},
+                      sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(head.encode())
+    digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def cache_slice(cache: KVCache, start: int, stop: int) -> KVCache:
+    """Tokens [start, stop) of every layer, as their own cache (copies: views would drag their
+    whole tensors into an encoder's memory)."""
+    layers = [LayerKV(lay.key[:, :, start:stop].clone(), lay.value[:, :, start:stop].clone()) for lay in cache.layers]
+    ids = None if cache.token_ids is None else cache.token_ids[..., start:stop].clone()
+    return KVCache(layers, ids, dict(cache.metadata), cache.layout)
+
+
+def encode_chunk(cache: KVCache, start: int, stop: int, codec: str | Codec = "raw", **options) -> bytes:
+    """Tokens [start, stop) of every layer as `.kvc` bytes (`kvcodec.decode` restores them)."""
+    n = cache.layers[0].key.shape[2]
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= n):
+        raise InputError(f"a chunk is a token range inside the cache's {n} tokens, not [{start}, {stop})")
+    return encode(cache_slice(cache, start, stop), codec, **options)
+
+
+def concat(parts: list[KVCache]) -> KVCache:
+    """Caches of consecutive token ranges, joined along tokens."""
+    layers = [LayerKV(torch.cat([p.layers[i].key for p in parts], 2), torch.cat([p.layers[i].value for p in parts], 2))
+              for i in range(parts[0].num_layers)]
+    ids = [p.token_ids for p in parts]
+    return KVCache(layers, None if any(i is None for i in ids) else torch.cat(ids, -1), dict(parts[0].metadata),
+                   parts[0].layout)
+
+
+class MemoryBackend:
+    """Entries in a dict (tests, examples, a process-local tier)."""
+
+    def __init__(self):
+        self.entries: dict[str, bytes] = {}
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self.entries.get(k) for k in keys]
+
+    def put(self, key: str, data: bytes) -> bool:
+        """Store unless present; True when stored."""
+        if key in self.entries:
+            return False
+        self.entries[key] = bytes(data)
+        return True
+
+
+class RedisBackend:
+    """Entries in a Redis-protocol server through a redis-py client, under `namespace`, with an
+    optional expiry (`ttl` seconds). Lookups of a prompt's chunks take one round trip (MGET)."""
+
+    def __init__(self, client, namespace: str = "kvc:", ttl: int | None = None):
+        self.client, self.namespace, self.ttl = client, namespace, ttl
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self.client.mget([self.namespace + k for k in keys]) if keys else []
+
+    def put(self, key: str, data: bytes) -> bool:
+        return bool(self.client.set(self.namespace + key, bytes(data), nx=True, ex=self.ttl))
+
+
+class PrefixStore:
+    """Store caches chunk by chunk and restore the longest stored prefix of a prompt.
+
+    `codec` and `options` as for `kvcodec.encode` (a codec, not a pruning pipeline: chunks of a
+    pruned cache do not join into a prefix). Chunks hold `chunk_tokens` tokens; a cache's last,
+    shorter chunk is stored too, and found by a prompt of exactly those tokens."""
+
+    def __init__(self, backend, model_id: str, codec: str | Codec = "cachegen", chunk_tokens: int = 256, **options):
+        if isinstance(codec, Codec):
+            self.codec = codec
+        else:
+            pipe = parse(codec, options)
+            if pipe.selector is not None:
+                raise InputError("a prefix store keeps whole caches: use a codec, not a selection pipeline")
+            self.codec = codec_class(pipe.codec).from_config(pipe.options)
+        if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+            raise InputError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
+        if not isinstance(model_id, str) or not model_id:
+            raise InputError("model_id must name the model the caches come from")
+        self.backend, self.model_id, self.chunk_tokens = backend, model_id, chunk_tokens
+        self._config = self.codec.get_config()
+
+    def _ids(self, token_ids) -> np.ndarray:
+        ids = np.asarray(torch.as_tensor(token_ids).cpu(), dtype=np.int64)
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1:
+            raise InputError(f"token ids must be one sequence, not shape {tuple(ids.shape)}")
+        return ids
+
+    def chunks(self, token_ids) -> list[tuple[int, int, str]]:
+        """(start, stop, key) of every chunk of a cache of `token_ids`."""
+        ids = self._ids(token_ids)
+        bounds = list(range(0, len(ids), self.chunk_tokens)) + [len(ids)]
+        return [(a, b, content_key(self.model_id, ids[:b], self.codec.name, self._config, a))
+                for a, b in zip(bounds, bounds[1:])]
+
+    def put(self, cache: KVCache, token_ids=None) -> int:
+        """Store the chunks of `cache` (its own token ids unless given) not stored yet; returns
+        how many were new."""
+        ids = self._ids(token_ids if token_ids is not None else cache.token_ids if cache.token_ids is not None
+                        else _missing_ids())
+        if any(lay.positions is not None for lay in cache.layers):
+            raise InputError("a prefix store keeps whole caches; this one is pruned")
+        b, _, t, _ = cache.layers[0].key.shape
+        if b != 1 or t != len(ids):
+            raise InputError(f"the cache holds {b} sequence(s) of {t} tokens; a prefix store needs one sequence "
+                             f"with one token id per token ({len(ids)} given)")
+        chunks = self.chunks(ids)
+        present = self.backend.get_many([key for _, _, key in chunks])
+        written = 0
+        for (a, b, key), found in zip(chunks, present):
+            if found is None:
+                part = cache_slice(cache, a, b)
+                part.token_ids = torch.from_numpy(ids[a:b].copy()).reshape(1, -1)
+                written += bool(self.backend.put(key, encode(part, self.codec)))
+        return written
+
+    def get(self, token_ids, device=None) -> tuple[KVCache | None, int]:
+        """(cache of the longest stored prefix of `token_ids`, its length): (None, 0) when not
+        even the first chunk is stored."""
+        chunks = self.chunks(token_ids)
+        found = self.backend.get_many([key for _, _, key in chunks])
+        parts = []
+        for (a, b, _), data in zip(chunks, found):
+            if data is None:
+                break
+            parts.append(decode(data, device=device))
+        if not parts:
+            return None, 0
+        return concat(parts), chunks[len(parts) - 1][1]
+
+
+def _missing_ids():
+    raise InputError("the cache has no token ids: pass token_ids")

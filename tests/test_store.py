@@ -1,0 +1,124 @@
+"""Caches in key-value stores: content keys, chunk bytes, and a prefix store over a real
+Redis-protocol server started here (redis-server when installed, else fakeredis's TCP server)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec.errors import InputError
+from kvcodec.store import cache_slice
+from conftest import synthetic_cache
+
+CHUNK = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_client():
+    redis = pytest.importorskip("redis")
+    port = free_port()
+    if shutil.which("redis-server"):
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL)
+        stop = server.terminate
+    else:
+        fakeredis = pytest.importorskip("fakeredis")
+        tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+        threading.Thread(target=tcp.serve_forever, daemon=True).start()
+
+        def stop():
+            tcp.shutdown()
+            tcp.server_close()
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield client
+    client.close()
+    stop()
+
+
+def prompt_cache(ids: list[int], seed=0) -> kvcodec.KVCache:
+    """A cache whose every token's vectors depend on all ids before it, as a model's do."""
+    cache = synthetic_cache(layers=3, heads=2, tokens=len(ids), head_dim=16, seed=seed)
+    prefix = torch.cumsum(torch.tensor(ids, dtype=torch.float32), 0) % 97 / 97
+    for lay in cache.layers:
+        lay.key = (lay.key.float() * 0 + prefix[None, None, :, None]).half()
+        lay.value = (lay.value.float() * 0 + prefix[None, None, :, None] * 2).half()
+    cache.token_ids = torch.tensor([ids])
+    return cache
+
+
+def test_content_keys_depend_on_everything_that_makes_a_chunk():
+    base = kvcodec.content_key("smollm2", [1, 2, 3], "quant", {"bits": 4}, 0)
+    assert base == kvcodec.content_key("smollm2", [1, 2, 3], "quant", {"bits": 4}, 0)  # stable
+    others = [kvcodec.content_key("llama", [1, 2, 3], "quant", {"bits": 4}, 0),
+              kvcodec.content_key("smollm2", [1, 2, 4], "quant", {"bits": 4}, 0),
+              kvcodec.content_key("smollm2", [1, 2, 3], "quant", {"bits": 2}, 0),
+              kvcodec.content_key("smollm2", [1, 2, 3], "cachegen", {"bits": 4}, 0),
+              kvcodec.content_key("smollm2", [1, 2, 3], "quant", {"bits": 4}, 1)]
+    assert len({base, *others}) == 6 and len(base) == 64
+    with pytest.raises(InputError, match="starts inside"):
+        kvcodec.content_key("m", [1, 2], "raw", {}, 2)
+
+
+def test_a_chunk_encodes_to_bytes_and_back():
+    cache = synthetic_cache(tokens=50)
+    data = kvcodec.encode_chunk(cache, 10, 30, "zstd")
+    back = kvcodec.decode(data)
+    assert back.layers[1].key.equal(cache.layers[1].key[:, :, 10:30])
+    with pytest.raises(InputError, match="token range inside"):
+        kvcodec.encode_chunk(cache, 30, 60)
+
+
+def test_prefix_store_in_redis_deduplicates_and_restores_prefixes(redis_client):
+    redis_client.flushdb()
+    store = kvcodec.PrefixStore(kvcodec.RedisBackend(redis_client), "smollm2", "zstd", chunk_tokens=CHUNK)
+    a = list(range(100))  # chunks [0,32) [32,64) [64,96) [96,100)
+    b = a[:70] + [999] * 30  # shares two whole chunks with a, then differs
+    assert store.put(prompt_cache(a)) == 4
+    assert redis_client.dbsize() == 4
+    assert store.put(prompt_cache(a)) == 0  # stored once
+    assert store.put(prompt_cache(b)) == 2  # [64,96) and [96,100) of b are new
+    assert redis_client.dbsize() == 6
+    got, n = store.get(b + [5, 6, 7])  # a longer prompt: its whole stored chunks
+    assert n == 96
+    want = prompt_cache(b)
+    assert got.layers[2].key.equal(want.layers[2].key[:, :, :96]) and got.token_ids.tolist() == [b[:96]]
+    got, n = store.get(a)  # exactly a stored cache: its short last chunk too
+    assert n == 100 and got.layers[0].value.equal(prompt_cache(a).layers[0].value)
+    assert store.get([7] + a) == (None, 0)
+
+
+def test_lossy_prefixes_and_refusals():
+    backend = kvcodec.MemoryBackend()
+    store = kvcodec.PrefixStore(backend, "m", "quant", chunk_tokens=CHUNK, bits=8)
+    ids = list(range(80))
+    cache = prompt_cache(ids)
+    store.put(cache)
+    got, n = store.get(ids[:64])
+    assert n == 64
+    err = (got.layers[1].key.float() - cache.layers[1].key[:, :, :64].float()).abs().max()
+    assert float(err) <= 1 / 255 + 1e-3  # 8-bit groups of values within [0, 1]
+    with pytest.raises(InputError, match="not a selection pipeline"):
+        kvcodec.PrefixStore(backend, "m", "h2o+quant")
+    with pytest.raises(InputError, match="1 sequence\\(s\\) of 80 tokens.*10 given"):
+        store.put(cache, ids[:10])
+    with pytest.raises(InputError, match="no token ids"):
+        store.put(cache_slice(synthetic_cache(), 0, 5))
