@@ -23,6 +23,8 @@ from .dtypes import itemsize, torch_dtype
 from .errors import ChecksumError, CodecError, FormatError, KVCError
 from .registry import codec_class
 
+STREAM_FETCH_BYTES = 4 << 20  # least bytes a streamed restore fetches per request
+
 
 class _Source:
     """Random access to bytes that never reads past the end or allocates beyond the request."""
@@ -383,20 +385,33 @@ class KVCReader:
 
     def stream(self, device=None, decoder: str = "auto", ahead: int = 2) -> Iterator[tuple[int, LayerKV]]:
         """(index, layer) for every layer in order, each as soon as its bytes have arrived and
-        decoded: a background thread fetches the next `ahead` layers while one decodes, so a
-        remote restore overlaps transfer and decoding. Fetched bytes are dropped once decoded."""
+        decoded: a background thread fetches the next `ahead` groups of layers (a group: at
+        least STREAM_FETCH_BYTES, so requests stay few) while one decodes, so a remote restore
+        overlaps transfer and decoding. Fetched bytes are dropped once decoded."""
         if not isinstance(ahead, int) or ahead < 1:
             raise ValueError(f"ahead must be a positive integer, not {ahead!r}")
+        groups: list[list[int]] = []
+        size = STREAM_FETCH_BYTES
+        for i in range(self.num_layers):
+            if size >= STREAM_FETCH_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += int(self.records["length"][self._layer_records(i)].sum())
+
+        def fetch(group):
+            return self._prefetch([r for i in group for r in self._layer_records(i)])
+
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = deque(pool.submit(self._prefetch, self._layer_records(i))
-                            for i in range(min(ahead, self.num_layers)))
-            for i in range(self.num_layers):
+            pending = deque(pool.submit(fetch, g) for g in groups[:ahead])
+            for g, group in enumerate(groups):
                 span = pending.popleft().result()
-                if i + ahead < self.num_layers:
-                    pending.append(pool.submit(self._prefetch, self._layer_records(i + ahead)))
-                key, value = self.read(i, device=device, decoder=decoder)
+                if g + ahead < len(groups):
+                    pending.append(pool.submit(fetch, groups[g + ahead]))
+                for i in group:
+                    key, value = self.read(i, device=device, decoder=decoder)
+                    yield i, LayerKV(key, value, self.positions(i))
                 self._src.forget(*span)
-                yield i, LayerKV(key, value, self.positions(i))
 
     def to_hf(self, device=None, config=None, decoder: str = "auto"):
         """A transformers `DynamicCache` built layer by layer as the file streams in."""

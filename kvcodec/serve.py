@@ -53,6 +53,7 @@ class Log:
 def _handler(root: str, rate: float | None, log: Log):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep connections alive between range requests
+        disable_nagle_algorithm = True  # a short last piece must not wait for a delayed ACK
 
         def log_message(self, *args):  # quiet; `log` keeps what matters
             pass

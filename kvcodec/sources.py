@@ -25,6 +25,11 @@ LENGTH_KEY, SELECTION_KEY = "kvcodec.length", "kvcodec.selection"
 
 
 def check_readable(path) -> str:
+    """`path`, if it names a readable file; URLs pass as they are (their reader checks them)."""
+    from .ranged import is_url
+
+    if is_url(path):
+        return path
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")

@@ -119,3 +119,21 @@ def test_a_server_ignoring_ranges_is_refused(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_cli_inspects_and_unpacks_urls(served, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kvcodec.tools.cli import cli
+
+    server, root, cache = served
+    runner = CliRunner()
+    out = runner.invoke(cli, ["inspect", "--json", server.url("q.kvc")])
+    assert out.exit_code == 0, out.output
+    assert '"file_bytes"' in out.output
+    monkeypatch.chdir(tmp_path)
+    out = runner.invoke(cli, ["unpack", server.url("q.kvc"), "-q"])
+    assert out.exit_code == 0, out.output
+    assert kvcodec.sources.load_cache(tmp_path / "q.pt").layers[1].key.equal(kvcodec.unpack(root / "q.kvc").layers[1].key)
+    out = runner.invoke(cli, ["inspect", server.url("missing.kvc")])
+    assert out.exit_code == 1 and "HTTP 404" in out.output and "Traceback" not in out.output

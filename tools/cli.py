@@ -265,6 +265,28 @@ def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
                    f"{human(cache.nbytes)}" + (f"; scores in {scores_out}" if stats is not None else ""), err=True)
 
 
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--rate-mbit", type=click.FloatRange(0.001), default=None,
+              help="Cap each response at this many megabits per second (to try restores at a bandwidth).")
+def serve(directory, host, port, rate_mbit):
+    """Serve the files of DIRECTORY over HTTP with Range support, for trying ranged reads and
+    streaming restores locally (`kvc inspect http://127.0.0.1:8000/cache.kvc`)."""
+    from kvcodec.serve import FileServer
+
+    try:
+        server = FileServer(directory, host, port, rate=None if rate_mbit is None else rate_mbit * 1e6 / 8)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"serving {directory} at {server.url()}", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
 def main():
     cli(prog_name="kvc")
 

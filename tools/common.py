@@ -78,7 +78,14 @@ def parse_options(pairs) -> dict:
 
 
 def output_path(path: str | None, source: str, suffix: str) -> str:
-    return path or os.path.splitext(source)[0] + suffix
+    """`path`, or the source's name with `suffix` (in the current folder for a URL)."""
+    from kvcodec.ranged import is_url
+
+    if path:
+        return path
+    if is_url(source):
+        source = os.path.basename(source.split("?")[0].rstrip("/")) or "cache"
+    return os.path.splitext(source)[0] + suffix
 
 
 def human(n: float) -> str:
