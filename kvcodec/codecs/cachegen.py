@@ -40,6 +40,7 @@ TARGET_STEPS = (0.1, 0.18, 0.25, 0.36, 0.5, 0.7, 1.0, 1.4)  # per-chunk choices 
 TENSORS = ("key", "value")
 MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
 MAX_WEIGHT = 64.0  # per-channel step multipliers are clamped to [1/64, 64]
+TABLES_MAX_EXPANSION = 4096  # decompressed table bytes per compressed byte a reader accepts
 
 
 @dataclass
@@ -73,6 +74,19 @@ class TensorTables:
     def delta_of(self) -> np.ndarray:
         """Index into `tables` of each anchored channel's delta table."""
         return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
+
+
+def _inflate(blob: bytes) -> bytes:
+    """The tables blob decompressed piece by piece, so memory grows with the real output and a
+    hostile blob cannot make a reader reserve more than a bounded multiple of its size."""
+    limit = min(256 << 20, (1 << 20) + TABLES_MAX_EXPANSION * len(blob))
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(bytes(blob)) as reader:
+        while piece := reader.read(1 << 20):
+            out += piece
+            if len(out) > limit:
+                raise ValueError(f"they expand beyond {limit} bytes")
+    return bytes(out)
 
 
 def _triton_available() -> bool:
@@ -261,7 +275,7 @@ class CacheGenCodec(Codec):
         if self._parsed is not None and self._parsed[0] is blob:  # the reader hands every chunk the same blob
             return self._parsed[1]
         try:
-            raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=256 << 20)
+            raw = _inflate(blob)
             (n_layers,) = struct.unpack_from("<I", raw, 0)
             pos, tensors = 4, {}
             for i in range(n_layers):
