@@ -12,6 +12,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -20,8 +21,12 @@ from kvcodec import fuzz
 REGRESSIONS = os.path.join(os.path.dirname(__file__), "..", "tests", "fuzz_regressions")
 
 
+ADDRESS_SPACE = 8 << 30  # per worker: an input that makes the reader allocate more fails instead of swapping
+
+
 def worker(job: tuple[int, int]) -> dict:
     seed, count = job
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, resource.RLIM_INFINITY))
     seeds = fuzz.seed_files()
     counts = collections.Counter()
     failures, peak_ratio, slowest = [], 0.0, 0.0

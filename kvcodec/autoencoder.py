@@ -130,6 +130,9 @@ class CacheAutoencoder(torch.nn.Module):
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format {doc.get('format')!r}")
             config = AEConfig(**doc["config"])
+            expected = expected_shapes(config)  # before building anything of the config's size
+            if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
+                raise ValueError("its tensors do not have the shapes its config describes")
             model = cls(config)
             model.load_state_dict(tensors, strict=True)
         except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
@@ -156,6 +159,25 @@ class CacheAutoencoder(torch.nn.Module):
             raise InputError(f"{path}: no such autoencoder weights file")
         with open(path, "rb") as f:
             return cls.from_bytes(f.read(), path)
+
+
+def expected_shapes(config: AEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape for `config` (computed, not allocated: a file's config is untrusted)."""
+    for name in ("layers", "latent_dim", "hidden"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise ValueError(f"{name} must be a positive integer")
+    layers, z, m = config.layers, config.latent_dim, config.hidden
+    slots, embed = (1, layers) if config.shared else (layers, 0)
+    out = {}
+    for kind in TENSORS:
+        d = config.head_dim.get(kind) if isinstance(config.head_dim, dict) else None
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"head_dim of {kind} must be a positive integer")
+        shapes = {"mean": (layers, d), "std": (layers, d), "w_in": (slots, d, m), "b_in": (slots, m),
+                  "w_latent": (slots, m, z), "b_latent": (slots, z), "w_up": (slots, z, m), "b_up": (slots, m),
+                  "w_out": (slots, m, d), "b_out": (slots, d), "embed_in": (embed, m), "embed_up": (embed, m)}
+        out.update({f"nets.{kind}.{k}": v for k, v in shapes.items()})
+    return out
 
 
 def _metadata(data: bytes) -> dict:

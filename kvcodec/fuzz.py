@@ -49,7 +49,23 @@ def seed_files(extra: list[bytes] = ()) -> list[bytes]:
     out = [encode(small_cache(i), name, chunk_tokens=10, **opts) for i, (name, opts) in enumerate(SEED_CODECS)]
     out.append(encode(small_cache(9, pruned=True), "quant", chunk_tokens=7))
     out.append(encode(small_cache(10), "quant", chunk_tokens=6, max_error=0.2))  # several codec slots
+    out.append(_ae_file())
     return out + list(extra)
+
+
+def _ae_file() -> bytes:
+    """An `ae` file with a tiny random network embedded (its weights blob is fuzzed too)."""
+    import os
+    import tempfile
+
+    from .autoencoder import AEConfig, CacheAutoencoder
+
+    torch.manual_seed(0)
+    ae = CacheAutoencoder(AEConfig(2, 2, {"key": 8, "value": 8}, latent_dim=4, hidden=8))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ae.safetensors")
+        ae.save(path)
+        return encode(small_cache(11), "ae", weights=path, chunk_tokens=12)
 
 
 # -- resealing -------------------------------------------------------------------------------
@@ -134,7 +150,7 @@ def _header_text(data: bytearray, rng: random.Random) -> None:
     """A number or string in the header JSON replaced (the header is JSON: edit it as text)."""
     if len(data) < 32:
         return
-    n = struct.unpack_from("<I", data, 12)[0]
+    n = min(struct.unpack_from("<I", data, 12)[0], len(data) - 32)  # the length field may be damaged
     text = bytes(data[32:32 + n])
     digits = [i for i, c in enumerate(text) if 48 <= c <= 57]
     if not digits:

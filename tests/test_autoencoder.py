@@ -233,3 +233,18 @@ def test_a_network_is_loaded_once_per_process(trained, monkeypatch):
     monkeypatch.setattr(ae_codec, "find_weights", lambda digest: pytest.fail("searched again"))
     assert kvcodec.decode(data).equal(first)
     assert list(ae_codec._NETWORKS) == [(digest, "cpu")]
+
+
+def test_weights_whose_config_claims_more_than_they_hold_are_refused(trained, monkeypatch):
+    """A hostile config (hidden 10^9) is refused before anything of that size is built."""
+    import json
+
+    from safetensors.torch import save
+
+    _, ae, _, _ = trained
+    tensors = {k: v.detach().float().contiguous() for k, v in ae.state_dict().items()}
+    doc = json.loads(json.dumps({"format": "kvcodec-ae-1", "config": {**ae.config.__dict__, "hidden": 10 ** 9}}))
+    data = save(tensors, metadata={"kvcodec_ae": json.dumps(doc)})
+    monkeypatch.setattr(CacheAutoencoder, "__init__", lambda *a: pytest.fail("built before checking"))
+    with pytest.raises(CodecError, match="shapes its config describes"):
+        CacheAutoencoder.from_bytes(data)
