@@ -173,7 +173,8 @@ def encode(cache, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int
 
 
 def open(src) -> KVCReader:  # noqa: A001 - mirrors the built-in on purpose
-    """A lazy reader over a path, a binary file object or bytes."""
+    """A lazy reader over a path, a binary file object, bytes, a uint8 tensor or a URL (http(s)
+    with Range requests, or any fsspec filesystem)."""
     return KVCReader(src)
 
 
