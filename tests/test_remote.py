@@ -137,3 +137,13 @@ def test_the_cli_inspects_and_unpacks_urls(served, tmp_path, monkeypatch):
     assert kvcodec.sources.load_cache(tmp_path / "q.pt").layers[1].key.equal(kvcodec.unpack(root / "q.kvc").layers[1].key)
     out = runner.invoke(cli, ["inspect", server.url("missing.kvc")])
     assert out.exit_code == 1 and "HTTP 404" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_onto_the_gpu_decodes_with_the_kernels(served):
+    server, root, _ = served
+    want = kvcodec.unpack(root / "c.kvc")
+    with kvcodec.open(server.url("c.kvc")) as reader:
+        for i, layer in reader.stream(device="cuda"):
+            assert layer.key.is_cuda and layer.key.cpu().equal(want.layers[i].key)
+            assert layer.value.cpu().equal(want.layers[i].value)
