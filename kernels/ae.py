@@ -24,6 +24,7 @@ from kvcodec.errors import CodecError
 from . import cachegen as cachegen_kernels
 from . import jobs as J
 from .rounding import to_output_dtype
+from .tiles import output_base, tile_of
 
 TOKENS_PER_PROGRAM = 64
 NUM_WARPS = 4
@@ -35,15 +36,12 @@ def _ae_kernel(staged_ptr, params_ptr, latents_ptr, out_ptr, table_ptr, first_jo
                mean, std, NCOL: tl.constexpr, L: tl.constexpr, HID: tl.constexpr, D: tl.constexpr,
                SLOTS: tl.constexpr, LAYERS: tl.constexpr, GROUP: tl.constexpr, SHARED: tl.constexpr,
                DECODED: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-    t0 = tl.program_id(0).to(tl.int64) * BT
-    bh = tl.program_id(1)
-    row = table_ptr + (first_job + tl.program_id(2)) * NCOL
+    row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
     src = tl.load(row + 0)
-    heads = tl.load(row + 6)
     tokens = tl.load(row + 7)
     layer = tl.load(row + 8)
     tensor = tl.load(row + 9)
-    rows = tl.where(bh < tl.load(row + 5) * heads, tokens - t0, 0)
+    rows = tl.where(in_job, tokens - t0, 0)
     ti = tl.arange(0, BT)[:, None]
     li = tl.arange(0, BL)
     hi = tl.arange(0, BH)
@@ -75,7 +73,7 @@ def _ae_kernel(staged_ptr, params_ptr, latents_ptr, out_ptr, table_ptr, first_jo
     y = tl.dot(h, wo, input_precision="ieee") + tl.load(b_out + net * D + di, mask=di < D, other=0)[None, :]
     y = y * tl.load(std + at_layer * D + di, mask=di < D, other=1)[None, :] \
         + tl.load(mean + at_layer * D + di, mask=di < D, other=0)[None, :]
-    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4) + t0 * D
+    base = output_base(row, bh, heads) + t0 * D
     tl.store(out_ptr + base + ti * D + di[None, :], to_output_dtype(y, out_ptr), mask=(ti < rows) & (di[None, :] < D))
 
 

@@ -14,6 +14,7 @@ from kvcodec.errors import CodecError
 
 from . import jobs as J
 from .rounding import to_output_dtype
+from .tiles import output_base, tile_of
 
 TILE_ELEMENTS = 1024  # elements per program; with NUM_WARPS, the best of a sweep on an H100
 NUM_WARPS = 2
@@ -40,15 +41,12 @@ def _unpacked_tile(codes, rows, BITS: tl.constexpr, D: tl.constexpr, BT: tl.cons
 @triton.jit
 def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, BITS: tl.constexpr,
                   GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, WHOLE_ROWS: tl.constexpr):
-    t0 = tl.program_id(0).to(tl.int64) * BT
-    bh = tl.program_id(1)
-    row = table_ptr + (first_job + tl.program_id(2)) * NCOL
+    row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
     src = tl.load(row + 0)
-    heads = tl.load(row + 6)
     tokens = tl.load(row + 7)
     is_key = tl.load(row + 12)  # the two columns `prepare` adds to the job table
     n_groups = tl.load(row + 13)
-    rows = tl.where(bh < tl.load(row + 5) * heads, tokens - t0, 0)  # tokens of this tile
+    rows = tl.where(in_job, tokens - t0, 0)  # tokens of this tile
     ti = tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
     mask = (ti < rows) & (d < D)
@@ -75,7 +73,7 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: t
             word = word | (nxt << 8)
         code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
     value = code.to(tl.float32) * scale + lo
-    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4) + t0 * D
+    base = output_base(row, bh, heads) + t0 * D
     if D % 16 == 0:
         base = tl.multiple_of(base, 16)
     tl.store(out_ptr + base + ti * D + d, to_output_dtype(value, out_ptr), mask=mask)

@@ -11,6 +11,7 @@ import triton.language as tl
 from kvcodec.errors import CodecError
 
 from . import jobs as J
+from .tiles import output_base, tile_of
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
@@ -18,17 +19,14 @@ _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 @triton.jit
 def _copy_kernel(src_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                  BD: tl.constexpr):
-    t0 = tl.program_id(0).to(tl.int64) * BT
-    bh = tl.program_id(1)
-    row = table_ptr + (first_job + tl.program_id(2)) * NCOL
+    row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
     src = tl.load(row + NCOL - 2)  # element offset in the staged buffer's integer view
-    heads = tl.load(row + 6)
-    tokens = tl.where(bh < tl.load(row + 5) * heads, tl.load(row + NCOL - 1), 0)  # tokens to copy
+    tokens = tl.where(in_job, tl.load(row + NCOL - 1), 0)  # tokens to copy
     t = t0 + tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
     mask = (t < tokens) & (d < D)
     x = tl.load(src_ptr + src + (bh * tokens + t) * D + d, mask=mask)
-    base = tl.load(row + 2) + (bh // heads) * tl.load(row + 3) + (bh % heads) * tl.load(row + 4)
+    base = output_base(row, bh, heads)
     tl.store(out_ptr + base + t * D + d, x, mask=mask)
 
 

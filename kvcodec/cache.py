@@ -96,12 +96,18 @@ class KVCache:
 
     def to_hf(self, config=None, device=None):
         """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts."""
-        from transformers import DynamicCache
+        return to_dynamic_cache(self, config, device)
 
-        cache = DynamicCache(config=config) if config is not None else DynamicCache()
-        for i, lay in enumerate(self.layers):
-            cache.update(lay.key.to(device), lay.value.to(device), i)
-        return cache
+
+def to_dynamic_cache(pairs, config=None, device=None):
+    """A transformers `DynamicCache` from (key, value) pairs in layer order, taken one at a time
+    (a generator's layers are added as they come)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    for i, (key, value) in enumerate(pairs):
+        cache.update(key.to(device), value.to(device), i)
+    return cache
 
 
 def _end(lay: LayerKV) -> int:

@@ -142,7 +142,7 @@ class RangedFile:
         self.backend = backend
         self._lock = threading.Lock()  # guards the kept spans; held only briefly
         self._io_lock = threading.Lock()  # one request at a time on the backend
-        self._spans: list[tuple[int, bytes]] = []  # (start, data), sorted by start, disjoint
+        self._spans: list[tuple[int, bytes]] = []  # (start, data), sorted by start; may overlap
         self._size: int | None = None
         self.tail_window = HEAD_WINDOW
 

@@ -17,7 +17,7 @@ import torch
 
 from . import format as fmt
 from . import positions, ranged
-from .cache import KVCache, LayerKV
+from .cache import KVCache, LayerKV, to_dynamic_cache
 from .codec import ChunkInfo, Codec
 from .dtypes import itemsize, torch_dtype
 from .errors import ChecksumError, CodecError, FormatError, KVCError
@@ -415,12 +415,7 @@ class KVCReader:
 
     def to_hf(self, device=None, config=None, decoder: str = "auto"):
         """A transformers `DynamicCache` built layer by layer as the file streams in."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=config) if config is not None else DynamicCache()
-        for i, lay in self.stream(device=device, decoder=decoder):
-            cache.update(lay.key, lay.value, i)
-        return cache
+        return to_dynamic_cache(((lay.key, lay.value) for _, lay in self.stream(device, decoder)), config)
 
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.
