@@ -22,8 +22,8 @@ import time
 import torch
 
 import kvcodec
-from kvcodec import sources
-from kvcodec.bench import best_time
+from kvcodec import cachefiles as sources
+from kvcodec.eval.bench import best_time
 
 SWEEP = [
     ("raw", {}), ("zstd", {"level": 1}), ("zstd", {"level": 3}), ("shuffle-zstd", {"level": 3}),
@@ -35,7 +35,7 @@ SWEEP = [
 def load(args) -> kvcodec.KVCache:
     if args.cache:
         return sources.load_cache(args.cache)
-    from kvcodec import capture
+    from kvcodec.eval import capture
 
     return capture.capture("prose", args.tokens, torch.float16)
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import kvcodec
-from kvcodec import format as fmt
-from kvcodec.writer import KVCWriter
+from kvcodec.container import format as fmt
+from kvcodec.container.writer import KVCWriter
 
 SHAPES = {  # layers, kv heads, head dim, attention heads, hidden, intermediate, vocab
     "smollm2": (30, 3, 64, 9, 576, 1536, 49152),
@@ -54,7 +54,7 @@ def real_layers(path):
             k[..., 8:16] = torch.cumsum(torch.randn(1, 3, 1024, 8, generator=g) * 0.3, 2)
             out.append((k.half(), torch.randn(1, 3, 1024, 64, generator=g).half()))
         return out
-    from kvcodec import sources
+    from kvcodec import cachefiles as sources
 
     return [(lay.key, lay.value) for lay in sources.load_cache(path).layers]
 
@@ -117,7 +117,8 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     """Seconds for the decode launches of the whole file with payloads already on the GPU:
     the launches alone, and with their host-side preparation."""
     from kvcodec import dtypes
-    from kvcodec.kernels import kernel_module, restore
+    from kvcodec.kernels import kernel_module
+    from kvcodec.container import device_read as restore
 
     reader = kvcodec.open(data)
     wanted = [(i, t, 0, reader.header.layers[i].key.tokens) for i in range(reader.num_layers) for t in (0, 1)]

@@ -21,7 +21,7 @@ import time
 import torch
 
 import kvcodec
-from kvcodec.ranged import HTTPBackend
+from kvcodec.container.remote import HTTPBackend
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_ttft import BYTES_PER_TOKEN, random_cache  # noqa: E402

@@ -21,7 +21,7 @@ import time
 import torch
 
 import kvcodec
-from kvcodec.autoencoder import AEConfig, CacheAutoencoder
+from kvcodec.codecs.autoencoder import AEConfig, CacheAutoencoder
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # float16 keys and values

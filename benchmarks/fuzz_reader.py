@@ -16,7 +16,7 @@ import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from kvcodec import fuzz
+from kvcodec.testing import fuzz
 
 REGRESSIONS = os.path.join(os.path.dirname(__file__), "..", "tests", "fuzz_regressions")
 

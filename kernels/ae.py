@@ -21,10 +21,10 @@ import triton.language as tl
 
 from kvcodec.errors import CodecError
 
-from . import cachegen as cachegen_kernels
-from . import jobs as J
-from .rounding import to_output_dtype
-from .tiles import output_base, tile_of
+from kvcodec.kernels import cachegen as cachegen_kernels
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels.rounding import to_output_dtype
+from kvcodec.kernels.tiles import output_base, tile_of
 
 TOKENS_PER_PROGRAM = 64
 NUM_WARPS = 4

@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcodec import ans
+from kvcodec.entropy import rans as ans
 from kvcodec.errors import CodecError
 
-from . import jobs as J
-from .rounding import to_output_dtype
-from . import raw
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels.rounding import to_output_dtype
+from kvcodec.kernels import raw
 
 # extra job columns (12 ..= 19)
 CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(J.COLUMNS, J.COLUMNS + 8)

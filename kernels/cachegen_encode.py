@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvcodec import ans
+from kvcodec.entropy import rans as ans
 from kvcodec.codecs.cachegen import quantize
 from kvcodec.errors import CodecError
 
-from .lane_encode import encode_lanes
+from kvcodec.kernels.lane_encode import encode_lanes
 
 
 def _device_tables(tt, device):

@@ -12,9 +12,9 @@ import triton.language as tl
 
 from kvcodec.errors import CodecError
 
-from . import jobs as J
-from .rounding import to_output_dtype
-from .tiles import output_base, tile_of
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels.rounding import to_output_dtype
+from kvcodec.kernels.tiles import output_base, tile_of
 
 TILE_ELEMENTS = 1024  # elements per program; with NUM_WARPS, the best of a sweep on an H100
 NUM_WARPS = 2

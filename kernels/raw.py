@@ -10,8 +10,8 @@ import triton.language as tl
 
 from kvcodec.errors import CodecError
 
-from . import jobs as J
-from .tiles import output_base, tile_of
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels.tiles import output_base, tile_of
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 

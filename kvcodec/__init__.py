@@ -1,16 +1,15 @@
 """kvcodec: compression codecs for LLM key-value caches and the `.kvc` container."""
 
-from . import codecs as _builtin_codecs  # noqa: F401  (registers the built-in codecs)
-from . import selection as _builtin_selectors  # noqa: F401  (registers the built-in selection stages)
-from .api import decode, encode, open, pack, unpack
-from .cache import KVCache, LayerKV
-from .codec import ChunkInfo, Codec
-from .errors import ChecksumError, CodecError, FormatError, InputError, KVCError
-from .reader import KVCReader
-from .registry import (available_codecs, available_selectors, codec_class, get_codec, register_codec,
-                       register_selector, selector_class)
-from .scores import AttentionScores
-from .store import MemoryBackend, PrefixStore, RedisBackend, content_key, encode_chunk
+from kvcodec import codecs as _builtin_codecs  # noqa: F401  (registers the built-in codecs)
+from kvcodec import selection as _builtin_selectors  # noqa: F401  (registers the built-in selection stages)
+from kvcodec.api import decode, encode, open, pack, unpack
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.errors import ChecksumError, CodecError, FormatError, InputError, KVCError
+from kvcodec.container.reader import KVCReader
+from kvcodec.registry import (available_codecs, available_selectors, codec_class, get_codec, register_codec, register_selector, selector_class)
+from kvcodec.selection.scores import AttentionScores
+from kvcodec.storage.store import MemoryBackend, PrefixStore, RedisBackend, content_key, encode_chunk
 
 __version__ = "0.1.0"
 

@@ -9,15 +9,16 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import format as fmt
-from . import pipeline, positions
-from .cache import KVCache
-from .codec import ChunkInfo, Codec
-from .dtypes import dtype_name, tensor_bytes
-from .errors import CodecError, InputError, KVCError
-from .reader import KVCReader
-from .registry import get_codec
-from .writer import KVCWriter, atomic_output
+from kvcodec.container import format as fmt
+from kvcodec.encoding import pipeline
+from kvcodec.container import positions
+from kvcodec.cache import KVCache
+from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.dtypes import dtype_name, tensor_bytes
+from kvcodec.errors import CodecError, InputError, KVCError
+from kvcodec.container.reader import KVCReader
+from kvcodec.registry import get_codec
+from kvcodec.container.writer import KVCWriter, atomic_output
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -123,7 +124,7 @@ def plan(cache, codec: str | Codec | Encoding, chunk_tokens: int, options: dict,
     """What to write with: one codec, or with a target, the codec's presets chosen per chunk."""
     if isinstance(codec, Encoding) or (target_ratio is None and max_error is None):
         return codec if isinstance(codec, Encoding) else make_codec(codec, options)
-    from . import adapt
+    from kvcodec.encoding import presets as adapt
 
     if target_ratio is not None and max_error is not None:
         raise InputError("give a target ratio or a maximum error, not both")

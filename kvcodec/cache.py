@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dtypes import dtype_name
-from .errors import InputError
+from kvcodec.dtypes import dtype_name
+from kvcodec.errors import InputError
 
 
 @dataclass

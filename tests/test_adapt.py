@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import adapt
+from kvcodec.encoding import presets as adapt
 from kvcodec.errors import InputError
 from conftest import synthetic_cache
 

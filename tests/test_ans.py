@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvcodec import ans
+from kvcodec.entropy import rans as ans
 from kvcodec.errors import CodecError
 
 

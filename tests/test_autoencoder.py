@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import ae_training
-from kvcodec.autoencoder import CacheAutoencoder
+from kvcodec.eval import ae_training
+from kvcodec.codecs.autoencoder import CacheAutoencoder
 from kvcodec.codecs import ae as ae_codec
 from kvcodec.codecs.ae import SEARCH_ENV
 from kvcodec.errors import CodecError, InputError
@@ -137,7 +137,7 @@ def reseal_blob(data: bytearray, offset: int, crc: int) -> None:
 def test_train_ae_on_the_model_then_pack(tmp_path, real_model, monkeypatch):
     from click.testing import CliRunner
 
-    from kvcodec import capture
+    from kvcodec.eval import capture
     from kvcodec.tools.cli import cli
 
     runner = CliRunner()

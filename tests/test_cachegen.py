@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.codec import ChunkInfo
+from kvcodec.codecs.base import ChunkInfo
 from kvcodec.errors import CodecError, KVCError
 from conftest import DTYPES, synthetic_cache
 

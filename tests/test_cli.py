@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import sources
+from kvcodec import cachefiles as sources
 from kvcodec.tools.cli import cli
 from conftest import synthetic_cache
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import format as fmt
+from kvcodec.container import format as fmt
 from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from conftest import synthetic_cache
 

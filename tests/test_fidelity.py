@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import fidelity
+from kvcodec.eval import fidelity
 from kvcodec.registry import register_codec
 from kvcodec.tools.cli import cli
 

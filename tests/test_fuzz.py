@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import kvcodec
-from kvcodec import fuzz
+from kvcodec.testing import fuzz
 from kvcodec.errors import ChecksumError, KVCError
 
 REGRESSIONS = sorted((Path(__file__).parent / "fuzz_regressions").glob("*.kvc"))

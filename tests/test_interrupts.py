@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import format as fmt
+from kvcodec.container import format as fmt
 from kvcodec.errors import FormatError
-from kvcodec.writer import KVCWriter
+from kvcodec.container.writer import KVCWriter
 from conftest import synthetic_cache
 
 

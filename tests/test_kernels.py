@@ -191,7 +191,7 @@ def test_progress_reports_layers_in_order():
 
 @pytest.mark.model
 def test_kernels_on_a_real_cache(real_model):
-    from kvcodec import capture
+    from kvcodec.eval import capture
 
     cache = capture.capture("code", tokens=512 if ON_GPU else 32)
     for codec, options in (("cachegen", {}), ("quant", {"bits": 3})):
@@ -247,7 +247,7 @@ def test_pruned_pipeline_files_decode_with_their_positions():
 def random_autoencoder(tmp_path, latent, shared, layers=2, heads=HEADS, head_dim=HEAD_DIM, seed=0) -> str:
     """An untrained network with random weights and normalization (the kernel's arithmetic does
     not depend on training); returns the weights file's path."""
-    from kvcodec.autoencoder import AEConfig, CacheAutoencoder
+    from kvcodec.codecs.autoencoder import AEConfig, CacheAutoencoder
 
     torch.manual_seed(seed)
     ae = CacheAutoencoder(AEConfig(layers, heads, {"key": head_dim, "value": head_dim}, latent, hidden=32,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import capture, sources
+from kvcodec.eval import capture
+from kvcodec import cachefiles as sources
 from kvcodec.tools.cli import cli
 from click.testing import CliRunner
 
@@ -93,7 +94,7 @@ def test_kvc_capture_then_pack(tmp_path, real_model):
 def test_cachegen_lanes_cost_within_two_percent_of_the_symbols_entropy(real_model):
     """Bits in the lanes versus the empirical entropy of the symbols each table codes, over
     the file (a 1024-token SmolLM2 cache, one chunk: lanes of 1020 symbols)."""
-    from kvcodec.codec import ChunkInfo
+    from kvcodec.codecs.base import ChunkInfo
     from kvcodec.codecs.cachegen import _entropy_bits
 
     cache = capture.capture("prose", tokens=1024)

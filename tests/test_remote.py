@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 import kvcodec
-from kvcodec import ranged
+from kvcodec.container import remote as ranged
 from kvcodec.errors import FormatError, InputError
-from kvcodec.serve import FileServer
+from kvcodec.storage.serve import FileServer
 from conftest import synthetic_cache
 
 LAYERS, TOKENS, CHUNK = 6, 600, 64
@@ -134,7 +134,7 @@ def test_the_cli_inspects_and_unpacks_urls(served, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = runner.invoke(cli, ["unpack", server.url("q.kvc"), "-q"])
     assert out.exit_code == 0, out.output
-    assert kvcodec.sources.load_cache(tmp_path / "q.pt").layers[1].key.equal(kvcodec.unpack(root / "q.kvc").layers[1].key)
+    assert kvcodec.cachefiles.load_cache(tmp_path / "q.pt").layers[1].key.equal(kvcodec.unpack(root / "q.kvc").layers[1].key)
     out = runner.invoke(cli, ["inspect", server.url("missing.kvc")])
     assert out.exit_code == 1 and "HTTP 404" in out.output and "Traceback" not in out.output
 

@@ -15,9 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcodec
-from kvcodec import pipeline, positions, sources
+from kvcodec.encoding import pipeline
+from kvcodec.container import positions
+from kvcodec import cachefiles as sources
 from kvcodec.errors import CodecError, FormatError, InputError
-from kvcodec.scores import AttentionScores
+from kvcodec.selection.scores import AttentionScores
 from kvcodec.selection import CaM, LaCache
 from kvcodec.selection.positional import ladder
 from kvcodec.tools.cli import cli

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import fidelity
+from kvcodec.eval import fidelity
 from kvcodec.tools.cli import cli
 
 pytestmark = pytest.mark.model
@@ -73,7 +73,7 @@ def test_capture_scores_then_pack_a_pipeline(tmp_path, real_model):
 
 
 def test_captured_queries_reproduce_the_accumulated_attention(real_model, monkeypatch):
-    from kvcodec import attention, capture
+    from kvcodec.eval import attention, capture
     from kvcodec.selection.scored import per_kv_head, window_logits
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 20)  # queries in three blocks

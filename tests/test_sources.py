@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcodec import sources
+from kvcodec import cachefiles as sources
 from kvcodec.errors import InputError
 from conftest import synthetic_cache
 

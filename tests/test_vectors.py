@@ -12,7 +12,7 @@ import torch
 import zstandard
 
 import kvcodec
-from kvcodec import sources
+from kvcodec import cachefiles as sources
 from spec_reader import parse_tables, read_kvc, read_positions
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"

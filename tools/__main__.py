@@ -6,7 +6,7 @@ import sys
 
 def main():
     try:
-        from .cli import main as run
+        from kvcodec.tools.cli import main as run
     except KeyboardInterrupt:
         sys.stderr.write("kvc: interrupted\n")
         sys.exit(130)

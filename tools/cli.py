@@ -13,15 +13,16 @@ import click
 import torch
 
 import kvcodec
-from kvcodec import adapt, api, pipeline, scores, sources
+from kvcodec.encoding import presets as adapt, pipeline
+from kvcodec import api, cachefiles as sources
+from kvcodec.selection import scores
 from kvcodec.errors import InputError, KVCError
-from kvcodec.scores import AttentionScores
+from kvcodec.selection.scores import AttentionScores
 from kvcodec.selection import needing_no_scores
 
-from .common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path,
-                     parse_options, progress_bar, quiet_option)
-from .harness import bench_command, eval_command
-from .train import train_ae_command
+from kvcodec.tools.common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path, parse_options, progress_bar, quiet_option)
+from kvcodec.tools.harness import bench_command, eval_command
+from kvcodec.tools.train import train_ae_command
 
 
 @click.group(cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -244,7 +245,7 @@ def codecs(as_json):
 @quiet_option
 def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
     """Run SmolLM2-135M on a text and save its real KV cache."""
-    from kvcodec import capture as cap
+    from kvcodec.eval import capture as cap
 
     if not output.lower().endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise InputError(f"{output}: output must end in .pt or .safetensors")
@@ -274,7 +275,7 @@ def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
 def serve(directory, host, port, rate_mbit):
     """Serve the files of DIRECTORY over HTTP with Range support, for trying ranged reads and
     streaming restores locally (`kvc inspect http://127.0.0.1:8000/cache.kvc`)."""
-    from kvcodec.serve import FileServer
+    from kvcodec.storage.serve import FileServer
 
     try:
         server = FileServer(directory, host, port, rate=None if rate_mbit is None else rate_mbit * 1e6 / 8)

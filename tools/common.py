@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from kvcodec import sources
+from kvcodec import cachefiles as sources
 from kvcodec.errors import InputError, KVCError
 
 EXIT_ERROR = 1
@@ -79,7 +79,7 @@ def parse_options(pairs) -> dict:
 
 def output_path(path: str | None, source: str, suffix: str) -> str:
     """`path`, or the source's name with `suffix` (in the current folder for a URL)."""
-    from kvcodec.ranged import is_url
+    from kvcodec.container.remote import is_url
 
     if path:
         return path

@@ -7,11 +7,13 @@ import os
 
 import click
 
-from kvcodec import api, bench, capture, fidelity, pipeline, sources
+from kvcodec import api, cachefiles as sources
+from kvcodec.eval import bench, capture, fidelity
+from kvcodec.encoding import pipeline
 from kvcodec.errors import InputError
 
-from .common import make_console
-from .common import heads_option, layout_option, parse_options, progress_bar, quiet_option
+from kvcodec.tools.common import make_console
+from kvcodec.tools.common import heads_option, layout_option, parse_options, progress_bar, quiet_option
 
 
 def texts_option(default: str):

@@ -11,7 +11,7 @@ import torch
 from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
 
-from .common import force_option, progress_bar, quiet_option
+from kvcodec.tools.common import force_option, progress_bar, quiet_option
 
 
 @click.command("train-ae")
@@ -36,7 +36,7 @@ def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, out
     Caches are captured from training texts disjoint from the evaluation texts; keys and values
     get separate networks. Prints the relative reconstruction error on the training caches and
     the weights' sha256 (what a file packed without embedded weights refers to)."""
-    from kvcodec import ae_training, capture
+    from kvcodec.eval import ae_training, capture
 
     if not output.endswith(".safetensors"):
         raise InputError(f"{output}: the weights file must end in .safetensors")

@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 import kvcodec
-from kvcodec import sources
+from kvcodec import cachefiles as sources
 
 HERE = Path(__file__).parent
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..autoencoder import CacheAutoencoder, sha256
-from ..codec import ChunkInfo, Codec, check_payload_length
-from ..errors import CodecError
-from .cachegen import CacheGenCodec
-from .quant import QuantCodec
+from kvcodec.codecs.autoencoder import CacheAutoencoder, sha256
+from kvcodec.codecs.base import ChunkInfo, Codec, check_payload_length
+from kvcodec.errors import CodecError
+from kvcodec.codecs.cachegen import CacheGenCodec
+from kvcodec.codecs.quant import QuantCodec
 
 SEARCH_ENV = "KVCODEC_AE_PATH"
 DEFAULT_FOLDER = Path.home() / ".cache" / "kvcodec" / "ae"
@@ -127,8 +127,8 @@ class AECodec(Codec):
         ae.config.check_fits(cache)
         if not self.entropy:
             return weights
-        from ..api import layer_chunks
-        from ..cache import KVCache, LayerKV
+        from kvcodec.api import layer_chunks
+        from kvcodec.cache import KVCache, LayerKV
 
         layers = []  # every chunk's latents computed exactly as `encode` will, so they fall in the tables
         for i, lay in enumerate(cache.layers):

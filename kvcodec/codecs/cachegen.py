@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import zstandard
 
-from .. import ans
-from ..codec import ChunkInfo, Codec
-from ..errors import CodecError
+from kvcodec.entropy import rans as ans
+from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.errors import CodecError
 
 PRESETS = {  # relative base step of (shallow, other) layers; finest first
     "high": (0.18, 0.25),
@@ -90,7 +90,7 @@ def _inflate(blob: bytes) -> bytes:
 
 
 def _triton_available() -> bool:
-    from ..kernels import triton_available
+    from kvcodec.kernels import triton_available
 
     return triton_available()
 
@@ -322,7 +322,7 @@ class CacheGenCodec(Codec):
 
     def encode(self, chunk, info, context):
         if chunk.is_cuda and _triton_available():  # quantization and lane coding on the GPU, same bytes
-            from ..kernels import cachegen_encode
+            from kvcodec.kernels import cachegen_encode
 
             return cachegen_encode.encode_chunk(self, chunk, info, context)
         tt = self.tables_for(context, info)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..codec import ChunkInfo, Codec, check_payload_length
-from ..errors import CodecError
-from . import bitpack
+from kvcodec.codecs.base import ChunkInfo, Codec, check_payload_length
+from kvcodec.errors import CodecError
+from kvcodec.codecs import bitpack
 
 FP16_MAX = 65504.0
 

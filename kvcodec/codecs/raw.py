@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..codec import ChunkInfo, Codec, check_payload_length
-from ..dtypes import tensor_bytes, tensor_from_bytes
+from kvcodec.codecs.base import ChunkInfo, Codec, check_payload_length
+from kvcodec.dtypes import tensor_bytes, tensor_from_bytes
 
 
 def raw_length(info: ChunkInfo) -> int:

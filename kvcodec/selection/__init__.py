@@ -2,11 +2,11 @@
 
 A stage runs before the value codec (`h2o+cachegen`); see `base.Selector`."""
 
-from ..registry import register_selector
-from .base import Selector, needing_no_scores
-from .merging import CaM
-from .positional import LaCache, StreamingLLM
-from .scored import H2O, KeyNorm, Keyformer, SnapKV
+from kvcodec.registry import register_selector
+from kvcodec.selection.base import Selector, needing_no_scores
+from kvcodec.selection.merging import CaM
+from kvcodec.selection.positional import LaCache, StreamingLLM
+from kvcodec.selection.scored import H2O, KeyNorm, Keyformer, SnapKV
 
 for _cls in (H2O, Keyformer, SnapKV, KeyNorm, StreamingLLM, LaCache, CaM):
     register_selector(_cls, builtin=True)

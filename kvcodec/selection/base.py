@@ -12,14 +12,14 @@ from typing import ClassVar
 
 import torch
 
-from ..cache import KVCache, LayerKV
-from ..errors import InputError
-from ..options import Configurable
-from ..scores import AttentionScores
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.errors import InputError
+from kvcodec.options import Configurable
+from kvcodec.selection.scores import AttentionScores
 
 def needing_no_scores() -> str:
     """The registered methods that run without attention statistics, for error messages."""
-    from ..registry import available_selectors
+    from kvcodec.registry import available_selectors
 
     return ", ".join(c.name for c in available_selectors() if not c.needs_scores)
 

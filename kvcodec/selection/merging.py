@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import LayerKV
-from .base import Selector, check_amount, check_count, gather, resolve, summed_over_batch
+from kvcodec.cache import LayerKV
+from kvcodec.selection.base import Selector, check_amount, check_count, gather, resolve, summed_over_batch
 
 
 class CaM(Selector):

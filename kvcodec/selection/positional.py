@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from ..errors import InputError
-from .base import Selector, check_amount, check_count, resolve
+from kvcodec.errors import InputError
+from kvcodec.selection.base import Selector, check_amount, check_count, resolve
 
 
 class StreamingLLM(Selector):

@@ -13,9 +13,9 @@ import zipfile
 
 import torch
 
-from .cache import KVCache, LayerKV
-from .errors import InputError, KVCError
-from .writer import atomic_output
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.errors import InputError, KVCError
+from kvcodec.container.writer import atomic_output
 
 LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
@@ -26,7 +26,7 @@ LENGTH_KEY, SELECTION_KEY = "kvcodec.length", "kvcodec.selection"
 
 def check_readable(path) -> str:
     """`path`, if it names a readable file; URLs pass as they are (their reader checks them)."""
-    from .ranged import is_url
+    from kvcodec.container.remote import is_url
 
     if is_url(path):
         return path

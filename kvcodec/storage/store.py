@@ -18,12 +18,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .api import decode, encode
-from .cache import KVCache, LayerKV
-from .codec import Codec
-from .errors import InputError
-from .pipeline import parse
-from .registry import codec_class
+from kvcodec.api import decode, encode
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.codecs.base import Codec
+from kvcodec.errors import InputError
+from kvcodec.encoding.pipeline import parse
+from kvcodec.registry import codec_class
 
 KEY_VERSION = "kvcodec-chunk-1"
 

@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import api, capture, pipeline
-from .cache import KVCache, LayerKV
-from .errors import InputError
+from kvcodec import api
+from kvcodec.eval import capture
+from kvcodec.encoding import pipeline
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.errors import InputError
 
 DEFAULT_PREFIX = 1536
 DEFAULT_CONTINUATION = 512
@@ -199,7 +201,7 @@ def masked_reference_logits(ctx: Context, restored: KVCache) -> torch.Tensor:
     """Continuation logits [tokens, vocab] of the full cache with every token the restored cache
     dropped hidden from attention, per (layer, KV head), and the kept tokens holding the restored
     keys and values. A pruned cache must continue exactly like this reference."""
-    from .attention import HideTokens, hooked
+    from kvcodec.eval.attention import HideTokens, hooked
 
     layers, hidden = [], {}
     for i, (full, lay) in enumerate(zip(ctx.cache.layers, restored.layers)):

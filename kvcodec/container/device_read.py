@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvcodec import format as fmt
+from kvcodec.container import format as fmt
 from kvcodec.dtypes import itemsize, torch_dtype
 from kvcodec.errors import ChecksumError, CodecError
 
-from . import jobs as J
-from . import kernel_module
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels import kernel_module
 
 BATCH_BYTES = 64 << 20  # compressed bytes staged per batch
 CRC_THREADS = min(16, os.cpu_count() or 1)

@@ -7,8 +7,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .errors import CodecError
-from .options import Configurable
+from kvcodec.errors import CodecError
+from kvcodec.options import Configurable
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import format as fmt
-from . import positions, ranged
-from .cache import KVCache, LayerKV, to_dynamic_cache
-from .codec import ChunkInfo, Codec
-from .dtypes import itemsize, torch_dtype
-from .errors import ChecksumError, CodecError, FormatError, KVCError
-from .registry import codec_class
+from kvcodec.container import format as fmt
+from kvcodec.container import positions, remote as ranged
+from kvcodec.cache import KVCache, LayerKV, to_dynamic_cache
+from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.dtypes import itemsize, torch_dtype
+from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
+from kvcodec.registry import codec_class
 
 STREAM_FETCH_BYTES = 4 << 20  # least bytes a streamed restore fetches per request
 
@@ -90,7 +90,7 @@ class _Source:
 
 
 def _use_kernels(device, decoder: str) -> bool:
-    from .kernels import use_kernels
+    from kvcodec.kernels import use_kernels
 
     return use_kernels(device, decoder)
 
@@ -331,7 +331,7 @@ class KVCReader:
         start, stop = self._token_range(layer, tokens)
         self._prefetch([i for t in (0, 1) for i in self._records_for(layer, t, start, stop)])
         if _use_kernels(device, decoder):
-            from .kernels import restore
+            from kvcodec.container import device_read as restore
 
             k, v = restore.read_tensors(self, [(layer, 0, start, stop), (layer, 1, start, stop)], device)
             return k, v
@@ -362,7 +362,7 @@ class KVCReader:
         `decoder` as in `read`; the kernels decode all layers into one buffer per dtype."""
         self._prefetch(np.arange(len(self.records)))
         if _use_kernels(device, decoder):
-            from .kernels import restore
+            from kvcodec.container import device_read as restore
 
             per_layer = [len(self._records_for(i, t, 0, self.header.layers[i].key.tokens))
                          for i in range(self.num_layers) for t in (0, 1)]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import CodecError, InputError
+from kvcodec.errors import CodecError, InputError
 
 FORMAT = "kvcodec-ae-1"
 METADATA_KEY = "kvcodec_ae"
@@ -141,7 +141,7 @@ class CacheAutoencoder(torch.nn.Module):
 
     def save(self, path) -> str:
         """Write the weights (and `<path>.json`, their config); return their sha256."""
-        from .writer import atomic_output
+        from kvcodec.container.writer import atomic_output
 
         data = self.to_bytes()
         with atomic_output(path, overwrite=True) as f:

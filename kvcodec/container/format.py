@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .dtypes import CODE_TO_NAME, DTYPES
-from .errors import ChecksumError, FormatError
+from kvcodec.dtypes import CODE_TO_NAME, DTYPES
+from kvcodec.errors import ChecksumError, FormatError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVC1END\n"

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import api
-from . import format as fmt
-from .cache import KVCache
-from .codec import ChunkInfo, Codec
-from .errors import InputError
-from .registry import available_codecs, codec_class, get_codec
+from kvcodec import api
+from kvcodec.container import format as fmt
+from kvcodec.cache import KVCache
+from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.errors import InputError
+from kvcodec.registry import available_codecs, codec_class, get_codec
 
 LOSSLESS_FALLBACK = "shuffle-zstd"
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import selection as _builtin_selectors  # noqa: F401  (registers the built-in stages)
-from .codec import Codec
-from .errors import CodecError
-from .registry import CODECS, SELECTORS, codec_class, selector_class
+from kvcodec import selection as _builtin_selectors  # noqa: F401  (registers the built-in stages)
+from kvcodec.codecs.base import Codec
+from kvcodec.errors import CodecError
+from kvcodec.registry import CODECS, SELECTORS, codec_class, selector_class
 
 DEFAULT_VALUE_CODEC = "raw"
 

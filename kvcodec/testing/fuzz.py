@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import format as fmt
-from .api import decode, encode
-from .cache import KVCache, LayerKV
-from .errors import KVCError
+from kvcodec.container import format as fmt
+from kvcodec.api import decode, encode
+from kvcodec.cache import KVCache, LayerKV
+from kvcodec.errors import KVCError
 
 TIMEOUT_S = 20.0  # a case taking longer has hung
 # Most memory a case may allocate (traced: numpy, Python) per input byte, plus a constant.
@@ -58,7 +58,7 @@ def _ae_file() -> bytes:
     import os
     import tempfile
 
-    from .autoencoder import AEConfig, CacheAutoencoder
+    from kvcodec.codecs.autoencoder import AEConfig, CacheAutoencoder
 
     torch.manual_seed(0)
     ae = CacheAutoencoder(AEConfig(2, 2, {"key": 8, "value": 8}, latent_dim=4, hidden=8))
@@ -211,7 +211,7 @@ def run_case(data: bytes, timeout: float = TIMEOUT_S) -> Outcome:
     try:
         try:
             decode(data)
-            from .reader import KVCReader
+            from kvcodec.container.reader import KVCReader
 
             with KVCReader(io.BytesIO(data)) as reader:
                 for i in range(reader.num_layers):

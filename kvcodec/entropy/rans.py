@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CodecError
+from kvcodec.errors import CodecError
 
 PRECISION = 24
 TOTAL = 1 << PRECISION

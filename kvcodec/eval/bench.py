@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import api, capture, fidelity, pipeline
-from .errors import KVCError
+from kvcodec import api
+from kvcodec.eval import capture, fidelity
+from kvcodec.encoding import pipeline
+from kvcodec.errors import KVCError
 
 SWEEP: dict[str, list[dict]] = {
     "raw": [{}],
@@ -195,7 +197,7 @@ def short_options(row: BenchRow) -> str:
 
 def codec_defaults(name: str) -> dict:
     """A registered codec's signature defaults, or none for a name not registered here."""
-    from .registry import CODECS
+    from kvcodec.registry import CODECS
 
     return CODECS.get(name).defaults() if name in CODECS else {}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from kvcodec.errors import InputError
 
 FORMAT = "kvcodec-scores-1"
 SUFFIX = ".scores.safetensors"
@@ -50,7 +50,7 @@ class AttentionScores:
     def save(self, path) -> None:
         from safetensors.torch import save
 
-        from .writer import atomic_output
+        from kvcodec.container.writer import atomic_output
 
         tensors = {f"attention.{i}": a.float().contiguous() for i, a in enumerate(self.attention)}
         tensors.update({f"queries.{i}": q.float().contiguous() for i, q in enumerate(self.queries)})

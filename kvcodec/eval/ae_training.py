@@ -6,9 +6,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .autoencoder import TENSORS, AEConfig, CacheAutoencoder
-from .cache import KVCache
-from .errors import InputError
+from kvcodec.codecs.autoencoder import TENSORS, AEConfig, CacheAutoencoder
+from kvcodec.cache import KVCache
+from kvcodec.errors import InputError
 
 
 def training_vectors(caches: Sequence[KVCache]) -> dict[str, torch.Tensor]:

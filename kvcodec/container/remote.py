@@ -17,7 +17,7 @@ import re
 import threading
 import urllib.parse
 
-from .errors import FormatError, InputError
+from kvcodec.errors import FormatError, InputError
 
 HEAD_WINDOW = 64 << 10  # bytes fetched with the first request: preamble and (almost always) header
 MERGE_GAP = 64 << 10  # announced spans closer than this are fetched as one

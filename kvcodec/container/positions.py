@@ -19,7 +19,7 @@ import struct
 
 import numpy as np
 
-from .errors import FormatError
+from kvcodec.errors import FormatError
 
 RUNS, BITMAP = 0, 1
 _COUNT = struct.Struct("<BI")

@@ -12,9 +12,9 @@ import tempfile
 
 import numpy as np
 
-from . import format as fmt
-from .dtypes import DTYPES
-from .errors import FormatError, InputError
+from kvcodec.container import format as fmt
+from kvcodec.dtypes import DTYPES
+from kvcodec.errors import FormatError, InputError
 
 
 class KVCWriter:
