@@ -22,7 +22,7 @@ import time
 import torch
 
 import kvcodec
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.eval.bench import best_time
 
 SWEEP = [
@@ -34,7 +34,7 @@ SWEEP = [
 
 def load(args) -> kvcodec.KVCache:
     if args.cache:
-        return sources.load_cache(args.cache)
+        return cachefiles.load_cache(args.cache)
     from kvcodec.eval import capture
 
     return capture.capture("prose", args.tokens, torch.float16)
@@ -72,7 +72,7 @@ def memory_probe(path: str, codec: str, opts: str, op: str, chunk_tokens: int) -
     """Run in a subprocess: print the RSS growth (MiB) of one pack, or of one unpack beyond its
     output tensors, after a small warm-up so that imports are excluded."""
     if op == "pack":
-        cache = sources.load_cache(path)
+        cache = cachefiles.load_cache(path)
         options = json.loads(opts)
         warm = kvcodec.KVCache(cache.layers[:1])  # imports and first-call set-up, without big buffers
         kvcodec.pack(warm, path + ".probe.kvc", codec=codec, chunk_tokens=chunk_tokens, **options)
@@ -116,7 +116,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "cache.pt")
-        sources.save_cache(cache, src, layout="dict")
+        cachefiles.save_cache(cache, src, layout="dict")
         for codec, opts in SWEEP:
             data = kvcodec.encode(cache, codec, chunk_tokens=args.chunk_tokens, **opts)
             enc = best_time(lambda: kvcodec.encode(cache, codec, chunk_tokens=args.chunk_tokens, **opts), args.repeat)

@@ -54,9 +54,9 @@ def real_layers(path):
             k[..., 8:16] = torch.cumsum(torch.randn(1, 3, 1024, 8, generator=g) * 0.3, 2)
             out.append((k.half(), torch.randn(1, 3, 1024, 64, generator=g).half()))
         return out
-    from kvcodec import cachefiles as sources
+    from kvcodec import cachefiles
 
-    return [(lay.key, lay.value) for lay in sources.load_cache(path).layers]
+    return [(lay.key, lay.value) for lay in cachefiles.load_cache(path).layers]
 
 
 def base_cache(shape: str, real, tokens: int) -> kvcodec.KVCache:
@@ -86,7 +86,7 @@ def replicated_file(base: bytes, tokens: int) -> bytes:
     buf = io.BytesIO()
     writer = KVCWriter(buf, header)
     for b in reader.blobs:
-        writer.add_blob(int(b["owner"]), int(b["ordinal"]), bytes(reader._src.read(int(b["offset"]), int(b["length"]))))
+        writer.add_blob(int(b["owner"]), int(b["ordinal"]), bytes(reader.source.read(int(b["offset"]), int(b["length"]))))
     by_key = {(r.layer, r.tensor, r.token_start): (r, i) for i, r in enumerate(reader.record_infos())}
     for layer, spec in enumerate(layers):
         for t, name in enumerate(fmt.TENSORS):
@@ -94,7 +94,7 @@ def replicated_file(base: bytes, tokens: int) -> bytes:
             for start in range(0, tokens, CHUNK):
                 rec, i = by_key[(layer, name, 0 if start == 0 else CHUNK)]
                 raw = reader.records[i]
-                payload = bytes(reader._src.read(int(raw["offset"]), int(raw["length"])))
+                payload = bytes(reader.payload(i))
                 writer.add_record(layer, t, start, (s.batch, s.heads, min(CHUNK, tokens - start), s.head_dim),
                                   s.dtype, int(raw["codec_slot"]), payload)
     writer.finish()
@@ -117,26 +117,28 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     """Seconds for the decode launches of the whole file with payloads already on the GPU:
     the launches alone, and with their host-side preparation."""
     from kvcodec import dtypes
-    from kvcodec.kernels import kernel_module
-    from kvcodec.container import device_read as restore
+    from kvcodec.codecs.device import decoder_for
+    from kvcodec.container import device_read
 
     reader = kvcodec.open(data)
     wanted = [(i, t, 0, reader.header.layers[i].key.tokens) for i in range(reader.num_layers) for t in (0, 1)]
     device = torch.device("cuda", torch.cuda.current_device())
-    plan = restore.Plan(reader, wanted, device)
-    groups, cpu = restore.kernel_groups(reader, plan, np.arange(len(plan.record)))
+    plan = reader.plan(wanted)
+    table = device_read.job_table(reader, plan)
+    buffers = plan.allocate(device)
+    groups, cpu = device_read.decoder_groups(reader, plan, table, np.arange(len(plan.records)))
     assert not cpu
     rows = np.concatenate(list(groups.values()))
     with ThreadPoolExecutor(2) as pool:
-        staged = restore.stage(reader, plan, rows, device, torch.cuda.Stream(), pool, [])
+        staged = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), pool, [])
 
     def prepare():
         out = []
         for (slot, dtype_code, _), members in groups.items():
-            codec = reader._codec(slot)
+            codec = reader.codec(slot)
             dtype = dtypes.torch_dtype(fmt.record_dtype_name(dtype_code))
-            out.append(kernel_module(codec).prepare(codec, reader._context(slot), plan.table[members], staged,
-                                                    plan.buffers[dtype]))
+            out.append(decoder_for(codec).prepare(codec, reader.context(slot), table[members], staged,
+                                                  buffers[dtype]))
         return out
 
     launches = prepare()
@@ -146,7 +148,7 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     if fp16_bytes < (200 << 20):  # bit-exact at this size too
         want = kvcodec.decode(data, decoder="cpu")
         expect = [t for lay in want.layers for t in (lay.key, lay.value)]
-        if not all(torch.equal(plan.view(k).cpu(), w) for k, w in enumerate(expect)):
+        if not all(torch.equal(plan.view(buffers, k).cpu(), w) for k, w in enumerate(expect)):
             raise AssertionError("GPU decode differs from the CPU decoder")
     return launch_s, with_prep_s
 

@@ -19,13 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcodec.codecs import quant
+from kvcodec.codecs.device import Launch, where
 from kvcodec.errors import CodecError
-
-from kvcodec.kernels import cachegen as cachegen_kernels
+from kvcodec.kernels import cachegen as lane_kernels
 from kvcodec.kernels import jobs as J
+from kvcodec.kernels.cachegen_encode import encode_lanes
 from kvcodec.kernels.rounding import to_output_dtype
 from kvcodec.kernels.tiles import output_base, tile_of
 
+# the column `prepare` adds: the latents' element offset (entropy-coded), or quant's group count
+LATENTS_AT = N_GROUPS = J.extra_columns(1)[0]
 TOKENS_PER_PROGRAM = 64
 NUM_WARPS = 4
 MAX_WIDTH = 256  # latent, hidden and head dims a program holds in registers
@@ -37,10 +41,10 @@ def _ae_kernel(staged_ptr, params_ptr, latents_ptr, out_ptr, table_ptr, first_jo
                SLOTS: tl.constexpr, LAYERS: tl.constexpr, GROUP: tl.constexpr, SHARED: tl.constexpr,
                DECODED: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
     row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
-    src = tl.load(row + 0)
-    tokens = tl.load(row + 7)
-    layer = tl.load(row + 8)
-    tensor = tl.load(row + 9)
+    src = tl.load(row + J.SRC)
+    tokens = tl.load(row + J.TOKENS)
+    layer = tl.load(row + J.LAYER)
+    tensor = tl.load(row + J.TENSOR)
     rows = tl.where(in_job, tokens - t0, 0)
     ti = tl.arange(0, BT)[:, None]
     li = tl.arange(0, BL)
@@ -48,10 +52,10 @@ def _ae_kernel(staged_ptr, params_ptr, latents_ptr, out_ptr, table_ptr, first_jo
     di = tl.arange(0, BD)
     vector = bh * tokens + t0 + ti
     mask = (ti < rows) & (li[None, :] < L)
-    if DECODED:  # float32 latents [batch, heads, tokens, L] from column 12's element offset on
-        z = tl.load(latents_ptr + tl.load(row + 12) + vector * L + li[None, :], mask=mask, other=0)
+    if DECODED:  # float32 latents [batch, heads, tokens, L] from their element offset on
+        z = tl.load(latents_ptr + tl.load(row + LATENTS_AT) + vector * L + li[None, :], mask=mask, other=0)
     else:  # quant's value layout: one float16 minimum and scale per GROUP channels of a vector
-        n_groups = tl.load(row + 12)
+        n_groups = tl.load(row + N_GROUPS)
         g = vector * ((L + GROUP - 1) // GROUP) + li[None, :] // GROUP
         params = params_ptr + src // 2
         lo = tl.load(params + g, mask=mask, other=0).to(tl.float32)
@@ -107,13 +111,13 @@ def stacked_weights(codec, context, device) -> dict[str, torch.Tensor]:
     return _STACKED[ae]
 
 
-def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
+def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
     config = codec.network(context, "cpu").config
     latent, hidden, head_dim = _dims(codec, context)
     b, h, t, d = (table[:, c] for c in (J.BATCH, J.HEADS, J.TOKENS, J.HEAD_DIM))
     misfit = np.flatnonzero((table[:, J.LAYER] >= config.layers) | (h != config.heads) | (d != head_dim))
     if misfit.size:
-        raise CodecError(f"ae: the record of {J.where(table[misfit[0]])} does not fit the weights "
+        raise CodecError(f"ae: the record of {where(table[misfit[0]])} does not fit the weights "
                          f"({config.layers} layers of {config.heads} heads x {head_dim})")
     g = codec.group_size
     steps, checks = [], []
@@ -124,16 +128,17 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         latent_table[:, J.HEAD_DIM], latent_table[:, J.DST] = latent, at
         latent_table[:, J.STRIDE_B], latent_table[:, J.STRIDE_H] = h * t * latent, t * latent
         latents = torch.empty(max(1, int(n.sum())), dtype=torch.float32, device=out.device)
-        decode_latents = cachegen_kernels.prepare(codec._coder, [context[-1]], latent_table, staged, latents)
+        decode_latents = lane_kernels.prepare_lanes(context.latent_tables, latent_table, np.zeros(len(table), np.int64),
+                                                    staged, latents, codec.name)
         steps.append(decode_latents)
         checks = decode_latents.checks
         table = J.with_columns(table, at)
     else:
-        groups = b * h * t * (-(-latent // g))
-        expected = 4 * groups + b * h * t * latent
+        groups = quant.group_count(False, b, h, t, latent, g)  # quant's value layout
+        expected = quant.payload_length(False, b, h, t, latent, g, 8)
         bad = np.flatnonzero(table[:, J.LENGTH] != expected)
         if bad.size:
-            raise CodecError(f"ae payload of {J.where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
+            raise CodecError(f"ae payload of {where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
                              f"its shape needs {int(expected[bad[0]])}")
         latents = out  # unused
         table = J.with_columns(table, groups)
@@ -150,4 +155,17 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
                              SHARED=config.shared, DECODED=codec.entropy, BT=bt, BL=max(16, J.block(latent)),
                              BH=max(16, J.block(hidden)), BD=max(16, J.block(head_dim)), num_warps=NUM_WARPS)
     steps.append(run)
-    return J.Launch(steps, checks)
+    return Launch(steps, checks)
+
+
+@torch.no_grad()
+def encode(codec, chunk: torch.Tensor, info, context) -> bytes:
+    """ae's payload of a chunk on the GPU: latents by the network there; entropy-coded lanes by
+    the GPU lane encoder, 8-bit latents by `quant` (which quantizes on the latents' device)."""
+    if not codec.entropy:
+        return codec.encode(chunk, info, context)
+    ae = codec.network(context, chunk.device, encoding=True)
+    latent_info = codec.latent_info(ae, info)
+    latent = ae.encode(info.tensor, info.layer, chunk)
+    return encode_lanes(latent, context.latent_tables.for_chunk(latent_info, codec.name),
+                        f"ae: layer {info.layer} {info.tensor} latents")

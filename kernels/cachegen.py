@@ -1,5 +1,7 @@
-"""GPU decode of `cachegen` records: every lane is decoded by one GPU thread, and the symbols go
-straight to the output: dequantized, anchors and deltas recombined, converted, stored.
+"""GPU decode of entropy-coded lanes (`kvcodec.entropy.lanes`): cachegen's records, and ae's
+entropy-coded latents. Every lane is decoded by one GPU thread, and the symbols go straight to
+the output: dequantized, anchors and deltas recombined, converted, stored; cachegen's exact
+sink tokens are copied by the raw copy kernel.
 
 A thread owns one (record, batch, channel): its main lane and, for an anchored channel, its
 delta lane, decoded in lockstep (a group's first token from the main lane, the others from the
@@ -11,20 +13,24 @@ arithmetic is the CPU decoder's, operation for operation, so the output is bit-e
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from kvcodec.entropy import rans as ans
+from kvcodec.codecs.cachegen import sink_counts
+from kvcodec.codecs.device import Check, Launch, where
+from kvcodec.entropy import rans
+from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
-
 from kvcodec.kernels import jobs as J
-from kvcodec.kernels.rounding import to_output_dtype
 from kvcodec.kernels import raw
+from kvcodec.kernels.rounding import to_output_dtype
 
-# extra job columns (12 ..= 19)
-CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = range(J.COLUMNS, J.COLUMNS + 8)
+# the job columns `prepare_lanes` adds
+CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = J.extra_columns(8)
 LANES_PER_PROGRAM = 64  # these three: the best of a sweep on an H100 (BENCHMARKS.md)
 MAX_CHUNKS_PER_PROGRAM = 4
 NUM_WARPS = 2
@@ -57,21 +63,21 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
     c0 = tl.load(prog_ptr + 5 * pid + 3)
     iters = tl.load(prog_ptr + 5 * pid + 4).to(tl.int32)
     first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
-    batch = tl.load(first + 5)
-    chan_base = tl.load(first + 14)
-    channels = tl.load(first + 15)
-    n_anchored = tl.load(first + 16)
-    group = tl.load(first + 17)
-    anchor_scale = ((127 - tl.load(first + 18)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
+    batch = tl.load(first + J.BATCH)
+    chan_base = tl.load(first + CHAN_BASE)
+    channels = tl.load(first + CHANNELS)
+    n_anchored = tl.load(first + ANCHORED)
+    group = tl.load(first + GROUP)
+    anchor_scale = ((127 - tl.load(first + ANCHOR_BITS)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
 
     ri = tl.arange(0, BR)[None, :]
     rmask = ri < nr
     rows = table_ptr + (r0 + ri) * NCOL
-    coded = tl.load(rows + 12, mask=rmask, other=0)
-    base = tl.load(rows + 2, mask=rmask, other=0) + tl.load(rows + 13, mask=rmask, other=0) * D \
-        + b * tl.load(rows + 3, mask=rmask, other=0)
-    stride_h = tl.load(rows + 4, mask=rmask, other=0)
-    lane_base = tl.load(rows + 19, mask=rmask, other=0)
+    coded = tl.load(rows + CODED, mask=rmask, other=0)
+    base = tl.load(rows + J.DST, mask=rmask, other=0) + tl.load(rows + SINKS, mask=rmask, other=0) * D \
+        + b * tl.load(rows + J.STRIDE_B, mask=rmask, other=0)
+    stride_h = tl.load(rows + J.STRIDE_H, mask=rmask, other=0)
+    lane_base = tl.load(rows + LANE_BASE, mask=rmask, other=0)
 
     c = c0 + tl.arange(0, BC)[:, None]
     cmask = c < channels
@@ -137,12 +143,12 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
 
 
 class DeviceTables:
-    """One tables blob on the device: every table's cumulative weights back to back (each
+    """One file's tables on the device: every table's cumulative weights back to back (each
     followed by 2**24), and per channel of the file its tables, step, delta-lane ordinal and the
     binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
 
-    def __init__(self, codec, blob: bytes, device):
-        parsed = codec._parse(blob)
+    def __init__(self, file_tables: FileTables, device):
+        parsed = file_tables.tensors
         layers = 1 + max((layer for layer, _ in parsed), default=-1)
         # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
         self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
@@ -163,7 +169,7 @@ class DeviceTables:
             np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
             for x in (weights, sizes, los, mains, deltas, steps, ordinals))
         ends = np.cumsum(sizes)
-        cdf = np.insert(ans.cumulative_many(weights, sizes), ends, ans.TOTAL)
+        cdf = np.insert(rans.cumulative_many(weights, sizes), ends, rans.TOTAL)
 
         def dev(x, dtype):
             return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
@@ -180,17 +186,19 @@ class DeviceTables:
             if len(sizes) else np.zeros(0, dtype=np.int64)
 
 
-def _device_tables(codec, context, device) -> DeviceTables:
-    cached = getattr(codec, "_device_tables", None)
-    if cached is not None and cached[0] is context[0] and cached[1] == device:
-        return cached[2]
-    tables = DeviceTables(codec, context[0], device)
-    codec._device_tables = (context[0], device, tables)
-    return tables
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}
+
+
+def device_tables(file_tables: FileTables, device) -> DeviceTables:
+    """A file's tables on `device`, made once per device for as long as the file's context lives."""
+    per_device = _ON_DEVICE.setdefault(file_tables, {})
+    if device not in per_device:
+        per_device[device] = DeviceTables(file_tables, device)
+    return per_device[device]
 
 
 def _sinks(codec, table: np.ndarray) -> np.ndarray:
-    return np.clip(codec.sinks - table[:, J.TOKEN_START], 0, table[:, J.TOKENS])
+    return sink_counts(codec.sinks, table[:, J.TOKEN_START], table[:, J.TOKENS])
 
 
 def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
@@ -220,21 +228,25 @@ def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, 
     return np.concatenate(progs).astype(np.int64), bc, br
 
 
-def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
+def prepare(codec, context: FileTables, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
+    return prepare_lanes(context, table, _sinks(codec, table), staged, out, codec.name)
+
+
+def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,
+                  out: torch.Tensor, codec: str) -> Launch:
+    """Launches decoding each job's payload: `sinks[job]` exact tokens, then the lanes of the
+    others (`kvcodec.entropy.lanes`), coded with `file_tables`."""
     device = out.device
-    if len(context) != 1:
-        raise CodecError("cachegen needs exactly one context blob (its tables)")
-    tables = _device_tables(codec, context, device)
+    tables = device_tables(file_tables, device)
     key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
     known = key < len(tables.by_tensor)  # rows of (layer, key/value)s the blob lacks hold -1
     entry = np.vstack([tables.by_tensor, np.full((1, 6), -1)])[np.where(known, key, -1)]
     covered = (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
     if not np.all(covered):
         bad = table[np.flatnonzero(~covered)[0]]
-        raise CodecError(f"cachegen tables do not cover {J.where(bad)} of {int(bad[J.HEADS])} heads x "
+        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
                          f"{int(bad[J.HEAD_DIM])}")
     batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
-    sinks = _sinks(codec, table)
     channels, n_anchored = heads * head_dim, entry[:, 1]
     n_lanes = batch * (channels + n_anchored)
     table = J.with_columns(table, table[:, J.TOKENS] - sinks, sinks, entry[:, 0], channels, n_anchored, entry[:, 2],
@@ -243,7 +255,7 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
     lane_bytes = table[:, J.LENGTH] - sink_bytes - 4 * n_lanes
     broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 4 != 0))
     if broken.size:
-        raise CodecError(f"cachegen payload of {J.where(table[broken[0]])} is truncated or has the wrong length")
+        raise CodecError(f"{codec} payload of {where(table[broken[0]])} is truncated or has the wrong length")
 
     # lane boundaries, from the lane lengths stored in each payload (computed on the device)
     words = staged.view(torch.int32)
@@ -283,5 +295,5 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, num_warps=NUM_WARPS)
     if len(programs):
         steps.append(lanes)
-    return J.Launch(steps, [J.Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
-                            J.Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")])
+    return Launch(steps, [Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
+                          Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")])

@@ -1,35 +1,37 @@
-"""`cachegen` chunk encoding on the GPU: quantization, anchors and deltas in torch on the chunk's
-device, lanes coded by `lane_encode` one per thread. The payload is byte-identical to the CPU
-encoder's (same float operations, same rounding, same coder). `CacheGenCodec.fit` runs on the
-cache's device too: its sums in a fixed order, its counts exact, its logarithms on the CPU."""
+"""Entropy-coded lanes encoded on the GPU (`kvcodec.entropy.lanes`): quantization, anchors and
+deltas in torch on the tokens' device, lanes coded by `lane_encode` one per thread. The bytes
+are the CPU encoder's (same float operations, same rounding, same coder). Here: cachegen's
+device encoder (`encode`), and `encode_lanes` shared with ae's."""
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
 
-from kvcodec.entropy import rans as ans
-from kvcodec.codecs.cachegen import quantize
+from kvcodec.entropy import rans
+from kvcodec.entropy.quantizer import quantize
+from kvcodec.entropy.tables import ChannelTables
 from kvcodec.errors import CodecError
+from kvcodec.kernels.lane_encode import encode_lanes as encode_lane_words
 
-from kvcodec.kernels.lane_encode import encode_lanes
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ChannelTables -> {device: tensors}
 
 
-def _device_tables(tt, device):
+def _device_tables(tt: ChannelTables, device):
     """(cumulative weights, weights, first index of each table) of one (layer, key/value)."""
-    cache = tt.__dict__.setdefault("_encode_tables", {})
-    if device not in cache:
+    per_device = _ON_DEVICE.setdefault(tt, {})
+    if device not in per_device:
         starts = np.cumsum(tt.sizes) - tt.sizes
-        cache[device] = tuple(torch.from_numpy(a.astype(np.int32)).to(device)
-                              for a in (ans.cumulative_many(tt.flat_weights, tt.sizes), tt.flat_weights, starts))
-    return cache[device]
+        per_device[device] = tuple(torch.from_numpy(a.astype(np.int32)).to(device)
+                                   for a in (rans.cumulative_many(tt.flat_weights, tt.sizes), tt.flat_weights, starts))
+    return per_device[device]
 
 
-def encode_chunk(codec, chunk: torch.Tensor, info, context) -> bytes:
-    tt = codec.tables_for(context, info)
-    device = chunk.device
-    s = codec._sink_count(info)
-    body = chunk.detach()[:, :, s:].to(torch.float32)
+def encode_lanes(body: torch.Tensor, tt: ChannelTables, where: str) -> bytes:
+    """`kvcodec.entropy.lanes.encode` of the coded tokens `body` ([B, H, n, D] float32 on a GPU)."""
+    device = body.device
     b, h, n, d = body.shape
     channels = h * d
     anchored = torch.from_numpy(np.flatnonzero(tt.anchored)).to(device)
@@ -54,9 +56,16 @@ def encode_chunk(codec, chunk: torch.Tensor, info, context) -> bytes:
     symbols = symbols - los[:, None]
     used = pos[None, :] < counts[:, None]
     if bool(((symbols < 0) & used).any()) or bool(((symbols >= sizes[:, None]) & used).any()):
-        raise CodecError(f"cachegen: layer {info.layer} {info.tensor} holds values outside its tables "
-                         "(tables are fitted on the cache being packed)")
+        raise CodecError(f"{where} holds values outside its tables (tables are fitted on the cache being packed)")
     cum, weights, starts = _device_tables(tt, device)
-    words, lengths = encode_lanes(torch.where(used, symbols, 0).to(torch.int32), counts, starts[table], cum, weights)
-    sink = chunk.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes()
-    return b"".join([sink, lengths.cpu().numpy().astype("<u4").tobytes(), words.cpu().numpy().tobytes()])
+    words, lengths = encode_lane_words(torch.where(used, symbols, 0).to(torch.int32), counts, starts[table], cum,
+                                       weights)
+    return lengths.cpu().numpy().astype("<u4").tobytes() + words.cpu().numpy().tobytes()
+
+
+def encode(codec, chunk: torch.Tensor, info, context) -> bytes:
+    """cachegen's payload of a chunk on the GPU: its sink tokens' bytes, then its lanes."""
+    tt = context.for_chunk(info, codec.name)
+    s = codec.sink_count(info)
+    body = encode_lanes(chunk.detach()[:, :, s:].to(torch.float32), tt, f"cachegen: layer {info.layer} {info.tensor}")
+    return chunk.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body

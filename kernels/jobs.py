@@ -1,32 +1,39 @@
-"""What a GPU decoder is asked to do: records whose payloads sit in one staged byte buffer, each
-to be written into one flat output buffer in the `[batch, heads, tokens, head_dim]` layout.
+"""The job table (`kvcodec.codecs.device`) on the Triton side: its columns as Triton constants,
+which kernels and host code alike index it by, and how launches are laid out over it.
 
-Records are rows of an int64 job table (built with numpy, never per record in Python: a 32K-token
-cache has thousands of records). Kernels read the columns below by number."""
+Records are rows of the int64 table (built with numpy, never per record in Python: a 32K-token
+cache has thousands of records)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+import triton.language as tl
 
-ALIGN = 64  # payload offsets in a staged buffer; `.kvc` payloads are 64-byte aligned in files too
+from kvcodec.codecs import device
 
-# SRC: payload's byte offset in the staged buffer; DST: element offset in the output of the
-# chunk's first element; STRIDE_B, STRIDE_H: element strides (the token stride is HEAD_DIM).
-SRC, LENGTH, DST, STRIDE_B, STRIDE_H, BATCH, HEADS, TOKENS, LAYER, TENSOR, TOKEN_START, HEAD_DIM = range(12)
-COLUMNS = 12  # codec-specific columns follow
+SRC = tl.constexpr(device.SRC)
+LENGTH = tl.constexpr(device.LENGTH)
+DST = tl.constexpr(device.DST)
+STRIDE_B = tl.constexpr(device.STRIDE_B)
+STRIDE_H = tl.constexpr(device.STRIDE_H)
+BATCH = tl.constexpr(device.BATCH)
+HEADS = tl.constexpr(device.HEADS)
+TOKENS = tl.constexpr(device.TOKENS)
+LAYER = tl.constexpr(device.LAYER)
+TENSOR = tl.constexpr(device.TENSOR)
+TOKEN_START = tl.constexpr(device.TOKEN_START)
+HEAD_DIM = tl.constexpr(device.HEAD_DIM)
+COLUMNS = device.COLUMNS  # a decoder's own columns follow
+
+
+def extra_columns(n: int) -> tuple:
+    """Triton constants naming a decoder's `n` own columns, in order after the shared ones."""
+    return tuple(tl.constexpr(COLUMNS + i) for i in range(n))
 
 
 def with_columns(table: np.ndarray, *extra) -> np.ndarray:
     return np.ascontiguousarray(np.column_stack([table[:, :COLUMNS], *extra]).astype(np.int64))
-
-
-def where(row: np.ndarray) -> str:
-    """A record's place, for error messages."""
-    return (f"layer {int(row[LAYER])} {('key', 'value')[int(row[TENSOR])]} "
-            f"tokens {int(row[TOKEN_START])}+{int(row[TOKENS])}")
 
 
 MAX_GRID_JOBS = 65535  # the grid's second and third axes
@@ -69,36 +76,3 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
-
-
-@dataclass
-class Check:
-    """Corruption found on the device: `flags` (one per launch item, nonzero where the payload
-    it decoded proved corrupt) and the job each item belongs to. Read after the launches, so
-    decoding never waits for the host."""
-
-    flags: torch.Tensor
-    job_of_flag: np.ndarray
-    problem: str
-
-
-class Launch:
-    """Prepared kernel launches (host work done, inputs on the device): call to run them."""
-
-    def __init__(self, steps, checks: list[Check]):
-        self._steps = steps
-        self.checks = checks
-
-    def __call__(self) -> "Launch":
-        for step in self._steps:
-            step()
-        return self
-
-
-def first_failure(checks: list[Check]) -> tuple[int, str] | None:
-    """(job index, problem) of the first corrupt payload, or None."""
-    for check in checks:
-        bad = torch.nonzero(check.flags.reshape(-1)).reshape(-1)
-        if bad.numel():
-            return int(check.job_of_flag[int(bad[0])]), check.problem
-    return None

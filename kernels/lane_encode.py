@@ -1,5 +1,5 @@
 """rANS lane encoding on the GPU, one lane per thread, producing exactly the words of
-`kvcodec.ans.encode_lane` (constriction's coder; spec section 9, "Encoding")."""
+`kvcodec.entropy.rans.encode_lane` (constriction's coder; spec section 9, "Encoding")."""
 
 from __future__ import annotations
 

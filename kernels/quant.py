@@ -10,12 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcodec.codecs import quant
+from kvcodec.codecs.device import Launch, where
 from kvcodec.errors import CodecError
 
 from kvcodec.kernels import jobs as J
 from kvcodec.kernels.rounding import to_output_dtype
 from kvcodec.kernels.tiles import output_base, tile_of
 
+IS_KEY, N_GROUPS = J.extra_columns(2)  # the columns `prepare` adds
 TILE_ELEMENTS = 1024  # elements per program; with NUM_WARPS, the best of a sweep on an H100
 NUM_WARPS = 2
 
@@ -42,10 +45,10 @@ def _unpacked_tile(codes, rows, BITS: tl.constexpr, D: tl.constexpr, BT: tl.cons
 def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, BITS: tl.constexpr,
                   GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, WHOLE_ROWS: tl.constexpr):
     row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
-    src = tl.load(row + 0)
-    tokens = tl.load(row + 7)
-    is_key = tl.load(row + 12)  # the two columns `prepare` adds to the job table
-    n_groups = tl.load(row + 13)
+    src = tl.load(row + J.SRC)
+    tokens = tl.load(row + J.TOKENS)
+    is_key = tl.load(row + IS_KEY)
+    n_groups = tl.load(row + N_GROUPS)
     rows = tl.where(in_job, tokens - t0, 0)  # tokens of this tile
     ti = tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
@@ -68,7 +71,7 @@ def _quant_kernel(staged_ptr, params_ptr, out_ptr, table_ptr, first_job, NCOL: t
         bit = (first_bit & 7) + (ti * D + d) * BITS
         word = tl.load(codes + (bit >> 3), mask=mask).to(tl.int32)
         if BITS == 3:  # a 3-bit code may straddle two bytes
-            packed_end = ((tl.load(row + 5) * heads * tokens * D + 7) // 8) * 3 - (first_bit >> 3)
+            packed_end = ((tl.load(row + J.BATCH) * heads * tokens * D + 7) // 8) * 3 - (first_bit >> 3)
             nxt = tl.load(codes + (bit >> 3) + 1, mask=mask & ((bit >> 3) + 1 < packed_end), other=0).to(tl.int32)
             word = word | (nxt << 8)
         code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
@@ -83,15 +86,15 @@ def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     return J.fits_grid(table)
 
 
-def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
+def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
     b, h, t, d = (table[:, c] for c in (J.BATCH, J.HEADS, J.TOKENS, J.HEAD_DIM))
     g = codec.group_size
     is_key = table[:, J.TENSOR] == 0
-    groups = np.where(is_key, b * h * (-(-t // g)) * d, b * h * t * (-(-d // g)))
-    expected = 4 * groups + -(-(b * h * t * d) // 8) * codec.bits
+    groups = quant.group_count(is_key, b, h, t, d, g)
+    expected = quant.payload_length(is_key, b, h, t, d, g, codec.bits)
     bad = np.flatnonzero(table[:, J.LENGTH] != expected)
     if bad.size:
-        raise CodecError(f"quant payload of {J.where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
+        raise CodecError(f"quant payload of {where(table[bad[0]])} is {int(table[bad[0], J.LENGTH])} bytes; "
                          f"its shape needs {int(expected[bad[0]])}")
     table = J.with_columns(table, is_key, groups)
     head_dim = J.head_dim_of(table)
@@ -105,4 +108,4 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         for first, grid in launches:
             _quant_kernel[grid](*args, first, NCOL=table.shape[1], BITS=codec.bits, GROUP=g, D=head_dim, BT=bt,
                                 BD=J.block(head_dim), WHOLE_ROWS=whole_rows, num_warps=NUM_WARPS)
-    return J.Launch([run], [])
+    return Launch([run], [])

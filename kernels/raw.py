@@ -8,20 +8,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcodec.codecs.device import Launch, where
 from kvcodec.errors import CodecError
-
 from kvcodec.kernels import jobs as J
 from kvcodec.kernels.tiles import output_base, tile_of
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+SRC_ELEMENT, COPY_TOKENS = J.extra_columns(2)  # the columns `copy_elements` adds
 
 
 @triton.jit
 def _copy_kernel(src_ptr, out_ptr, table_ptr, first_job, NCOL: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                  BD: tl.constexpr):
     row, t0, bh, heads, in_job = tile_of(table_ptr, first_job, NCOL, BT)
-    src = tl.load(row + NCOL - 2)  # element offset in the staged buffer's integer view
-    tokens = tl.where(in_job, tl.load(row + NCOL - 1), 0)  # tokens to copy
+    src = tl.load(row + SRC_ELEMENT)  # element offset in the staged buffer's integer view
+    tokens = tl.where(in_job, tl.load(row + COPY_TOKENS), 0)  # tokens to copy
     t = t0 + tl.arange(0, BT)[:, None]
     d = tl.arange(0, BD)[None, :]
     mask = (t < tokens) & (d < D)
@@ -53,10 +54,10 @@ def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     return J.fits_grid(table)
 
 
-def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> J.Launch:
+def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
     numel = table[:, J.BATCH] * table[:, J.HEADS] * table[:, J.TOKENS] * table[:, J.HEAD_DIM]
     bad = np.flatnonzero(table[:, J.LENGTH] != numel * out.element_size())
     if bad.size:
-        raise CodecError(f"raw payload of {J.where(table[bad[0]])} has the wrong length")
+        raise CodecError(f"raw payload of {where(table[bad[0]])} has the wrong length")
     run = copy_elements(staged, out, table, table[:, J.TOKENS])
-    return J.Launch([run] if run else [], [])
+    return Launch([run] if run else [], [])

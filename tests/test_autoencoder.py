@@ -16,6 +16,7 @@ from kvcodec.eval import ae_training
 from kvcodec.codecs.autoencoder import CacheAutoencoder
 from kvcodec.codecs import ae as ae_codec
 from kvcodec.codecs.ae import SEARCH_ENV
+from kvcodec.container.chunking import cut
 from kvcodec.errors import CodecError, InputError
 from conftest import synthetic_cache
 
@@ -161,13 +162,14 @@ def test_the_device_dequantizer_matches_quant(trained):
     """The 8-bit latent dequantizer used on GPUs gives `quant`'s own decode (run here on the CPU)."""
     cache, _, folder, _ = trained
     codec = kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), group_size=3)
-    context = codec.fit(cache, 64)
+    chunks = cut(cache, 64)
+    context = codec.load_context(codec.fit(chunks))
     ae = codec.network(context, torch.device("cpu"))
-    info = kvcodec.ChunkInfo(1, "key", 0, tuple(cache.layers[1].key.shape), torch.float16)
-    payload = codec.encode(cache.layers[1].key, info, context)
-    latent_info = codec._latent_info(ae, info)
-    want = codec._latents.decode(memoryview(payload), latent_info, [])
-    assert torch.equal(codec._dequantize_8bit(memoryview(payload), latent_info, "cpu"), want)
+    info, chunk = chunks.of(1, "key")[0]
+    payload = codec.encode(chunk, info, context)
+    latent_info = codec.quant_info(codec.latent_info(ae, info))
+    want = codec.latents.decode(memoryview(payload), latent_info, ())
+    assert torch.equal(codec.latents.dequantize_8bit(memoryview(payload), latent_info, "cpu"), want)
 
 
 def test_a_header_naming_a_local_path_is_refused(trained, tmp_path):
@@ -213,11 +215,9 @@ def test_entropy_coded_latents_round_trip_smaller_at_a_stated_error(trained, emb
 def test_entropy_coded_latents_need_their_tables(trained):
     cache, _, folder, _ = trained
     codec = kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), entropy=True)
-    info = kvcodec.ChunkInfo(0, "key", 0, tuple(cache.layers[0].key.shape), torch.float16)
-    context = codec.fit(cache, 64)
-    payload = codec.encode(cache.layers[0].key, info, context)
+    blobs = codec.fit(cut(cache, 64))
     with pytest.raises(CodecError, match="needs 2 context blob\\(s\\); the file has 1"):
-        codec.decode(memoryview(payload), info, context[:1])
+        codec.load_context(blobs[:1])
     with pytest.raises(CodecError, match="step must be a number"):
         kvcodec.get_codec("ae", weights=str(folder / "ae.safetensors"), step=0)
 

@@ -8,6 +8,7 @@ import torch
 
 import kvcodec
 from kvcodec.codecs.base import ChunkInfo
+from kvcodec.entropy.quantizer import quantize
 from kvcodec.errors import CodecError, KVCError
 from conftest import DTYPES, synthetic_cache
 
@@ -15,11 +16,11 @@ from conftest import DTYPES, synthetic_cache
 def tables_of(data: bytes) -> dict:
     """The decoded steps, channel modes and tables of every (layer, key/value) of a file."""
     reader = kvcodec.open(data)
-    codec, ctx = reader._codec(0), reader._context(0)
+    ctx = reader.context(0)
     out = {}
     for i, lay in enumerate(reader.header.layers):
         for t in ("key", "value"):
-            out[(i, t)] = codec.tables_for(ctx, ChunkInfo(i, t, 0, getattr(lay, t).shape, torch.float32))
+            out[(i, t)] = ctx.for_chunk(ChunkInfo(i, t, 0, getattr(lay, t).shape, torch.float32), "cachegen")
     return out
 
 
@@ -69,15 +70,17 @@ def test_symbols_survive_coding_exactly():
     codec = kvcodec.get_codec("cachegen", key_emphasis=0, group_size=5, anchor_bits=2)
     data = kvcodec.encode(cache, codec, chunk_tokens=256)
     reader = kvcodec.open(data)
-    ctx = reader._context(0)
+    ctx = reader.context(0)
     checked_anchored = False
     for rec in reader.record_infos():
         tensor = rec.tensor
         x = getattr(cache.layers[rec.layer], tensor)[:, :, rec.token_start:rec.token_start + rec.tokens]
         info = ChunkInfo(rec.layer, tensor, rec.token_start, tuple(x.shape), x.dtype)
-        tt = codec.tables_for(ctx, info)
-        s = codec._sink_count(info)
-        direct, anchors, deltas = codec._symbols(x[:, :, s:].float(), tt.steps, tt.anchored, tt.group_size)
+        tt = ctx.for_chunk(info, "cachegen")
+        s = codec.sink_count(info)
+        direct, anchors, deltas = (t.numpy() for t in quantize(x[:, :, s:].float(), torch.from_numpy(tt.steps),
+                                                              torch.from_numpy(tt.anchored).nonzero().flatten(),
+                                                              tt.group_size, tt.anchor_bits))
         n = x.shape[2] - s
         is_anchor = torch.arange(n) % 5 == 0
         u = torch.from_numpy(direct).double()
@@ -88,7 +91,7 @@ def test_symbols_survive_coding_exactly():
             u[:, c] = row
             checked_anchored = True
         expected = (u.float() * torch.from_numpy(tt.steps)[:, None]).reshape(1, 2, 16, n).permute(0, 1, 3, 2)
-        payload = bytes(reader._src.read(rec.offset, rec.length))
+        payload = bytes(reader.source.read(rec.offset, rec.length))
         decoded = codec.decode(memoryview(payload), info, ctx)
         assert torch.equal(decoded[:, :, s:], expected)
     assert checked_anchored
@@ -148,12 +151,12 @@ def test_damaged_tables_or_lanes_are_reported():
             kvcodec.decode(bytes(bad))
     codec = kvcodec.get_codec("cachegen")
     info = ChunkInfo(0, "key", 16, (1, 2, 14, 16), torch.float16)
-    ctx = reader._context(0)
-    payload = bytes(reader._src.read(rec.offset, rec.length))
+    ctx = reader.context(0)
+    payload = bytes(reader.source.read(rec.offset, rec.length))
     with pytest.raises(CodecError):
         codec.decode(memoryview(payload[:-4]), info, ctx)  # lane words missing
     with pytest.raises(CodecError, match="tables are corrupt"):
-        codec.decode(memoryview(payload), info, [b"\x28\xb5\x2f\xfd" + bytes(20)])
+        codec.load_context([b"\x28\xb5\x2f\xfd" + bytes(20)])
 
 
 def test_every_damaged_byte_of_a_lane_or_table_gives_a_clean_result():
@@ -163,10 +166,10 @@ def test_every_damaged_byte_of_a_lane_or_table_gives_a_clean_result():
     cache = smooth_channel_cache(tokens=300)
     data = kvcodec.encode(cache, "cachegen", key_emphasis=0, chunk_tokens=256)
     reader = kvcodec.open(data)
-    codec, ctx = reader._codec(0), reader._context(0)
+    codec, ctx = reader.codec(0), reader.context(0)
     assert any(t.anchored.any() for t in tables_of(data).values())
     rec = reader.record_infos()[0]
-    payload = bytes(reader._src.read(rec.offset, rec.length))
+    payload = bytes(reader.source.read(rec.offset, rec.length))
     info = ChunkInfo(rec.layer, rec.tensor, rec.token_start, (1, 2, rec.tokens, 16), torch.float32)
     detected = 0
     for i in range(len(payload)):
@@ -178,12 +181,13 @@ def test_every_damaged_byte_of_a_lane_or_table_gives_a_clean_result():
         except CodecError:
             detected += 1
     assert detected > len(payload) // 2
-    blob, good = ctx[0], codec.decode(memoryview(payload), info, ctx)
+    blob, good = reader.context_blobs(0)[0], codec.decode(memoryview(payload), info, ctx)
     for i in range(0, len(blob), 3):  # the checksummed frame either fails or gives the same tables
         bad = bytearray(blob)
         bad[i] ^= 0x10
         try:
-            out = kvcodec.get_codec("cachegen").decode(memoryview(payload), info, [bytes(bad)])
+            codec = kvcodec.get_codec("cachegen")
+            out = codec.decode(memoryview(payload), info, codec.load_context([bytes(bad)]))
         except CodecError:
             continue
         assert torch.equal(out, good), i

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.tools.cli import cli
 from conftest import synthetic_cache
 
@@ -22,7 +22,7 @@ from conftest import synthetic_cache
 def cache_pt(tmp_path):
     cache = synthetic_cache(layers=3, tokens=40, dtype=torch.bfloat16)
     path = tmp_path / "cache.pt"
-    sources.save_cache(cache, path, layout="legacy")
+    cachefiles.save_cache(cache, path, layout="legacy")
     return cache, path
 
 
@@ -56,7 +56,7 @@ def test_pack_inspect_verify_unpack(tmp_path, cache_pt, codec, opts):
     assert code == 0 and ("identical" in out if codec != "quant" else "lossy" in out), out
     code, out = run("unpack", kvc, "-o", tmp_path / "back.pt")
     assert code == 0, out
-    back = sources.load_cache(tmp_path / "back.pt")
+    back = cachefiles.load_cache(tmp_path / "back.pt")
     assert back.layout == "legacy"
     if codec != "quant":
         assert back.equal(cache)
@@ -64,21 +64,21 @@ def test_pack_inspect_verify_unpack(tmp_path, cache_pt, codec, opts):
 
 def test_unpack_defaults_to_the_original_layout(tmp_path):
     cache = synthetic_cache()
-    sources.save_cache(cache, tmp_path / "c.safetensors")
+    cachefiles.save_cache(cache, tmp_path / "c.safetensors")
     assert run("pack", tmp_path / "c.safetensors", "-c", "shuffle-zstd")[0] == 0
     assert_clean_error(*run("unpack", tmp_path / "c.kvc"), "exists")
     (tmp_path / "c.safetensors").unlink()
     code, out = run("unpack", tmp_path / "c.kvc")
-    assert code == 0 and sources.load_cache(tmp_path / "c.safetensors").equal(cache)
+    assert code == 0 and cachefiles.load_cache(tmp_path / "c.safetensors").equal(cache)
     code, out = run("unpack", tmp_path / "c.kvc", "-o", tmp_path / "d.pt", "--layout", "stacked")
-    assert code == 0 and sources.load_cache(tmp_path / "d.pt").layout == "stacked"
+    assert code == 0 and cachefiles.load_cache(tmp_path / "d.pt").layout == "stacked"
 
 
 def test_verify_fails_when_a_lossless_file_differs_from_the_original(tmp_path, cache_pt):
     cache, path = cache_pt
     run("pack", path)
     cache.layers[1].value[0, 0, 0, 0] += 1
-    sources.save_cache(cache, tmp_path / "other.pt", layout="legacy")
+    cachefiles.save_cache(cache, tmp_path / "other.pt", layout="legacy")
     code, out = run("verify", tmp_path / "cache.kvc", "--against", tmp_path / "other.pt")
     assert code != 0 and "did not reproduce" in out
 
@@ -115,7 +115,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, cache_pt, args, pattern):
     _save_evil(d / "evil.pt")
     torch.save((torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)), d / "badshape.pt")
     (d / "random.kvc").write_bytes(os.urandom(4096))
-    good = kvcodec.encode(sources.load_cache(path), "zstd")
+    good = kvcodec.encode(cachefiles.load_cache(path), "zstd")
     (d / "truncated.kvc").write_bytes(good[: len(good) // 2])
     (d / "empty.kvc").write_bytes(b"")
     flipped = bytearray(good)
@@ -162,11 +162,12 @@ PLUGIN = textwrap.dedent('''
         codec_id = 5000
         name = "xor-test"
         lossless = True
+        max_expansion = 1.0
 
         def __init__(self, key: int = 90):
             self.key = key
 
-        def fit(self, cache, chunk_tokens):
+        def fit(self, chunks):
             return [bytes([self.key])]
 
         def encode(self, chunk, info, context):

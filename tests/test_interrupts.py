@@ -16,7 +16,7 @@ import torch
 import kvcodec
 from kvcodec.container import format as fmt
 from kvcodec.errors import FormatError
-from kvcodec.container.writer import KVCWriter
+from kvcodec.container.writer import KVCWriter, header_for
 from conftest import synthetic_cache
 
 
@@ -76,7 +76,7 @@ def test_a_file_being_written_is_reported_clearly(tmp_path):
     cache = synthetic_cache()
     path = tmp_path / "growing.kvc"
     with open(path, "wb") as f:
-        header = kvcodec.api._header(cache, [kvcodec.get_codec("raw")], 16)
+        header = header_for(cache, [kvcodec.get_codec("raw")], 16)
         writer = KVCWriter(f, header)
         writer.add_record(0, 0, 0, tuple(cache.layers[0].key.shape), "float16", 0, b"\0" * 64)
         f.flush()

@@ -14,7 +14,9 @@ import torch
 pytest.importorskip("triton")
 
 import kvcodec  # noqa: E402
-from kvcodec import api, kernels  # noqa: E402
+from kvcodec.codecs import device  # noqa: E402
+from kvcodec.container.chunking import cut  # noqa: E402
+from kvcodec.encoding.engine import Encoding, write_cache  # noqa: E402
 from conftest import synthetic_cache  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -68,8 +70,7 @@ def test_kernels_decode_bit_exactly(codec, options, dtype):
 def test_cachegen_anchors_are_exercised():
     data = kvcodec.encode(smooth_cache(torch.float16, tokens=max(TOKENS, 250)), "cachegen",
                           chunk_tokens=max(CHUNK, 128), sinks=3, group_size=6, anchor_bits=2, key_emphasis=0.0)
-    reader = kvcodec.open(data)
-    tables = reader._codec(0)._parse(reader._context(0)[0])
+    tables = kvcodec.open(data).context(0).tensors
     assert any(t.anchored.any() for t in tables.values())
     assert kernel_cache(data).equal(cpu_cache(data))
 
@@ -103,7 +104,7 @@ def test_per_chunk_presets_mix():
     assert kernel_cache(data).equal(cpu_cache(data))
 
 
-class Alternate(api.Encoding):
+class Alternate(Encoding):
     """Chunks alternate between slot 0 and slot 1."""
 
     def payload(self, info, chunk):
@@ -116,12 +117,12 @@ def test_codecs_without_kernels_decode_on_the_cpu_beside_them(other):
     cache = smooth_cache(torch.bfloat16)
     codecs = [kvcodec.get_codec("quant", bits=3), kvcodec.get_codec(other)]
     buf = io.BytesIO()
-    api.write_cache(cache, buf, Alternate(codecs, [c.fit(cache, CHUNK) for c in codecs]), CHUNK)
+    write_cache(cache, buf, Alternate.of(codecs, [c.fit(cut(cache, CHUNK)) for c in codecs]), CHUNK)
     data = buf.getvalue()
     assert kernel_cache(data).equal(cpu_cache(data))
 
 
-class Tamper(api.Encoding):
+class Tamper(Encoding):
     """Writes each payload with one byte changed at `position` (from the end if negative)."""
 
     position = 0
@@ -139,10 +140,10 @@ def test_corrupt_lanes_get_the_cpu_decoders_verdict(position):
     exactly when the CPU decoder does, and otherwise decode to the same tensors."""
     cache = synthetic_cache(layers=1, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
     codec = kvcodec.get_codec("cachegen", sinks=0)
-    enc = Tamper.fitted(cache, codec, CHUNK)
+    enc = Tamper.fitted(cut(cache, CHUNK), codec)
     enc.position = position
     buf = io.BytesIO()
-    api.write_cache(cache, buf, enc, CHUNK)
+    write_cache(cache, buf, enc, CHUNK)
     data = buf.getvalue()
     try:
         want = cpu_cache(data)
@@ -156,30 +157,30 @@ def test_corrupt_lanes_get_the_cpu_decoders_verdict(position):
 def test_wrong_payload_lengths_are_refused():
     cache = synthetic_cache(layers=1, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
     for codec in ("quant", "cachegen", "raw"):
-        enc = api.Encoding.fitted(cache, kvcodec.get_codec(codec), CHUNK)
-        short = type("Short", (api.Encoding,), {"payload": lambda self, i, c: (0, api.Encoding.payload(self, i, c)[1][:-4])})
+        enc = Encoding.fitted(cut(cache, CHUNK), kvcodec.get_codec(codec))
+        short = type("Short", (Encoding,), {"payload": lambda self, i, c: (0, Encoding.payload(self, i, c)[1][:-4])})
         buf = io.BytesIO()
-        api.write_cache(cache, buf, short(enc.codecs, enc.contexts), CHUNK)
+        write_cache(cache, buf, short(enc.codecs, enc.blobs, enc.contexts), CHUNK)
         with pytest.raises(kvcodec.CodecError):
             kernel_cache(buf.getvalue())
 
 
 def test_decoder_choice():
-    assert not kernels.use_kernels("cpu")
-    assert not kernels.use_kernels(None, "auto")
-    assert not kernels.use_kernels("cuda", "cpu")
+    assert not device.use_kernels("cpu")
+    assert not device.use_kernels(None, "auto")
+    assert not device.use_kernels("cuda", "cpu")
     with pytest.raises(ValueError, match="decoder must be one of"):
-        kernels.use_kernels("cpu", "gpu")
+        device.use_kernels("cpu", "gpu")
 
 
 def test_environment_forces_the_cpu_decoder(monkeypatch):
-    monkeypatch.setenv(kernels.DECODER_ENV, "cpu")
-    assert not kernels.use_kernels("cuda")
-    monkeypatch.setenv(kernels.DECODER_ENV, "kernels")
-    assert kernels.use_kernels(DEVICE)
-    monkeypatch.setenv(kernels.DECODER_ENV, "fast")
+    monkeypatch.setenv(device.DECODER_ENV, "cpu")
+    assert not device.use_kernels("cuda")
+    monkeypatch.setenv(device.DECODER_ENV, "kernels")
+    assert device.use_kernels(DEVICE)
+    monkeypatch.setenv(device.DECODER_ENV, "fast")
     with pytest.raises(ValueError, match="KVCODEC_DECODER"):
-        kernels.use_kernels("cuda")
+        device.use_kernels("cuda")
 
 
 def test_progress_reports_layers_in_order():
@@ -217,14 +218,12 @@ def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
 
     cache = smooth_cache(torch.float16, tokens=max(TOKENS, 250))
     codec = kvcodec.get_codec("cachegen", **options)
-    chunk_tokens = max(CHUNK, 128)
-    context = codec.fit(cache, chunk_tokens)
-    tables = codec._parse(context[0])
-    assert not options or any(t.anchored.any() for t in tables.values())
-    for layer, lay in enumerate(cache.layers):
-        for info, chunk in api.layer_chunks(layer, lay, chunk_tokens):
-            want = codec.encode(chunk, info, context)
-            assert cachegen_encode.encode_chunk(codec, chunk.to(DEVICE), info, context) == want
+    chunks = cut(cache, max(CHUNK, 128))
+    context = codec.load_context(codec.fit(chunks))
+    assert not options or any(t.anchored.any() for t in context.tensors.values())
+    for info, chunk in chunks:
+        want = codec.encode(chunk, info, context)
+        assert cachegen_encode.encode(codec, chunk.to(DEVICE), info, context) == want
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
@@ -295,3 +294,50 @@ def test_entropy_coded_ae_latents_decode_with_the_cachegen_kernel(tmp_path, monk
     for g, w in zip(got, want):
         for a, b in zip(g, w):
             assert float((a.cpu().float() - b.float()).abs().max()) <= 1e-3 * float(b.float().abs().max())
+
+
+class TorchCopyDecoder:
+    """A third party's device decoder, in plain torch: copies raw payloads into the output."""
+
+    calls = 0
+
+    @staticmethod
+    def supports(codec, context, table, itemsize):
+        return table[:, device.TOKENS] > 1  # one-token records decline: they decode on the CPU
+
+    @staticmethod
+    def prepare(codec, context, table, staged, out):
+        assert context == (b"plugin",)
+        TorchCopyDecoder.calls += 1
+
+        def run():
+            for row in table.tolist():
+                n = row[device.BATCH] * row[device.HEADS] * row[device.TOKENS] * row[device.HEAD_DIM]
+                src = staged[row[device.SRC]:row[device.SRC] + n * out.element_size()].view(out.dtype)
+                b, h, t, d = (row[c] for c in (device.BATCH, device.HEADS, device.TOKENS, device.HEAD_DIM))
+                place = torch.as_strided(out, (b, h, t, d), (row[device.STRIDE_B], row[device.STRIDE_H], d, 1),
+                                         row[device.DST])
+                place.copy_(src.view(b, h, t, d))
+        return device.Launch([run], [])
+
+
+class PluginRaw(kvcodec.codecs.RawCodec):
+    codec_id, name = 5200, "plugin-raw-test"
+    device_decoder = f"{__name__}:TorchCopyDecoder"
+
+    def fit(self, chunks):
+        return [b"plugin"]
+
+
+def test_a_plugin_codec_ships_its_own_device_decoder():
+    """Declared by the codec class (registered by id like any plugin): the reader's device path
+    hands it the records it supports and decodes the rest on the CPU beside it."""
+    if "plugin-raw-test" not in kvcodec.registry.CODECS:
+        kvcodec.register_codec(PluginRaw)
+    cache = synthetic_cache(layers=2, heads=HEADS, tokens=2 * CHUNK + 1, head_dim=HEAD_DIM)
+    data = kvcodec.encode(cache, PluginRaw(), chunk_tokens=CHUNK)  # every tensor's last chunk: one token
+    TorchCopyDecoder.calls = 0
+    got = kernel_cache(data)
+    assert TorchCopyDecoder.calls >= 1 and got.equal(cache)
+    assert device.decoder_for(PluginRaw()) is TorchCopyDecoder
+    assert device.decoder_for(kvcodec.get_codec("zstd")) is None

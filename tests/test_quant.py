@@ -111,3 +111,17 @@ def test_bad_options_are_refused(opts):
 
 def test_encoding_is_deterministic(small_cache):
     assert kvcodec.encode(small_cache, "quant", bits=3) == kvcodec.encode(small_cache, "quant", bits=3)
+
+
+@pytest.mark.parametrize("tensor", ["key", "value"])
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (2, 3, 8, 16), (1, 2, 7, 9)])
+def test_the_tensor_dequantizer_of_8_bit_codes_matches_decode(tensor, shape):
+    """`dequantize_8bit` (what a GPU read of 8-bit codes runs, here on the CPU) gives `decode`'s
+    values, also where the codes do not fill whole groups of 8 and the payload is padded."""
+    codec = QuantCodec(bits=8, group_size=4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).half()
+    info = ChunkInfo(0, tensor, 0, shape, torch.float16)
+    payload = memoryview(codec.encode(x, info, ()))
+    assert torch.equal(codec.dequantize_8bit(payload, info, "cpu"), codec.decode(payload, info, ()))
+    with pytest.raises(CodecError, match="8-bit codes"):
+        QuantCodec(bits=4).dequantize_8bit(payload, info, "cpu")

@@ -9,7 +9,7 @@ import torch
 
 import kvcodec
 from kvcodec.eval import capture
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.tools.cli import cli
 from click.testing import CliRunner
 
@@ -81,7 +81,7 @@ def test_kvc_capture_then_pack(tmp_path, real_model):
     runner = CliRunner()
     out = runner.invoke(cli, ["capture", "--tokens", "48", "-o", str(tmp_path / "c.pt"), "-q"])
     assert out.exit_code == 0, out.output
-    cache = sources.load_cache(tmp_path / "c.pt")
+    cache = cachefiles.load_cache(tmp_path / "c.pt")
     assert cache.metadata["tokens"] == "48" and cache.token_ids.shape == (1, 48)
     assert cache.layers[0].key.dtype == torch.float16 and cache.num_layers == 30
     assert runner.invoke(cli, ["pack", str(tmp_path / "c.pt"), "-c", "quant", "-q"]).exit_code == 0
@@ -95,18 +95,20 @@ def test_cachegen_lanes_cost_within_two_percent_of_the_symbols_entropy(real_mode
     """Bits in the lanes versus the empirical entropy of the symbols each table codes, over
     the file (a 1024-token SmolLM2 cache, one chunk: lanes of 1020 symbols)."""
     from kvcodec.codecs.base import ChunkInfo
-    from kvcodec.codecs.cachegen import _entropy_bits
+    from kvcodec.entropy.quantizer import entropy_bits, quantize
 
     cache = capture.capture("prose", tokens=1024)
     codec = kvcodec.get_codec("cachegen")
     reader = kvcodec.open(kvcodec.encode(cache, codec))
-    ctx = reader._context(0)
+    ctx = reader.context(0)
     symbols, lane_bits = {}, 0
     for rec in reader.record_infos():
         x = getattr(cache.layers[rec.layer], rec.tensor)[:, :, rec.token_start:rec.token_start + rec.tokens]
         info = ChunkInfo(rec.layer, rec.tensor, rec.token_start, tuple(x.shape), x.dtype)
-        tt, s = codec.tables_for(ctx, info), codec._sink_count(info)
-        direct, anchors, deltas = codec._symbols(x[:, :, s:].float(), tt.steps, tt.anchored, tt.group_size)
+        tt, s = ctx.for_chunk(info, "cachegen"), codec.sink_count(info)
+        direct, anchors, deltas = (t.numpy() for t in quantize(x[:, :, s:].float(), torch.from_numpy(tt.steps),
+                                                              torch.from_numpy(tt.anchored).nonzero().flatten(),
+                                                              tt.group_size, tt.anchor_bits))
         a = 0
         for c in range(direct.shape[1]):
             key = (rec.layer, rec.tensor, c)
@@ -116,6 +118,6 @@ def test_cachegen_lanes_cost_within_two_percent_of_the_symbols_entropy(real_mode
                 a += 1
         lanes = direct.shape[0] * (direct.shape[1] + int(tt.anchored.sum()))
         lane_bits += 8 * (rec.length - s * x[:, :, :1].numel() * x.element_size() - 4 * lanes)
-    entropy = sum(float(_entropy_bits(np.concatenate(v)[None])[0]) for v in symbols.values())
+    entropy = sum(float(entropy_bits(np.concatenate(v)[None])[0]) for v in symbols.values())
     assert entropy > 0
     assert 1.0 <= lane_bits / entropy < 1.02

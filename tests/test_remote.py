@@ -26,8 +26,8 @@ def served(tmp_path_factory):
 
 
 def payload_bytes(reader, layer, tokens=None) -> int:
-    lo, hi = reader._token_range(layer, tokens)
-    return sum(int(reader.records["length"][i]) for t in (0, 1) for i in reader._records_for(layer, t, lo, hi))
+    lo, hi = reader.token_range(layer, tokens)
+    return int(reader.records["length"][reader.plan([(layer, 0, lo, hi), (layer, 1, lo, hi)]).records].sum())
 
 
 def test_opening_costs_two_small_requests(served):
@@ -51,7 +51,7 @@ def test_a_layer_or_token_range_fetches_only_its_records(served, name):
         k, v = reader.read(3)
         assert server.log.requests == 1  # the layer's records are adjacent: one request
         need = payload_bytes(reader, 3)
-        assert need <= server.log.bytes_sent <= need + 64 * len(reader._layer_records(3))
+        assert need <= server.log.bytes_sent <= need + 64 * len(reader.plan([(3, 0, 0, TOKENS), (3, 1, 0, TOKENS)]).records)
         assert k.equal(local.read(3)[0]) and v.equal(local.read(3)[1])
         server.log.clear()
         k, v = reader.read(5, tokens=slice(130, 200))  # two chunks of each tensor

@@ -145,6 +145,7 @@ def test_pack_keeps_at_most_one_chunk_of_payload_in_flight(small_cache):
     assert all(b > a for a, b in zip(seen, seen[1:]))
 
 
+@pytest.mark.transformers
 def test_hf_dynamic_cache_roundtrip(small_cache):
     hf = small_cache.to_hf()
     back = kvcodec.KVCache.from_hf(hf)

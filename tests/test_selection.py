@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import kvcodec
 from kvcodec.encoding import pipeline
 from kvcodec.container import positions
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.errors import CodecError, FormatError, InputError
 from kvcodec.selection.scores import AttentionScores
 from kvcodec.selection import CaM, LaCache
@@ -188,7 +188,7 @@ def test_scores_save_and_load(tmp_path, cache):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="not a readable"):
         AttentionScores.load(tmp_path / "bad.safetensors")
-    sources.save_cache(cache, tmp_path / "cache.safetensors")
+    cachefiles.save_cache(cache, tmp_path / "cache.safetensors")
     with pytest.raises(InputError, match="not a kvcodec scores file"):
         AttentionScores.load(tmp_path / "cache.safetensors")
 
@@ -219,7 +219,7 @@ def test_bad_pipelines_are_refused(spec, options, message):
 
 def test_an_option_two_stages_share_must_be_addressed():
     class Sinky(kvcodec.Codec):  # a value codec that also has a `sink` option
-        codec_id, name, lossless = 4001, "sinky", True
+        codec_id, name, lossless, max_expansion = 4001, "sinky", True, 1.0
 
         def __init__(self, sink: int = 0):
             self.sink = sink
@@ -312,7 +312,7 @@ def kvc(*args):
 
 
 def test_cli_pack_pipeline_with_scores_beside_the_cache(tmp_path, cache):
-    sources.save_cache(cache, tmp_path / "c.pt")
+    cachefiles.save_cache(cache, tmp_path / "c.pt")
     code, out = kvc("pack", tmp_path / "c.pt", "-c", "h2o+quant", "--opt", "keep=0.5")
     assert code == 1 and "needs attention scores" in out and "c.scores.safetensors" in out
     assert "Traceback" not in out and not (tmp_path / "c.kvc").exists()

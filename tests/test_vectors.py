@@ -12,7 +12,7 @@ import torch
 import zstandard
 
 import kvcodec
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from spec_reader import parse_tables, read_kvc, read_positions
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
@@ -22,7 +22,7 @@ NAMES = sorted(k for k in MANIFEST if not k.startswith("_"))
 
 def expected_cache(name):
     path = VECTORS / f"{name}.expected.safetensors"
-    return sources.load_cache(path if path.exists() else VECTORS / f"{name}.input.safetensors")
+    return cachefiles.load_cache(path if path.exists() else VECTORS / f"{name}.input.safetensors")
 
 
 def test_there_is_a_vector_for_every_builtin_codec():
@@ -69,6 +69,6 @@ def test_reencoding_is_byte_identical(name):
     entry = MANIFEST[name]
     if entry["codec"] != "raw" and entry["codec"] != "quant" and list(zstandard.ZSTD_VERSION) != MANIFEST["_zstd_library"]:
         pytest.skip(f"zstd output is fixed per library version; vectors were made with {MANIFEST['_zstd_library']}")
-    cache = sources.load_cache(VECTORS / f"{name}.input.safetensors")
+    cache = cachefiles.load_cache(VECTORS / f"{name}.input.safetensors")
     data = kvcodec.encode(cache, entry["codec"], chunk_tokens=entry["chunk_tokens"], **entry["config"])
     assert data == (VECTORS / f"{name}.kvc").read_bytes()

@@ -14,7 +14,7 @@ import torch
 
 import kvcodec
 from kvcodec.encoding import presets as adapt, pipeline
-from kvcodec import api, cachefiles as sources
+from kvcodec import api, cachefiles
 from kvcodec.selection import scores
 from kvcodec.errors import InputError, KVCError
 from kvcodec.selection.scores import AttentionScores
@@ -68,7 +68,7 @@ def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, ma
     scores = None
     if pipe.selector is not None and pipe.selector.needs_scores:
         scores = AttentionScores.load(scores_path or find_scores(input, pipe.selector.name))
-    cache = sources.load_cache(input, layout=layout, heads=heads)
+    cache = cachefiles.load_cache(input, layout=layout, heads=heads)
     with progress_bar(cache.num_layers, "choosing presets" if targeted else "packing", quiet) as update:
         size = api.pack(cache, output, codec, chunk_tokens=chunk_tokens, overwrite=force, progress=update,
                         target_ratio=target_ratio, max_error=max_error, scores=scores, **options)
@@ -89,13 +89,13 @@ def find_scores(cache_path: str, method: str) -> str:
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output .pt or .safetensors [INPUT with the extension of the original layout].")
-@click.option("--layout", type=click.Choice(sources.LAYOUTS), default=None,
+@click.option("--layout", type=click.Choice(cachefiles.LAYOUTS), default=None,
               help="Layout to write [the layout the cache came in].")
 @force_option
 @quiet_option
 def unpack(input, output, layout, force, quiet):
     """Decode a .kvc file back to .pt or .safetensors."""
-    with kvcodec.open(sources.check_readable(input)) as reader:
+    with kvcodec.open(cachefiles.check_readable(input)) as reader:
         stored = reader.header.layout
         suffix = ".safetensors" if (layout or stored) == "safetensors" else ".pt"
         output = output_path(output, input, suffix)
@@ -104,7 +104,7 @@ def unpack(input, output, layout, force, quiet):
         reader.check_layout()
         with progress_bar(reader.num_layers, "decoding", quiet) as update:
             cache = reader.read_cache(progress=update)
-    written = sources.save_cache(cache, output, layout=layout, overwrite=force)
+    written = cachefiles.save_cache(cache, output, layout=layout, overwrite=force)
     if not quiet:
         click.echo(f"{output}: {cache.num_layers} layers, layout {written}", err=True)
 
@@ -114,7 +114,7 @@ def unpack(input, output, layout, force, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(file, as_json):
     """Show what a .kvc file holds, layer by layer."""
-    with kvcodec.open(sources.check_readable(file)) as reader:
+    with kvcodec.open(cachefiles.check_readable(file)) as reader:
         info = reader.info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -178,14 +178,14 @@ def verify(file, against, layout, heads):
 
     Exits non-zero on corruption, or when a lossless codec does not reproduce the original.
     """
-    with kvcodec.open(sources.check_readable(file)) as reader:
+    with kvcodec.open(cachefiles.check_readable(file)) as reader:
         reader.verify()
         cache = reader.read_cache()
         lossless = all(kvcodec.codec_class(c.id).lossless for c in reader.header.codecs)
     click.echo(f"{file}: checksums ok, {cache.num_layers} layers decode")
     if not against:
         return
-    original = sources.load_cache(against, layout=layout, heads=heads)
+    original = cachefiles.load_cache(against, layout=layout, heads=heads)
     if original.num_layers != cache.num_layers:
         raise InputError(f"{against} has {original.num_layers} layers, the file {cache.num_layers}")
     worst = 0.0
@@ -257,7 +257,7 @@ def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
         raise InputError("--window goes with --scores")
     cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
                                            window=(window or cap.DEFAULT_WINDOW) if with_scores else None)
-    sources.save_cache(cache, output, overwrite=force)
+    cachefiles.save_cache(cache, output, overwrite=force)
     if stats is not None:
         stats.save(scores_out)
     if not quiet:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.errors import InputError, KVCError
 
 EXIT_ERROR = 1
@@ -95,7 +95,7 @@ def human(n: float) -> str:
         n /= 1024
 
 
-layout_option = click.option("--layout", type=click.Choice(sources.LAYOUTS[:4]), default=None,
+layout_option = click.option("--layout", type=click.Choice(cachefiles.LAYOUTS[:4]), default=None,
                              help="Layout of a .pt input when it cannot be detected.")
 heads_option = click.option("--heads", type=click.IntRange(1), default=None,
                             help="KV heads, for the cachegen [layers, tokens, heads*head_dim] layout.")

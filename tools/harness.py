@@ -7,7 +7,7 @@ import os
 
 import click
 
-from kvcodec import api, cachefiles as sources
+from kvcodec import api, cachefiles
 from kvcodec.eval import bench, capture, fidelity
 from kvcodec.encoding import pipeline
 from kvcodec.errors import InputError
@@ -98,8 +98,8 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
     if file is not None:
         if not original:
             raise InputError("evaluating a .kvc file needs --original, the cache it was packed from")
-        restored = api.unpack(sources.check_readable(file))
-        ctx = fidelity.Context.from_captured(sources.load_cache(original, layout=layout, heads=heads),
+        restored = api.unpack(cachefiles.check_readable(file))
+        ctx = fidelity.Context.from_captured(cachefiles.load_cache(original, layout=layout, heads=heads),
                                              continuation, greedy)
         report = fidelity.Report(os.path.basename(file), [fidelity.score(ctx, restored, os.path.getsize(file))])
     else:
@@ -168,7 +168,7 @@ def bench_command(codec_specs, quick, selection, caches, texts, prefix, continua
         texts = texts if texts != "prose,code,data" else "prose"
         prefix, continuation, greedy, repeat = min(prefix, 512), min(continuation, 128), min(greedy, 16), 1
     if caches:
-        contexts = [fidelity.Context.from_captured(sources.load_cache(c), continuation, greedy) for c in caches]
+        contexts = [fidelity.Context.from_captured(cachefiles.load_cache(c), continuation, greedy) for c in caches]
     else:
         contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
     total = sum(len(v) for v in sweep.values())

@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 import kvcodec
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 
 HERE = Path(__file__).parent
 
@@ -71,13 +71,13 @@ def main() -> None:
     manifest = {}
     for seed, (name, (codec, config, chunk, desc)) in enumerate(VECTORS.items()):
         cache = make_cache(seed, **desc)
-        sources.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
-        cache = sources.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
+        cachefiles.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
+        cache = cachefiles.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
         data = kvcodec.encode(cache, codec, chunk_tokens=chunk, **config)
         (HERE / f"{name}.kvc").write_bytes(data)
         lossless = kvcodec.codec_class(codec).lossless
         if not lossless:
-            sources.save_cache(kvcodec.decode(data), HERE / f"{name}.expected.safetensors", overwrite=True)
+            cachefiles.save_cache(kvcodec.decode(data), HERE / f"{name}.expected.safetensors", overwrite=True)
         manifest[name] = {"codec": codec, "config": config, "chunk_tokens": chunk, "lossless": lossless}
     manifest["_zstd_library"] = zstandard.ZSTD_VERSION
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

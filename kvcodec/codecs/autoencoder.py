@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvcodec.cache import TENSORS
 from kvcodec.errors import CodecError, InputError
 
 FORMAT = "kvcodec-ae-1"
 METADATA_KEY = "kvcodec_ae"
-TENSORS = ("key", "value")
 
 
 @dataclass
@@ -37,15 +37,16 @@ class AEConfig:
     model: str = ""
     texts: dict = field(default_factory=dict)  # training text name -> sha256
 
-    def check_fits(self, cache) -> None:
-        """CodecError unless every layer of `cache` has the shape these weights were trained on."""
-        if cache.num_layers != self.layers:
-            raise CodecError(f"ae: the weights fit {self.layers} layers, the cache has {cache.num_layers}")
-        for i, lay in enumerate(cache.layers):
-            for name, t in (("key", lay.key), ("value", lay.value)):
-                if t.shape[1] != self.heads or t.shape[3] != self.head_dim[name]:
-                    raise CodecError(f"ae: layer {i} {name} has {t.shape[1]} heads of {t.shape[3]}; the weights fit "
-                                     f"{self.heads} heads of {self.head_dim[name]}")
+    def check_fits(self, num_layers: int, chunks) -> None:
+        """CodecError unless a cache of `num_layers` whose chunks are `chunks` ((ChunkInfo,
+        tensor) pairs) has the shape these weights were trained on."""
+        if num_layers != self.layers:
+            raise CodecError(f"ae: the weights fit {self.layers} layers, the cache has {num_layers}")
+        for info, _ in chunks:
+            _, h, _, d = info.shape
+            if h != self.heads or d != self.head_dim[info.tensor]:
+                raise CodecError(f"ae: layer {info.layer} {info.tensor} has {h} heads of {d}; the weights fit "
+                                 f"{self.heads} heads of {self.head_dim[info.tensor]}")
 
 
 class VectorAE(torch.nn.Module):
@@ -141,7 +142,7 @@ class CacheAutoencoder(torch.nn.Module):
 
     def save(self, path) -> str:
         """Write the weights (and `<path>.json`, their config); return their sha256."""
-        from kvcodec.container.writer import atomic_output
+        from kvcodec.files import atomic_output
 
         data = self.to_bytes()
         with atomic_output(path, overwrite=True) as f:

@@ -1,9 +1,9 @@
-"""The codec interface: one small class per codec, encoding and decoding one chunk."""
+"""The codec interface: one small immutable class per codec, encoding and decoding one chunk."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
@@ -26,23 +26,63 @@ class ChunkInfo:
         b, h, t, d = self.shape
         return b * h * t * d
 
+    @property
+    def where(self) -> str:
+        """The chunk's place, for error messages."""
+        return f"layer {self.layer} {self.tensor} tokens {self.token_start}+{self.shape[2]}"
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A cache cut into the chunks a file stores (`kvcodec.container.chunking.cut`), in file
+    order: per layer its key chunks, then its value chunks. The writer encodes exactly these and
+    `Codec.fit` is given exactly these, so no codec re-cuts a cache itself."""
+
+    layers: tuple[tuple[tuple[ChunkInfo, torch.Tensor], ...], ...]
+    chunk_tokens: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[tuple[ChunkInfo, torch.Tensor]]:
+        for layer in self.layers:
+            yield from layer
+
+    def __len__(self) -> int:
+        return sum(len(layer) for layer in self.layers)
+
+    def of(self, layer: int, tensor: str) -> list[tuple[ChunkInfo, torch.Tensor]]:
+        """The chunks of one (layer, key/value), in token order."""
+        return [(info, chunk) for info, chunk in self.layers[layer] if info.tensor == tensor]
+
 
 class Codec(Configurable):
     """Base class. Subclasses set the class attributes, take their options as keyword
-    arguments of `__init__` (validated there), and implement `encode` and `decode`.
+    arguments of `__init__` (validated there; the object is immutable afterwards), and
+    implement `encode` and `decode`.
 
-    `fit` may compute shared context from the whole cache before any chunk is encoded
-    (entropy tables, ...), knowing how tokens will be cut into chunks: the blobs it returns are stored once per file and handed to every
-    `encode`/`decode` call as `context`.
+    Shared context: `fit` may compute blobs from every chunk before any is encoded (entropy
+    tables, ...); they are stored once per file. `load_context` turns a file's blobs into what
+    `encode` and `decode` are handed as `context` (parsed once per file by its reader and once
+    per write by the writer; by default the blobs themselves).
+
+    GPU paths: `device_decoder` / `device_encoder` name a module (`package.module` or
+    `package.module:object`) implementing `kvcodec.codecs.device`'s decoder or encoder
+    interface; readers and writers load it only when a CUDA device is used, so a plugin codec
+    can ship its own kernels.
     """
 
     codec_id: ClassVar[int]
     name: ClassVar[str]
     lossless: ClassVar[bool]
     description: ClassVar[str] = ""
-    # Most decoded bytes one payload byte can yield. Readers refuse a record claiming more before
-    # allocating anything, so a hostile file cannot make them allocate beyond a multiple of its size.
-    max_expansion: ClassVar[float] = 32768.0
+    # Most decoded bytes one payload byte can yield; every codec declares it (the registry refuses
+    # one that does not). Readers refuse a record claiming more before allocating anything, so a
+    # hostile file cannot make them allocate beyond a multiple of its size.
+    max_expansion: ClassVar[float]
+    device_decoder: ClassVar[str | None] = None
+    device_encoder: ClassVar[str | None] = None
 
     def __init__(self):
         """Codecs without options keep this signature; others list their options here."""
@@ -58,16 +98,21 @@ class Codec(Configurable):
         """Option sets, finest first, among which size or error targets choose per chunk."""
         return []
 
-    def fit(self, cache, chunk_tokens: int) -> list[bytes]:
+    def fit(self, chunks: Chunks) -> list[bytes]:
+        """The shared context blobs for a file of these chunks (none by default)."""
         return []
 
-    def encode(self, chunk: torch.Tensor, info: ChunkInfo, context: Sequence[bytes]) -> bytes:
+    def load_context(self, blobs: Sequence[bytes]):
+        """What `encode`/`decode` receive as `context`, from the file's blobs for this codec."""
+        return tuple(blobs)
+
+    def encode(self, chunk: torch.Tensor, info: ChunkInfo, context) -> bytes:
         raise NotImplementedError
 
-    def decode(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes]) -> torch.Tensor:
+    def decode(self, payload: memoryview, info: ChunkInfo, context) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode_to(self, payload: memoryview, info: ChunkInfo, context: Sequence[bytes], device) -> torch.Tensor:
+    def decode_to(self, payload: memoryview, info: ChunkInfo, context, device) -> torch.Tensor:
         """Decode onto `device`. By default on the CPU, then copied; codecs whose decoding is
         mostly arithmetic a GPU does better (ae's decoder network) run it there instead."""
         return self.decode(payload, info, context).to(device)
@@ -75,7 +120,4 @@ class Codec(Configurable):
 
 def check_payload_length(payload, expected: int, info: ChunkInfo, codec: str) -> None:
     if len(payload) != expected:
-        raise CodecError(
-            f"{codec} payload of layer {info.layer} {info.tensor} tokens {info.token_start}+{info.shape[2]} "
-            f"is {len(payload)} bytes; its shape needs {expected}"
-        )
+        raise CodecError(f"{codec} payload of {info.where} is {len(payload)} bytes; its shape needs {expected}")

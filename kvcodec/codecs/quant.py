@@ -3,6 +3,10 @@
 Keys are grouped per channel along tokens and values per token along channels: key outliers
 sit in fixed channels, value outliers do not (KIVI). Group minima and scales are float16 so
 that `code * scale` is exact in float32 and every decoder, fused or not, is bit-exact.
+
+Payload (spec 8.4): every group's float16 minimum, then every group's float16 scale, then the
+codes bit-packed; `group_count` and `payload_length` are its one definition, for the CPU
+decoder and (on arrays of records) the GPU kernels.
 """
 
 from __future__ import annotations
@@ -10,11 +14,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvcodec.codecs import bitpack
 from kvcodec.codecs.base import ChunkInfo, Codec, check_payload_length
 from kvcodec.errors import CodecError
-from kvcodec.codecs import bitpack
 
 FP16_MAX = 65504.0
+
+
+def group_count(is_key, batch, heads, tokens, head_dim, group_size):
+    """Groups of a chunk (ints, or numpy arrays over records): keys group tokens per channel,
+    values channels per token."""
+    return np.where(is_key, batch * heads * (-(-tokens // group_size)) * head_dim,
+                    batch * heads * tokens * (-(-head_dim // group_size)))
+
+
+def payload_length(is_key, batch, heads, tokens, head_dim, group_size, bits):
+    """Bytes of a chunk's payload: two float16 per group, then the packed codes."""
+    return 4 * group_count(is_key, batch, heads, tokens, head_dim, group_size) + \
+        bitpack.packed_length(batch * heads * tokens * head_dim, bits)
 
 
 def _round_to_half(x: torch.Tensor, toward: float) -> torch.Tensor:
@@ -30,6 +47,7 @@ class QuantCodec(Codec):
     lossless = False
     description = "grouped asymmetric integer quantization; keys per channel, values per token"
     max_expansion = 16.0  # float32 output from 2-bit codes
+    device_decoder = "kvcodec.kernels.quant"
 
     @classmethod
     def presets(cls) -> list[dict]:
@@ -54,8 +72,7 @@ class QuantCodec(Codec):
         return tuple(shape)
 
     def payload_length(self, info: ChunkInfo) -> int:
-        n_groups = int(np.prod(self._param_shape(info)))
-        return 4 * n_groups + bitpack.packed_length(info.numel, self.bits)
+        return int(payload_length(info.tensor == "key", *info.shape, self.group_size, self.bits))
 
     def encode(self, chunk, info, context):
         x = chunk.detach().to(torch.float32)  # on the chunk's device: a GPU encodes the same bytes
@@ -99,3 +116,26 @@ class QuantCodec(Codec):
         m = m.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
         s = s.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
         return q.mul_(s).add_(m).to(info.dtype)
+
+    def decode_to(self, payload, info, context, device):
+        """8-bit codes need no unpacking: off the CPU they move as they are and are dequantized
+        there with tensor operations (the same values as `decode`)."""
+        if self.bits == 8 and torch.device(device).type != "cpu":
+            return self.dequantize_8bit(payload, info, device)
+        return self.decode(payload, info, context).to(device)
+
+    def dequantize_8bit(self, payload, info: ChunkInfo, device) -> torch.Tensor:
+        """`decode` of an 8-bit payload with tensor operations on `device`."""
+        if self.bits != 8:
+            raise CodecError(f"quant: dequantize_8bit needs 8-bit codes, not {self.bits}")
+        check_payload_length(payload, self.payload_length(info), info, self.name)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        pshape = self._param_shape(info)
+        n = int(np.prod(pshape))
+        lo, scale = data[:4 * n].view(torch.float16).float().reshape(2, *pshape)
+        codes = data[4 * n:4 * n + info.numel].float().reshape(info.shape)  # codes are padded to whole bytes of 8
+        axis = self._axis(info)
+        size = info.shape[axis]
+        m = lo.repeat_interleave(self.group_size, axis).narrow(axis, 0, size)
+        s = scale.repeat_interleave(self.group_size, axis).narrow(axis, 0, size)
+        return (codes * s + m).to(info.dtype)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kvcodec.cache import TENSORS
 from kvcodec.dtypes import CODE_TO_NAME, DTYPES
 from kvcodec.errors import ChecksumError, FormatError
 
@@ -28,7 +29,6 @@ MAX_DIM = 65536
 MAX_TOKENS = 2**31 - 1
 MAX_METADATA = 1024
 CONTAINER_OWNER = 0xFFFF
-TENSORS = ("key", "value")
 
 RECORD_DTYPE = np.dtype([
     ("offset", "<u8"), ("length", "<u8"), ("crc32", "<u4"), ("layer", "<u4"),

@@ -1,12 +1,13 @@
 """Lazy `.kvc` reader: validates the header and index up front, then decodes only the
-records asked for. Works on paths, seekable binary files, in-memory bytes, uint8 tensors (a
-pinned one lets GPU reads copy payloads to the device without a host copy) and URLs (http(s)
-with Range requests, or any fsspec filesystem), fetching only the byte ranges it needs."""
+records asked for. Works on any `ByteSource` (paths, file objects, bytes, uint8 tensors, URLs),
+fetching only the byte ranges it needs.
+
+Beside reading tensors it offers the seam device decoders are driven through
+(`kvcodec.container.device_read`): `plan` (which records, where each decodes to), `codec` and
+`context` per slot, `check_expansion`, `decode_record` and `source`."""
 
 from __future__ import annotations
 
-import io
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,84 +16,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kvcodec.container import format as fmt
-from kvcodec.container import positions, remote as ranged
-from kvcodec.cache import KVCache, LayerKV, to_dynamic_cache
+from kvcodec.cache import TENSORS, KVCache, LayerKV, to_dynamic_cache
+from kvcodec.codecs import device as device_seam
 from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.container import device_read, positions
+from kvcodec.container import format as fmt
+from kvcodec.container.read_plan import ReadPlan
+from kvcodec.container.source import ByteSource
 from kvcodec.dtypes import itemsize, torch_dtype
 from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from kvcodec.registry import codec_class
 
 STREAM_FETCH_BYTES = 4 << 20  # least bytes a streamed restore fetches per request
-
-
-class _Source:
-    """Random access to bytes that never reads past the end or allocates beyond the request."""
-
-    def __init__(self, src):
-        self._own = False
-        self.tensor = None  # a CPU uint8 tensor holding the file, when given one (may be pinned)
-        self.remote = None  # a ranged.RangedFile for URLs
-        if ranged.is_url(src):
-            self.remote, self._own = ranged.RangedFile(ranged.backend_for(src)), True
-            self._buf = self._file = None
-            self.size = self.remote.size
-            return
-        if isinstance(src, torch.Tensor):
-            if src.dtype != torch.uint8 or src.dim() != 1 or src.device.type != "cpu" or not src.is_contiguous():
-                raise FormatError("a tensor source must be a contiguous 1-D uint8 CPU tensor")
-            self.tensor, src = src, memoryview(src.numpy())
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            self._buf, self._file = memoryview(src).cast("B"), None
-            self.size = len(self._buf)
-            return
-        if isinstance(src, (str, os.PathLike)):
-            if os.path.isdir(src):
-                raise FormatError(f"{os.fspath(src)} is a directory")
-            src, self._own = open(src, "rb"), True
-        if not (hasattr(src, "seekable") and src.seekable()):
-            self._buf, self._file = memoryview(src.read()).cast("B"), None
-            self.size = len(self._buf)
-            return
-        self._buf, self._file = None, src
-        self.size = src.seek(0, io.SEEK_END)
-
-    def read(self, offset: int, length: int) -> bytes | memoryview:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
-        if self._buf is not None:
-            return self._buf[offset:offset + length]
-        if self.remote is not None:
-            return self.remote.read(offset, length)
-        self._file.seek(offset)
-        data = self._file.read(length)
-        if len(data) != length:
-            raise FormatError("the file ended early (changed while reading?)")
-        return data
-
-    def prefetch(self, extents) -> None:
-        """Announce the (offset, length) extents about to be read: a remote file fetches them in
-        as few requests as they allow; local sources need nothing."""
-        if self.remote is not None:
-            self.remote.prefetch(extents)
-
-    def forget(self, start: int, stop: int) -> None:
-        if self.remote is not None:
-            self.remote.forget(start, stop)
-
-    def expect_tail(self, length: int) -> None:
-        if self.remote is not None:
-            self.remote.tail_window = max(self.remote.tail_window, length)
-
-    def close(self):
-        if self._own:
-            (self.remote or self._file).close()
-
-
-def _use_kernels(device, decoder: str) -> bool:
-    from kvcodec.kernels import use_kernels
-
-    return use_kernels(device, decoder)
 
 
 @dataclass(frozen=True)
@@ -108,15 +43,15 @@ class RecordInfo:
 
 class KVCReader:
     def __init__(self, src):
-        self._src = _Source(src)
+        self.source = ByteSource(src)
         try:
             self._open()
         except BaseException:
-            self._src.close()
+            self.source.close()
             raise
 
     def _open(self):
-        src = self._src
+        src = self.source
         if src.size < fmt.PREAMBLE.size + fmt.TRAILER.size:
             raise FormatError("file is too short to be a .kvc file")
         preamble = bytes(src.read(0, fmt.PREAMBLE.size))
@@ -137,11 +72,11 @@ class KVCReader:
         self._groups = fmt.validate_index(self.header, self.records, self.blobs, self.data_start, index_offset)
         self.index_offset = index_offset
         self._codecs: dict[int, Codec] = {}
-        self._contexts: dict[int, list[bytes]] = {}
+        self._contexts: dict[int, object] = {}  # per slot: what its codec's load_context made of its blobs
 
     # -- context management ------------------------------------------------------------------
     def close(self):
-        self._src.close()
+        self.source.close()
 
     def __enter__(self):
         return self
@@ -156,10 +91,10 @@ class KVCReader:
 
     @property
     def file_size(self) -> int:
-        return self._src.size
+        return self.source.size
 
     def record_infos(self) -> list[RecordInfo]:
-        return [RecordInfo(int(r["layer"]), fmt.TENSORS[r["tensor"]], int(r["token_start"]), int(r["tokens"]),
+        return [RecordInfo(int(r["layer"]), TENSORS[r["tensor"]], int(r["token_start"]), int(r["tokens"]),
                            int(r["offset"]), int(r["length"]), self.header.codecs[r["codec_slot"]].name)
                 for r in self.records]
 
@@ -169,7 +104,7 @@ class KVCReader:
         for i, lay in enumerate(self.header.layers):
             entry = {"index": i, "positions": lay.position_rows is not None,
                      "kept": lay.key.tokens / self.header.length if self.header.length else 1.0}
-            for t, name in enumerate(fmt.TENSORS):
+            for t, name in enumerate(TENSORS):
                 spec = getattr(lay, name)
                 idx = self._groups.get((i, t), np.array([], dtype=np.int64))
                 stored = int(self.records["length"][idx].sum())
@@ -180,9 +115,9 @@ class KVCReader:
                                "chunks_per_slot": {str(int(s)): int(n) for s, n in
                                                    zip(*np.unique(self.records["codec_slot"][idx], return_counts=True))}}
             layers.append(entry)
-        raw = sum(l[n]["raw_bytes"] for l in layers for n in fmt.TENSORS)
+        raw = sum(l[n]["raw_bytes"] for l in layers for n in TENSORS)
         # a pruned cache is measured against the full one it came from
-        full = sum(l[n]["raw_bytes"] / l["kept"] if l["kept"] else 0 for l in layers for n in fmt.TENSORS)
+        full = sum(l[n]["raw_bytes"] / l["kept"] if l["kept"] else 0 for l in layers for n in TENSORS)
         return {
             "format_version": f"{fmt.MAJOR}.{fmt.MINOR}",
             "file_bytes": self.file_size,
@@ -203,12 +138,13 @@ class KVCReader:
 
     # -- payload access ----------------------------------------------------------------------
     def _checked(self, offset: int, length: int, crc: int, what: str):
-        data = self._src.read(offset, length)
+        data = self.source.read(offset, length)
         if fmt.crc32(data) != crc:
             raise ChecksumError(f"{what} checksum mismatch: the file is corrupt")
         return data
 
-    def _codec(self, slot: int) -> Codec:
+    def codec(self, slot: int) -> Codec:
+        """The codec of header slot `slot`, built once from the header's entry."""
         if slot not in self._codecs:
             entry = self.header.codecs[slot]
             try:
@@ -220,11 +156,19 @@ class KVCReader:
             self._codecs[slot] = cls.from_header(entry.config)
         return self._codecs[slot]
 
-    def _context(self, slot: int) -> list[bytes]:
+    def context_blobs(self, slot: int) -> list[bytes]:
+        """The shared context blobs of slot `slot`, in ordinal order, checksums verified."""
+        mine = sorted((int(b["ordinal"]), b) for b in self.blobs if b["owner"] == slot)
+        return [bytes(self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"codec {slot} blob {o}"))
+                for o, b in mine]
+
+    def context(self, slot: int):
+        """What slot `slot`'s codec decodes with: its `load_context` of the slot's blobs, made
+        once per reader."""
         if slot not in self._contexts:
-            mine = sorted((int(b["ordinal"]), b) for b in self.blobs if b["owner"] == slot)
-            self._contexts[slot] = [bytes(self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]),
-                                                        f"codec {slot} blob {o}")) for o, b in mine]
+            codec = self.codec(slot)
+            self._contexts[slot] = _reported(codec, f"the context of slot {slot}", codec.load_context,
+                                             self.context_blobs(slot))
         return self._contexts[slot]
 
     def _container_blob(self, ordinal: int):
@@ -233,39 +177,47 @@ class KVCReader:
                 return self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"container blob {ordinal}")
         raise FormatError(f"container blob {ordinal} is missing")
 
-    def decode_record(self, i: int, device=None) -> torch.Tensor:
+    def record_info(self, i: int) -> ChunkInfo:
+        """What record `i`'s codec is told about its chunk."""
         r = self.records[i]
-        layer, tensor = int(r["layer"]), fmt.TENSORS[r["tensor"]]
+        layer, tensor = int(r["layer"]), TENSORS[r["tensor"]]
         spec = getattr(self.header.layers[layer], tensor)
-        info = ChunkInfo(layer, tensor, int(r["token_start"]),
+        return ChunkInfo(layer, tensor, int(r["token_start"]),
                          (int(r["batch"]), int(r["heads"]), int(r["tokens"]), int(r["head_dim"])),
                          torch_dtype(spec.dtype))
-        where = f"layer {layer} {tensor} tokens {info.token_start}+{info.shape[2]}"
-        slot = int(r["codec_slot"])
-        codec = self._codec(slot)
-        self._check_expansion(i)
-        payload = memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]), f"record of {where}"))
-        try:
-            if device is None:
-                out = codec.decode(payload, info, self._context(slot))
-            else:
-                out = codec.decode_to(payload, info, self._context(slot), device)
-        except KVCError:
-            raise
-        except Exception as exc:  # a codec bug or a plugin's own exception: report, don't crash
-            raise CodecError(f"codec {codec.name!r} failed on {where}: {type(exc).__name__}: {exc}") from None
+
+    def payload(self, i: int):
+        """Record `i`'s payload bytes, checksum verified."""
+        r = self.records[i]
+        return memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
+                                        f"record of {self.record_info(i).where}"))
+
+    def decode_record(self, i: int, device=None) -> torch.Tensor:
+        """Record `i` decoded by its codec (onto `device` with the codec's `decode_to`)."""
+        info = self.record_info(i)
+        slot = int(self.records["codec_slot"][i])
+        codec = self.codec(slot)
+        self.check_expansion([i])
+        payload, context = self.payload(i), self.context(slot)
+        if device is None:
+            out = _reported(codec, info.where, codec.decode, payload, info, context)
+        else:
+            out = _reported(codec, info.where, codec.decode_to, payload, info, context, device)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != info.shape or out.dtype != info.dtype:
-            raise CodecError(f"codec {codec.name!r} decoded {where} to the wrong shape or dtype")
+            raise CodecError(f"codec {codec.name!r} decoded {info.where} to the wrong shape or dtype")
         return out
 
-    def _check_expansion(self, i: int) -> None:
-        r = self.records[i]
-        decoded = int(r["batch"]) * int(r["heads"]) * int(r["tokens"]) * int(r["head_dim"]) * \
-            itemsize(fmt.record_dtype_name(int(r["dtype"])))
-        codec = self._codec(int(r["codec_slot"]))
-        if decoded > codec.max_expansion * int(r["length"]) + 4096:
-            raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
-                              f"{int(r['length'])}-byte payload: the file is corrupt")
+    def check_expansion(self, indices) -> None:
+        """FormatError if one of these records claims more decoded bytes than its codec can make
+        of its payload: checked before anything is allocated for them."""
+        for i in np.asarray(indices, dtype=np.int64).tolist():
+            r = self.records[i]
+            decoded = int(r["batch"]) * int(r["heads"]) * int(r["tokens"]) * int(r["head_dim"]) * \
+                itemsize(fmt.record_dtype_name(int(r["dtype"])))
+            codec = self.codec(int(r["codec_slot"]))
+            if decoded > codec.max_expansion * int(r["length"]) + 4096:
+                raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
+                                  f"{int(r['length'])}-byte payload: the file is corrupt")
 
     def _prefetch(self, records) -> tuple[int, int]:
         """Announce the payloads of `records` and the blobs decoding them needs (their codecs'
@@ -276,35 +228,20 @@ class KVCReader:
         r = self.records[records]
         owners = set(np.unique(r["codec_slot"]).tolist()) | {fmt.CONTAINER_OWNER}
         b = self.blobs[np.isin(self.blobs["owner"], list(owners))]
-        self._src.prefetch(list(zip(r["offset"].tolist() + b["offset"].tolist(),
+        self.source.prefetch(list(zip(r["offset"].tolist() + b["offset"].tolist(),
                                     r["length"].tolist() + b["length"].tolist())))
         return int(r["offset"].min()), int((r["offset"] + r["length"]).max())
 
     def _layer_records(self, layer: int) -> list[int]:
         return [i for t in (0, 1) for i in self._groups.get((layer, t), [])]
 
-    def _records_for(self, layer: int, t: int, start: int, stop: int) -> list[int]:
-        """Indices of the records of (layer, key/value) overlapping tokens [start, stop)."""
-        return [i for i in self._groups.get((layer, t), [])
-                if int(self.records["token_start"][i]) < stop
-                and int(self.records["token_start"][i]) + int(self.records["tokens"][i]) > start]
+    def plan(self, wanted) -> ReadPlan:
+        """The records the reads `wanted` ((layer, tensor index, start, stop) each) need, and
+        where each decodes to."""
+        return ReadPlan(self.header, self.records, self._groups, wanted)
 
-    def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
-        spec = getattr(self.header.layers[layer], fmt.TENSORS[t])
-        needed = self._records_for(layer, t, start, stop)
-        for i in needed:  # before allocating the output: no record may claim more than it can hold
-            self._check_expansion(i)
-        out = torch.empty((spec.batch, spec.heads, stop - start, spec.head_dim), dtype=torch_dtype(spec.dtype),
-                          device=device)
-        for i in needed:
-            r0 = int(self.records["token_start"][i])
-            r1 = r0 + int(self.records["tokens"][i])
-            chunk = self.decode_record(i, out.device)
-            lo, hi = max(r0, start), min(r1, stop)
-            out[:, :, lo - start:hi - start] = chunk[:, :, lo - r0:hi - r0]
-        return out
-
-    def _token_range(self, layer: int, tokens) -> tuple[int, int]:
+    def token_range(self, layer: int, tokens) -> tuple[int, int]:
+        """(start, stop) of the stored tokens `tokens` (a slice or None) of a layer."""
         n = self.header.layers[layer].key.tokens
         if tokens is None:
             return 0, n
@@ -318,6 +255,17 @@ class KVCReader:
             raise IndexError(f"layer {layer} is out of range (the file has {self.num_layers})")
         return layer % self.num_layers
 
+    def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
+        """One tensor's tokens [start, stop), decoding record by record with the codecs."""
+        plan = self.plan([(layer, t, start, stop)])
+        self.check_expansion(plan.records)  # before allocating the output
+        buffers = plan.allocate(device)
+        out = plan.view(buffers, 0)
+        for i, at in zip(plan.records.tolist(), plan.token_offset.tolist()):
+            chunk = self.decode_record(i, out.device)
+            out[:, :, at:at + chunk.shape[2]] = chunk
+        return plan.result(buffers, 0)
+
     def read(self, layer: int, tokens: slice | None = None, device=None,
              decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value of one layer, optionally a token range, decoding only the chunks needed.
@@ -328,12 +276,11 @@ class KVCReader:
         is installed (unless the environment sets KVCODEC_DECODER=cpu), "cpu" always on the CPU,
         "kernels" always with the kernels (see `kvcodec.kernels`)."""
         layer = self._check_layer(layer)
-        start, stop = self._token_range(layer, tokens)
-        self._prefetch([i for t in (0, 1) for i in self._records_for(layer, t, start, stop)])
-        if _use_kernels(device, decoder):
-            from kvcodec.container import device_read as restore
-
-            k, v = restore.read_tensors(self, [(layer, 0, start, stop), (layer, 1, start, stop)], device)
+        start, stop = self.token_range(layer, tokens)
+        wanted = [(layer, 0, start, stop), (layer, 1, start, stop)]
+        self._prefetch(self.plan(wanted).records)
+        if device_seam.use_kernels(device, decoder):
+            k, v = device_read.read_tensors(self, wanted, device)
             return k, v
         return (self._read_tensor(layer, 0, start, stop, device), self._read_tensor(layer, 1, start, stop, device))
 
@@ -361,15 +308,11 @@ class KVCReader:
         """The whole cache. With `progress`, calls progress(layers_done) as layers complete.
         `decoder` as in `read`; the kernels decode all layers into one buffer per dtype."""
         self._prefetch(np.arange(len(self.records)))
-        if _use_kernels(device, decoder):
-            from kvcodec.container import device_read as restore
-
-            per_layer = [len(self._records_for(i, t, 0, self.header.layers[i].key.tokens))
-                         for i in range(self.num_layers) for t in (0, 1)]
-            ends = np.cumsum(np.add.reduceat(per_layer, np.arange(0, len(per_layer), 2))) if per_layer else []
+        if device_seam.use_kernels(device, decoder):
+            ends = np.cumsum([len(self._layer_records(i)) for i in range(self.num_layers)])
             report = None if progress is None else (lambda n: progress(int(np.searchsorted(ends, n, "right"))))
             wanted = [(i, t, 0, self.header.layers[i].key.tokens) for i in range(self.num_layers) for t in (0, 1)]
-            tensors = restore.read_tensors(self, wanted, device, report)
+            tensors = device_read.read_tensors(self, wanted, device, report)
             pairs = list(zip(tensors[0::2], tensors[1::2]))
         else:
             pairs = []
@@ -411,7 +354,7 @@ class KVCReader:
                 for i in group:
                     key, value = self.read(i, device=device, decoder=decoder)
                     yield i, LayerKV(key, value, self.positions(i))
-                self._src.forget(*span)
+                self.source.forget(*span)
 
     def to_hf(self, device=None, config=None, decoder: str = "auto"):
         """A transformers `DynamicCache` built layer by layer as the file streams in."""
@@ -420,11 +363,11 @@ class KVCReader:
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.
         Together with the checksums this detects any flipped bit in the file."""
-        self._src.prefetch([(self.header_end, self.index_offset - self.header_end)])
+        self.source.prefetch([(self.header_end, self.index_offset - self.header_end)])
         pos = self.header_end
         for offset, length in fmt.extents(self.records, self.blobs) + [(self.index_offset, 0)]:
             gap = offset - pos
-            if gap < 0 or gap >= fmt.ALIGN or any(self._src.read(pos, gap)):
+            if gap < 0 or gap >= fmt.ALIGN or any(self.source.read(pos, gap)):
                 raise FormatError("the file has stray or non-zero bytes between its payloads: it is corrupt")
             pos = offset + length
 
@@ -433,6 +376,16 @@ class KVCReader:
         self.check_layout()
         for r in self.records:
             self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
-                          f"record of layer {int(r['layer'])} {fmt.TENSORS[r['tensor']]} tokens {int(r['token_start'])}")
+                          f"record of layer {int(r['layer'])} {TENSORS[r['tensor']]} tokens {int(r['token_start'])}")
         for b in self.blobs:
             self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"blob {int(b['ordinal'])}")
+
+
+def _reported(codec: Codec, where: str, call, *args):
+    """`call(*args)`, a codec's own exception (a bug, or a plugin's) reported as a CodecError."""
+    try:
+        return call(*args)
+    except KVCError:
+        raise
+    except Exception as exc:
+        raise CodecError(f"codec {codec.name!r} failed on {where}: {type(exc).__name__}: {exc}") from None

@@ -1,20 +1,56 @@
 """Streaming `.kvc` writer: header first, payloads as they come, index and trailer last.
 
 It only ever appends, so the sink may be a pipe or a socket; files are written under a
-temporary name and renamed when complete (`atomic_output`).
+temporary name and renamed when complete (`kvcodec.files.atomic_output`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+
+from typing import Sequence
 
 import numpy as np
+import torch
 
+from kvcodec.cache import KVCache
+from kvcodec.codecs.base import Codec
 from kvcodec.container import format as fmt
-from kvcodec.dtypes import DTYPES
+from kvcodec.container import positions
+from kvcodec.dtypes import DTYPES, dtype_name, tensor_bytes
 from kvcodec.errors import FormatError, InputError
+
+
+def header_for(cache: KVCache, codecs: Sequence[Codec], chunk_tokens: int) -> fmt.Header:
+    """The header of a file holding `cache` in chunks of `chunk_tokens`, its records coded by
+    `codecs` (slot by slot)."""
+    def spec(t: torch.Tensor) -> fmt.TensorSpec:
+        b, h, n, d = t.shape
+        return fmt.TensorSpec(b, h, n, d, dtype_name(t.dtype))
+
+    for i, lay in enumerate(cache.layers):
+        b, h, n, d = lay.key.shape
+        if max(b, h, d, lay.value.shape[3]) > fmt.MAX_DIM or n > fmt.MAX_TOKENS:
+            raise InputError(f"layer {i} shape {tuple(lay.key.shape)} exceeds the format's bounds")
+    return fmt.Header(
+        layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0])
+                for l in cache.layers],
+        length=cache.length,
+        selection=None if cache.selection is None else
+        fmt.CodecEntry(cache.selection["id"], cache.selection["name"], cache.selection["config"]),
+        codecs=[fmt.CodecEntry(c.codec_id, c.name, c.get_config()) for c in codecs],
+        chunk_tokens=chunk_tokens,
+        layout=cache.layout,
+        token_ids_shape=None if cache.token_ids is None else tuple(cache.token_ids.shape),
+        metadata=dict(cache.metadata),
+    )
+
+
+def positions_blob(layer: int, rows: torch.Tensor) -> bytes:
+    """A layer's kept positions as the container blob that stores them."""
+    try:
+        return positions.encode(rows.cpu().numpy())
+    except ValueError as exc:
+        raise InputError(f"layer {layer}: {exc}") from None
 
 
 class KVCWriter:
@@ -51,6 +87,14 @@ class KVCWriter:
     def add_blob(self, owner: int, ordinal: int, data) -> None:
         self._blobs.append(self._put(data) + (owner, 0, ordinal, 0))
 
+    def add_cache_blobs(self, cache: KVCache) -> None:
+        """The container's own blobs: the prompt's token ids and each pruned layer's positions."""
+        if cache.token_ids is not None:
+            self.add_blob(fmt.CONTAINER_OWNER, 0, tensor_bytes(cache.token_ids))
+        for i, lay in enumerate(cache.layers):
+            if lay.positions is not None:
+                self.add_blob(fmt.CONTAINER_OWNER, 1 + i, positions_blob(i, lay.positions))
+
     def add_record(self, layer: int, tensor: int, token_start: int, shape, dtype: str, codec_slot: int, payload) -> None:
         codec_id = self._header.codecs[codec_slot].id
         b, h, t, d = shape
@@ -66,32 +110,3 @@ class KVCWriter:
         self._write(index)
         self._write(fmt.pack_trailer(offset, index))
         return self._pos
-
-
-@contextlib.contextmanager
-def atomic_output(path, overwrite: bool):
-    """Yield a binary file that replaces `path` only if the block completes."""
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise InputError(f"{path} exists (use --force to overwrite)")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if not overwrite and os.path.exists(path):
-            raise InputError(f"{path} appeared while writing (use --force to overwrite)")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcodec import api
-from kvcodec.container import format as fmt
 from kvcodec.cache import KVCache
-from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
+from kvcodec.container import format as fmt
+from kvcodec.container.chunking import DEFAULT_CHUNK_TOKENS, cut
+from kvcodec.container.writer import header_for
+from kvcodec.encoding.engine import Encoding
 from kvcodec.errors import InputError
 from kvcodec.registry import available_codecs, codec_class, get_codec
 
@@ -36,7 +38,7 @@ class Option:
 
 
 @dataclass
-class PlannedEncoding(api.Encoding):
+class PlannedEncoding(Encoding):
     """An encoding whose per-chunk payloads were chosen in advance."""
 
     chosen: dict = field(default_factory=dict)  # (layer, tensor, token_start) -> (slot, payload)
@@ -58,41 +60,44 @@ def candidates(codec: str, options: dict) -> list[Codec]:
     return [get_codec(cls.name, **{**options, **preset}) for preset in presets]
 
 
-def _measure(cache: KVCache, codecs: list[Codec], chunk_tokens: int, progress=None):
-    contexts = [[bytes(b) for b in c.fit(cache, chunk_tokens)] for c in codecs]
+def _measure(chunks: Chunks, codecs: list[Codec], progress=None):
+    """Every chunk encoded with every candidate and decoded again: (the candidates as one
+    encoding, per chunk its options, per chunk its squared norm)."""
+    encoding = Encoding.of(codecs, [c.fit(chunks) for c in codecs])
     options: dict[tuple, list[Option]] = {}
     norms: dict[tuple, float] = {}
-    for i, lay in enumerate(cache.layers):
-        for info, chunk in api.layer_chunks(i, lay, chunk_tokens):
+    for i, layer in enumerate(chunks.layers):
+        for info, chunk in layer:
             key = (info.layer, info.tensor, info.token_start)
             x = chunk.detach().to("cpu", torch.float64)
             norms[key] = float(x.pow(2).sum())
             opts = []
-            for slot, (codec, ctx) in enumerate(zip(codecs, contexts)):
-                payload = codec.encode(chunk, info, ctx)
+            for slot, (codec, ctx) in enumerate(zip(codecs, encoding.contexts)):
+                payload = encoding.encode(slot, info, chunk)
                 y = codec.decode(memoryview(payload), info, ctx).to(torch.float64)
                 opts.append(Option(slot, payload, float((x - y).pow(2).sum())))
             options[key] = opts
         if progress:
             progress(i + 1)
-    return contexts, options, norms
+    return encoding, options, norms
 
 
-def _finish(codecs: list[Codec], contexts: list[list[bytes]], chosen: dict) -> PlannedEncoding:
+def _finish(encoding: Encoding, chosen: dict) -> PlannedEncoding:
     """Keep only the slots that some chunk uses, renumbered in candidate order."""
     used = sorted({slot for slot, _ in chosen.values()})
     renumber = {old: new for new, old in enumerate(used)}
-    return PlannedEncoding([codecs[s] for s in used], [contexts[s] for s in used],
-                           {k: (renumber[s], p) for k, (s, p) in chosen.items()})
+    return PlannedEncoding([encoding.codecs[s] for s in used], [encoding.blobs[s] for s in used],
+                           [encoding.contexts[s] for s in used], {k: (renumber[s], p) for k, (s, p) in chosen.items()})
 
 
-def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS,
+def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                   options: dict | None = None, progress=None) -> PlannedEncoding:
     """Every chunk within relative RMS error `max_error`, each at its smallest such preset."""
     if not isinstance(max_error, (int, float)) or not 0 <= max_error < math.inf:
         raise InputError(f"max_error must be a non-negative number, not {max_error!r}")
     codecs = candidates(codec, dict(options or {}))
-    contexts, measured, norms = _measure(cache, codecs, chunk_tokens, progress)
+    chunks = cut(cache, chunk_tokens)
+    encoding, measured, norms = _measure(chunks, codecs, progress)
     chosen = {}
     for key, opts in measured.items():
         fitting = [o for o in opts if o.sq_error <= (max_error ** 2) * norms[key]]
@@ -103,19 +108,18 @@ def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: in
             chosen[key] = None
     if any(v is None for v in chosen.values()):
         fallback = get_codec(LOSSLESS_FALLBACK)
-        codecs, contexts = codecs + [fallback], contexts + [[]]
-        for i, lay in enumerate(cache.layers):
-            for info, chunk in api.layer_chunks(i, lay, chunk_tokens):
-                key = (info.layer, info.tensor, info.token_start)
-                if chosen[key] is None:
-                    chosen[key] = (len(codecs) - 1, fallback.encode(chunk, info, []))
-    return _finish(codecs, contexts, chosen)
+        encoding = Encoding.of(encoding.codecs + [fallback], encoding.blobs + [fallback.fit(chunks)])
+        for info, chunk in chunks:
+            key = (info.layer, info.tensor, info.token_start)
+            if chosen[key] is None:
+                chosen[key] = (len(codecs), encoding.encode(len(codecs), info, chunk))
+    return _finish(encoding, chosen)
 
 
 def _overhead_bound(cache: KVCache, codecs: list[Codec], n_records: int, chunk_tokens: int, n_blobs: int) -> int:
     """Bytes of a file besides its payloads and codec blobs, at most (every candidate in the
     header, worst-case alignment of every item)."""
-    header = len(api._header(cache, codecs, chunk_tokens).to_bytes())
+    header = len(header_for(cache, codecs, chunk_tokens).to_bytes())
     container = [] if cache.token_ids is None else [cache.token_ids.numel() * 8]
     container += [lay.positions.numel() * 8 for lay in cache.layers if lay.positions is not None]
     blobs = n_blobs + len(container)
@@ -124,17 +128,17 @@ def _overhead_bound(cache: KVCache, codecs: list[Codec], n_records: int, chunk_t
 
 
 def for_target_ratio(cache: KVCache, codec: str, target_ratio: float,
-                     chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS, options: dict | None = None,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, options: dict | None = None,
                      progress=None) -> PlannedEncoding:
     """The least total squared error whose file is at most `cache.nbytes / target_ratio` bytes."""
     if not isinstance(target_ratio, (int, float)) or not 1 <= target_ratio < math.inf:
         raise InputError(f"target ratio must be a number >= 1, not {target_ratio!r}")
     codecs = candidates(codec, dict(options or {}))
-    contexts, measured, _ = _measure(cache, codecs, chunk_tokens, progress)
-    n_blobs = sum(len(c) for c in contexts)
+    encoding, measured, _ = _measure(cut(cache, chunk_tokens), codecs, progress)
+    n_blobs = sum(len(b) for b in encoding.blobs)
     limit = cache.nbytes / target_ratio
     budget = limit - _overhead_bound(cache, codecs, len(measured), chunk_tokens, n_blobs)
-    blob_bytes = [sum(len(b) for b in ctx) for ctx in contexts]  # paid once a slot is used
+    blob_bytes = [sum(len(b) for b in blobs) for blobs in encoding.blobs]  # paid once a slot is used
     coarsest = len(codecs) - 1
     level = {key: coarsest for key in measured}
     users = [0] * len(codecs)
@@ -173,4 +177,4 @@ def for_target_ratio(cache: KVCache, codec: str, target_ratio: float,
         if nxt is not None:
             heapq.heappush(heap, nxt)
     chosen = {k: (measured[k][j].slot, measured[k][j].payload) for k, j in level.items()}
-    return _finish(codecs, contexts, chosen)
+    return _finish(encoding, chosen)

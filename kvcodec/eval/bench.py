@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcodec import api
+from kvcodec.encoding.plan import make_codec
 from kvcodec.eval import capture, fidelity
 from kvcodec.encoding import pipeline
 from kvcodec.errors import KVCError
@@ -130,7 +131,7 @@ def _restore_time(data: bytes, device, repeat: int) -> float:
 
 def stage_config(pipe: pipeline.Pipeline) -> tuple[str, dict]:
     """A pipeline's name and its options, the selection stage's as `stage.option`."""
-    codec_obj = api.make_codec(pipe.codec, pipe.options)
+    codec_obj = make_codec(pipe.codec, pipe.options)
     if pipe.selector is None:
         return codec_obj.name, codec_obj.get_config()
     options = {f"{pipe.selector.name}.{k}": v for k, v in pipe.selector.get_config().items()}
@@ -158,7 +159,7 @@ def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chu
     restore_s = _restore_time(datas[0], model_device(), repeat)
     ttft = {str(bw): len(datas[0]) * 8 / (bw * 1e9) + restore_s + first_token_s for bw in BANDWIDTHS_GBPS}
     return BenchRow(
-        codec=name, options=config, lossless=pipe.selector is None and api.make_codec(pipe.codec, pipe.options).lossless,
+        codec=name, options=config, lossless=pipe.selector is None and make_codec(pipe.codec, pipe.options).lossless,
         bits_per_element=8 * sum(map(len, datas)) / elements, ratio=sum(c.fp16_bytes for c in contexts) / sum(map(len, datas)),
         encode_MBps=fp16_mb / encode_s, decode_MBps=fp16_mb / decode_s, gpu_decode_MBps=gpu, restore_s=restore_s,
         delta_ppl_pct=mean["delta_ppl_pct"], abs_delta_ppl_pct=mean["abs_delta_ppl_pct"], top1=mean["top1"],

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcodec import api
+from kvcodec.encoding.plan import make_codec
 from kvcodec.eval import capture
 from kvcodec.encoding import pipeline
 from kvcodec.cache import KVCache, LayerKV
@@ -188,7 +189,7 @@ def evaluate_codec(contexts: list[Context], codec, options: dict | None = None,
     """Encode each context's cache with the codec or pipeline (`h2o+cachegen`), restore it,
     and score it."""
     pipe = pipeline.parse(codec, options)
-    codec_obj = api.make_codec(pipe.codec, pipe.options)
+    codec_obj = make_codec(pipe.codec, pipe.options)
     results = []
     for ctx in contexts:
         data = api.encode(ctx.cache, codec, chunk_tokens=chunk_tokens, scores=scores_for(ctx, pipe), **dict(options or {}))

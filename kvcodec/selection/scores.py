@@ -50,7 +50,7 @@ class AttentionScores:
     def save(self, path) -> None:
         from safetensors.torch import save
 
-        from kvcodec.container.writer import atomic_output
+        from kvcodec.files import atomic_output
 
         tensors = {f"attention.{i}": a.float().contiguous() for i, a in enumerate(self.attention)}
         tensors.update({f"queries.{i}": q.float().contiguous() for i, q in enumerate(self.queries)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcodec import cachefiles as sources
+from kvcodec import cachefiles
 from kvcodec.errors import InputError
 from conftest import synthetic_cache
 
@@ -14,28 +14,28 @@ from conftest import synthetic_cache
 def test_pt_layouts_roundtrip_and_are_detected(tmp_path, layout):
     cache = synthetic_cache(heads=3, tokens=12)
     path = tmp_path / "c.pt"
-    sources.save_cache(cache, path, layout=layout)
+    cachefiles.save_cache(cache, path, layout=layout)
     heads = 3 if layout == "cachegen" else None
-    back = sources.load_cache(path, heads=heads)
+    back = cachefiles.load_cache(path, heads=heads)
     assert back.layout == layout and back.equal(cache)
 
 
 def test_dict_layout_keeps_positions_ids_and_metadata(tmp_path):
     cache = synthetic_cache(positions=True, token_ids=True)
-    sources.save_cache(cache, tmp_path / "c.pt", layout="dict")
-    back = sources.load_cache(tmp_path / "c.pt")
+    cachefiles.save_cache(cache, tmp_path / "c.pt", layout="dict")
+    back = cachefiles.load_cache(tmp_path / "c.pt")
     assert back.metadata == cache.metadata and torch.equal(back.token_ids, cache.token_ids)
     assert torch.equal(back.layers[0].positions, cache.layers[0].positions)
-    assert sources.load_cache(tmp_path / "c.pt").layout == "dict"
+    assert cachefiles.load_cache(tmp_path / "c.pt").layout == "dict"
     torch.save({"key_cache": [l.key for l in cache.layers], "value_cache": [l.value for l in cache.layers]},
                tmp_path / "hf.pt")
-    assert sources.load_cache(tmp_path / "hf.pt").equal(cache)
+    assert cachefiles.load_cache(tmp_path / "hf.pt").equal(cache)
 
 
 def test_safetensors_roundtrip_with_metadata(tmp_path):
     cache = synthetic_cache(positions=True, token_ids=True, dtype=torch.bfloat16)
-    sources.save_cache(cache, tmp_path / "c.safetensors")
-    back = sources.load_cache(tmp_path / "c.safetensors")
+    cachefiles.save_cache(cache, tmp_path / "c.safetensors")
+    back = cachefiles.load_cache(tmp_path / "c.safetensors")
     assert back.equal(cache) and back.metadata == cache.metadata and back.layout == "safetensors"
     assert torch.equal(back.token_ids, cache.token_ids)
 
@@ -47,7 +47,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
     torch.save({"keys": [Evil()], "values": []}, tmp_path / "evil.pt")
     with pytest.raises(InputError, match="pickled"):
-        sources.load_cache(tmp_path / "evil.pt")
+        cachefiles.load_cache(tmp_path / "evil.pt")
 
 
 @pytest.mark.parametrize("obj, message", [
@@ -59,21 +59,21 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_ambiguous_or_unknown_structures_ask_for_layout(tmp_path, obj, message):
     torch.save(obj, tmp_path / "x.pt")
     with pytest.raises(InputError, match=message):
-        sources.load_cache(tmp_path / "x.pt")
+        cachefiles.load_cache(tmp_path / "x.pt")
 
 
 def test_explicit_layout_and_cachegen_heads(tmp_path):
     k = torch.randn(2, 7, 12)
     torch.save((k, k.clone()), tmp_path / "cg.pt")
     with pytest.raises(InputError, match="--heads"):
-        sources.load_cache(tmp_path / "cg.pt")
+        cachefiles.load_cache(tmp_path / "cg.pt")
     with pytest.raises(InputError, match="split into 5 heads"):
-        sources.load_cache(tmp_path / "cg.pt", heads=5)
-    cache = sources.load_cache(tmp_path / "cg.pt", heads=3)
+        cachefiles.load_cache(tmp_path / "cg.pt", heads=5)
+    cache = cachefiles.load_cache(tmp_path / "cg.pt", heads=3)
     assert cache.layers[1].key.shape == (1, 3, 7, 4)
     assert torch.equal(cache.layers[1].key[0, 2, 5], k[1, 5, 8:12])
     with pytest.raises(InputError, match="stacked"):
-        sources.load_cache(tmp_path / "cg.pt", layout="stacked")
+        cachefiles.load_cache(tmp_path / "cg.pt", layout="stacked")
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -84,25 +84,25 @@ def test_explicit_layout_and_cachegen_heads(tmp_path):
 def test_wrong_shapes_and_dtypes(tmp_path, bad, message):
     torch.save(bad, tmp_path / "x.pt")
     with pytest.raises(InputError, match=message):
-        sources.load_cache(tmp_path / "x.pt")
+        cachefiles.load_cache(tmp_path / "x.pt")
 
 
 def test_unreadable_inputs(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        sources.load_cache(tmp_path / "missing.pt")
+        cachefiles.load_cache(tmp_path / "missing.pt")
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(InputError, match="extension"):
-        sources.load_cache(tmp_path / "x.txt")
+        cachefiles.load_cache(tmp_path / "x.txt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(InputError, match="not a readable PyTorch file"):
-        sources.load_cache(tmp_path / "junk.pt")
+        cachefiles.load_cache(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(InputError, match="safetensors"):
-        sources.load_cache(tmp_path / "junk.safetensors")
+        cachefiles.load_cache(tmp_path / "junk.safetensors")
 
 
 def test_layouts_that_cannot_hold_a_cache_say_so(tmp_path):
     cache = synthetic_cache(layers=2, token_counts=[5, 3])
     with pytest.raises(InputError, match="one shape"):
-        sources.save_cache(cache, tmp_path / "x.pt", layout="stacked")
+        cachefiles.save_cache(cache, tmp_path / "x.pt", layout="stacked")
     assert not (tmp_path / "x.pt").exists()

@@ -1,0 +1,133 @@
+"""The seam between readers/writers and GPU code: how a codec's device decoder and encoder are
+found, what a device decoder is asked to do, and when the kernels are used.
+
+A device decoder is a module (or object) with two functions:
+
+- `supports(codec, context, jobs, itemsize) -> bool array`: which of the records (rows of the
+  job table `jobs`) it decodes; the others decode on the CPU and are copied over;
+- `prepare(codec, context, jobs, staged, out) -> Launch`: host work done and inputs moved,
+  the launches that decode those records from `staged` (uint8, the payloads on the device, at
+  the offsets in column SRC) into `out` (one flat tensor of the output dtype).
+
+A device encoder has `encode(codec, chunk, info, context) -> bytes`, the same bytes as
+`codec.encode`. A codec names them in its class attributes `device_decoder` and
+`device_encoder`; `context` is what the codec's `load_context` returned.
+
+The job table is int64, one row per record, the columns below (kernels read them by these
+names, as Triton constants); a decoder may append columns of its own after COLUMNS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from kvcodec.codecs.base import ChunkInfo, Codec
+
+DECODER_ENV = "KVCODEC_DECODER"
+DECODERS = ("auto", "cpu", "kernels")
+
+# SRC: payload's byte offset in the staged buffer; LENGTH: its bytes; DST: element offset in the
+# output of the chunk's first element; STRIDE_B, STRIDE_H: element strides (the token stride is
+# HEAD_DIM); then the record's shape and place.
+SRC, LENGTH, DST, STRIDE_B, STRIDE_H, BATCH, HEADS, TOKENS, LAYER, TENSOR, TOKEN_START, HEAD_DIM = range(12)
+COLUMNS = 12
+STAGE_ALIGN = 64  # payload offsets in a staged buffer (file payloads are 64-byte aligned too)
+
+
+def where(row: np.ndarray) -> str:
+    """A job's record place, for error messages (as `ChunkInfo.where`)."""
+    return (f"layer {int(row[LAYER])} {('key', 'value')[int(row[TENSOR])]} "
+            f"tokens {int(row[TOKEN_START])}+{int(row[TOKENS])}")
+
+
+@dataclass
+class Check:
+    """Corruption found on the device: `flags` (one per launch item, nonzero where the payload
+    it decoded proved corrupt) and the job each item belongs to. Read after the launches, so
+    decoding never waits for the host."""
+
+    flags: torch.Tensor
+    job_of_flag: np.ndarray
+    problem: str
+
+
+class Launch:
+    """Prepared kernel launches (host work done, inputs on the device): call to run them."""
+
+    def __init__(self, steps, checks: list[Check]):
+        self._steps = steps
+        self.checks = checks
+
+    def __call__(self) -> "Launch":
+        for step in self._steps:
+            step()
+        return self
+
+
+def first_failure(checks: list[Check]) -> tuple[int, str] | None:
+    """(job index, problem) of the first corrupt payload, or None."""
+    for check in checks:
+        bad = torch.nonzero(check.flags.reshape(-1)).reshape(-1)
+        if bad.numel():
+            return int(check.job_of_flag[int(bad[0])]), check.problem
+    return None
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(device, decoder: str = "auto") -> bool:
+    """Whether a read onto `device` decodes with the kernels: `decoder` is "auto" (on a CUDA
+    device when Triton is installed, unless KVCODEC_DECODER=cpu), "cpu" or "kernels"."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
+    if decoder == "auto":
+        decoder = os.environ.get(DECODER_ENV, "auto")
+        if decoder not in DECODERS:
+            raise ValueError(f"{DECODER_ENV} must be one of {', '.join(DECODERS)}, not {decoder!r}")
+    if decoder == "cpu":
+        return False
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if decoder == "auto":
+        return on_gpu and torch.cuda.is_available() and triton_available()
+    if not triton_available():
+        raise RuntimeError("decoder='kernels' needs Triton (pip install triton)")
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("decoder='kernels' runs on CUDA devices, or on the CPU under TRITON_INTERPRET=1")
+    return True
+
+
+@cache
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attr) if attr else found
+
+
+def decoder_for(codec: Codec):
+    """The codec's device decoder, or None (its records decode on the CPU)."""
+    return None if codec.device_decoder is None else _load(codec.device_decoder)
+
+
+def encoder_for(codec: Codec):
+    """The codec's device encoder, or None."""
+    return None if codec.device_encoder is None else _load(codec.device_encoder)
+
+
+def encode_chunk(codec: Codec, chunk: torch.Tensor, info: ChunkInfo, context) -> bytes:
+    """`codec.encode`, run by the codec's device encoder when the chunk lies on a CUDA device
+    and Triton is installed (the same bytes either way)."""
+    if chunk.is_cuda and codec.device_encoder is not None and triton_available():
+        return encoder_for(codec).encode(codec, chunk, info, context)
+    return codec.encode(chunk, info, context)

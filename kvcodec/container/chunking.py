@@ -1,0 +1,30 @@
+"""How a cache is cut into a file's records: every layer's keys, then its values, in chunks of
+`chunk_tokens` tokens (spec section 3). The writer and every codec's `fit` see this one cut."""
+
+from __future__ import annotations
+
+from kvcodec.cache import TENSORS, KVCache
+from kvcodec.codecs.base import ChunkInfo, Chunks
+from kvcodec.container import format as fmt
+from kvcodec.errors import InputError
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def check_chunk_tokens(chunk_tokens) -> None:
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or not 1 <= chunk_tokens <= fmt.MAX_TOKENS:
+        raise InputError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
+
+
+def cut(cache: KVCache, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Chunks:
+    """The chunks of `cache` in file order, as views of its tensors."""
+    check_chunk_tokens(chunk_tokens)
+    layers = []
+    for layer, lay in enumerate(cache.layers):
+        chunks = []
+        for name, tensor in zip(TENSORS, (lay.key, lay.value)):
+            for start in range(0, tensor.shape[2], chunk_tokens):
+                chunk = tensor[:, :, start:start + chunk_tokens]
+                chunks.append((ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype), chunk))
+        layers.append(tuple(chunks))
+    return Chunks(tuple(layers), chunk_tokens)

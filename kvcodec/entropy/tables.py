@@ -1,0 +1,190 @@
+"""The entropy model: one probability table per channel of every (layer, key/value), plus one
+for the deltas of each anchored channel, fitted on the symbols of a whole file and stored in
+one zstd-compressed blob (spec 8.5). Counts are stored as one-byte codes; every coder (CPU,
+GPU, encoder, decoder) works from the weights those codes give back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import zstandard
+
+from kvcodec.cache import TENSORS
+from kvcodec.entropy import rans
+from kvcodec.entropy.quantizer import entropy_bits, quantize
+from kvcodec.errors import CodecError
+
+MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
+MAX_EXPANSION = 4096  # decompressed blob bytes per compressed byte a reader accepts
+TENSOR_HEAD = np.dtype([("heads", "<u4"), ("head_dim", "<u4"), ("group_size", "<u4"), ("anchor_bits", "<u4")])
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelTables:
+    """What coding one (layer, key/value) needs: steps, modes and tables of its channels."""
+
+    heads: int
+    head_dim: int
+    group_size: int
+    anchor_bits: int
+    steps: np.ndarray  # float32 [H*D]
+    anchored: np.ndarray  # bool [H*D]
+    los: np.ndarray  # int64 [tables]: each table's first value
+    sizes: np.ndarray  # int64 [tables]: each table's alphabet size
+    codes: np.ndarray  # uint8: every table's count codes, back to back
+
+    @cached_property
+    def flat_weights(self) -> np.ndarray:
+        """int64: H*D main tables, then one delta table per anchored channel, back to back."""
+        return rans.weights_from_counts_many(rans.codes_to_counts(self.codes), self.sizes, split=False)
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        return np.split(self.flat_weights, np.cumsum(self.sizes)[:-1])
+
+    @cached_property
+    def tables(self) -> list:
+        """(lo, rans.Table) per table, built on first use: the CPU coder's models cost ~10 us
+        each, and the GPU coders need only the weights."""
+        return [(int(lo), rans.Table(w, checked=False)) for lo, w in zip(self.los, self.weights)]
+
+    @property
+    def delta_of(self) -> np.ndarray:
+        """Index into `tables` of each anchored channel's delta table."""
+        return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
+
+
+def _table_counts(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor, anchored: torch.Tensor):
+    """First value, alphabet size and symbol counts of every table of one (layer, key/value):
+    per channel its direct or (anchored) anchor symbols, then the anchored channels' deltas.
+    Counted on the symbols' device; returns numpy int64 arrays (counts back to back)."""
+    plain, marked = torch.nonzero(~anchored).reshape(-1), torch.nonzero(anchored).reshape(-1)
+    channels, n_anchored = len(anchored), len(marked)
+    places = [plain, marked, channels + torch.arange(n_anchored, device=direct.device)]  # table of each row
+    values = [direct[plain], anchors[marked], deltas[marked]]
+    lo = torch.zeros(channels + n_anchored, dtype=torch.int64, device=direct.device)
+    hi = torch.zeros_like(lo)
+    for place, v in zip(places, values):
+        if v.shape[1]:
+            lo[place], hi[place] = v.min(dim=1).values, v.max(dim=1).values
+    sizes = torch.clamp(hi - lo + 1, min=2)
+    offset = torch.cumsum(sizes, 0) - sizes - lo  # symbol value -> index in the counts
+    index = torch.cat([(v + offset[place][:, None]).reshape(-1) for place, v in zip(places, values)])
+    counts = torch.bincount(index, minlength=int(sizes.sum()))
+    return lo.cpu().numpy(), sizes.cpu().numpy(), counts.cpu().numpy()
+
+
+def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, where: str) -> ChannelTables:
+    """The tables of one (layer, key/value) from the coded tokens of its chunks (`bodies`, each
+    [B, H, n, D] float32 on any device: the same tables wherever they lie), and the channel
+    modes: a channel is anchored where anchors and deltas cost fewer bits than direct symbols,
+    counting the second table and the delta lanes' overhead."""
+    b, h, _, d = bodies[0].shape
+    c_all = h * d
+    parts = [quantize(body, torch.from_numpy(steps), torch.arange(c_all), group_size, anchor_bits) for body in bodies]
+    direct, anchors, deltas = (torch.cat([p[k].transpose(0, 1).reshape(c_all, -1) for p in parts], 1)
+                               for k in range(3))  # [H*D, tokens of all chunks]
+    anchored = np.zeros(c_all, dtype=bool)
+    if group_size > 1 and deltas.numel():
+        spans = (deltas.max(dim=1).values - deltas.min(dim=1).values).cpu().numpy()
+        table_bits = 8 * (spans + 7)  # a second table's bytes
+        lane_bits = len(parts) * b * (32 + 48)  # a delta lane's length and final state per chunk
+        cost = entropy_bits(anchors) + entropy_bits(deltas) + table_bits + lane_bits
+        anchored = cost < entropy_bits(direct)
+    los, sizes, counts = _table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
+    if sizes.max() > rans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
+        raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
+    return ChannelTables(h, d, group_size, anchor_bits, steps, anchored, los.astype(np.int64), sizes.astype(np.int64),
+                         rans.counts_to_codes(counts, sizes))
+
+
+class FileTables:
+    """Every (layer, key/value)'s tables of one file: a codec's loaded context."""
+
+    def __init__(self, tensors: dict[tuple[int, str], ChannelTables]):
+        self.tensors = tensors
+
+    def for_chunk(self, info, codec: str) -> ChannelTables:
+        """The tables of the (layer, key/value) of `info` (a `ChunkInfo`), checked to fit its shape."""
+        entry = self.tensors.get((info.layer, info.tensor))
+        b, h, t, d = info.shape
+        if entry is None or (entry.heads, entry.head_dim) != (h, d):
+            raise CodecError(f"{codec} tables do not cover layer {info.layer} {info.tensor} of shape {info.shape}")
+        return entry
+
+    def to_blob(self, num_layers: int) -> bytes:
+        """The stored form: every layer's key then value tables, zstd-compressed (spec 8.5)."""
+        parts = [np.uint32(num_layers).tobytes()]
+        for i in range(num_layers):
+            for name in TENSORS:
+                tt = self.tensors[(i, name)]
+                parts += [np.array([(tt.heads, tt.head_dim, tt.group_size, tt.anchor_bits)], TENSOR_HEAD).tobytes(),
+                          tt.steps.astype("<f4").tobytes(), tt.anchored.astype(np.uint8).tobytes(),
+                          tt.los.astype("<i4").tobytes(), tt.sizes.astype("<u2").tobytes(), tt.codes.tobytes()]
+        return zstandard.ZstdCompressor(level=19, write_checksum=True).compress(b"".join(parts))
+
+    @classmethod
+    def from_blob(cls, blob: bytes, codec: str) -> "FileTables":
+        """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
+        try:
+            cursor = _Cursor(_inflate(blob))
+            tensors = {}
+            for i in range(int(cursor.take("<u4", 1)[0])):
+                for name in TENSORS:
+                    head = cursor.take(TENSOR_HEAD, 1)[0]
+                    h, d, group_size, anchor_bits = (int(v) for v in head)
+                    c = h * d
+                    steps = cursor.take("<f4", c).astype(np.float32)
+                    modes = cursor.take(np.uint8, c)
+                    n_tables = c + int(np.count_nonzero(modes))
+                    los = cursor.take("<i4", n_tables).astype(np.int64)
+                    sizes = cursor.take("<u2", n_tables).astype(np.int64)
+                    if (not 1 <= group_size <= 1024 or anchor_bits > 8 or modes.max(initial=0) > 1
+                            or (group_size == 1 and modes.any()) or not np.all(np.isfinite(steps))
+                            or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2
+                            or sizes.max(initial=2) > rans.MAX_ALPHABET
+                            or np.abs(los).max(initial=0) + sizes.max(initial=0) >= MAX_SYMBOL):
+                        raise ValueError(f"layer {i} {name} has out-of-range fields")
+                    codes = cursor.take(np.uint8, int(sizes.sum()))
+                    tt = ChannelTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), los, sizes, codes)
+                    tt.flat_weights  # noqa: B018  (weights checked here, once)
+                    tensors[(i, name)] = tt
+            cursor.finish()
+        except (zstandard.ZstdError, ValueError, CodecError) as exc:
+            raise CodecError(f"{codec} tables are corrupt ({exc})") from None
+        return cls(tensors)
+
+
+class _Cursor:
+    """Reads arrays one after another from a buffer, never past its end."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, dtype, count: int) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        if self.pos + dtype.itemsize * count > len(self.data):
+            raise ValueError("they end early")
+        out = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
+        self.pos += dtype.itemsize * count
+        return out
+
+    def finish(self) -> None:
+        if self.pos != len(self.data):
+            raise ValueError(f"{len(self.data) - self.pos} bytes left over")
+
+
+def _inflate(blob: bytes) -> bytes:
+    """The tables blob decompressed piece by piece, so memory grows with the real output and a
+    hostile blob cannot make a reader reserve more than a bounded multiple of its size."""
+    limit = min(256 << 20, (1 << 20) + MAX_EXPANSION * len(blob))
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(bytes(blob)) as reader:
+        while piece := reader.read(1 << 20):
+            out += piece
+            if len(out) > limit:
+                raise ValueError(f"they expand beyond {limit} bytes")
+    return bytes(out)
