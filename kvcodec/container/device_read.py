@@ -56,8 +56,8 @@ def batches(lengths: np.ndarray) -> list[slice]:
 
 
 def decoder_groups(reader, plan, table: np.ndarray, rows: np.ndarray):
-    """Split rows of the job table into device launches and CPU leftovers:
-    ({(slot, dtype code, head_dim): rows}, cpu rows)."""
+    """Split rows of the job table by launch, (slot, dtype code, head_dim), for those whose codec
+    has a device decoder; the others decode on the CPU: ({key: rows}, cpu rows)."""
     rec = reader.records
     idx = plan.records[rows]
     keys = np.stack([rec["codec_slot"][idx].astype(np.int64), rec["dtype"][idx].astype(np.int64),
@@ -65,15 +65,10 @@ def decoder_groups(reader, plan, table: np.ndarray, rows: np.ndarray):
     groups, cpu = {}, []
     for key in np.unique(keys, axis=0):
         members = rows[np.all(keys == key, axis=1)]
-        codec = reader.codec(int(key[0]))
-        decoder = dev.decoder_for(codec)
-        ok = np.zeros(len(members), dtype=bool)
-        if decoder is not None:
-            ok = decoder.supports(codec, reader.context(int(key[0])), table[members],
-                                  itemsize(fmt.record_dtype_name(int(key[1]))))
-        if ok.any():
-            groups[tuple(int(k) for k in key)] = members[ok]
-        cpu.extend(members[~ok].tolist())
+        if dev.decoder_for(reader.codec(int(key[0]))) is None:
+            cpu.extend(members.tolist())
+        else:
+            groups[tuple(int(k) for k in key)] = members
     return groups, cpu
 
 
@@ -94,13 +89,17 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
             rows = np.arange(part.start, part.stop)
             groups, cpu = decoder_groups(reader, plan, table, rows)
             staged_rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
+            # the copy and the checksums start first: loading contexts (tables, weights) overlaps them
             staged = stage(reader, plan, table, staged_rows, device, copy_stream, pool, crc_checks)
             for (slot, dtype_code, _), members in groups.items():
-                codec = reader.codec(slot)
-                dtype = torch_dtype(fmt.record_dtype_name(dtype_code))
-                launch = dev.decoder_for(codec).prepare(codec, reader.context(slot), table[members], staged,
-                                                        buffers[dtype])
-                launches.append((launch(), members, codec))
+                codec, context = reader.codec(slot), reader.context(slot)
+                decoder = dev.decoder_for(codec)
+                ok = decoder.supports(codec, context, table[members], itemsize(fmt.record_dtype_name(dtype_code)))
+                cpu.extend(members[~ok].tolist())  # declined: staged for nothing, decoded on the CPU
+                if ok.any():
+                    dtype = torch_dtype(fmt.record_dtype_name(dtype_code))
+                    launch = decoder.prepare(codec, context, table[members[ok]], staged, buffers[dtype])
+                    launches.append((launch(), members[ok], codec))
             for row in cpu:
                 chunk = reader.decode_record(int(plan.records[row]), device)
                 at = int(plan.token_offset[row])
