@@ -13,7 +13,6 @@ import triton.language as tl
 from kvcodec.codecs import quant
 from kvcodec.codecs.device import Launch, where
 from kvcodec.errors import CodecError
-
 from kvcodec.kernels import jobs as J
 from kvcodec.kernels.rounding import to_output_dtype
 from kvcodec.kernels.tiles import output_base, tile_of

@@ -5,9 +5,17 @@ from kvcodec import selection as _builtin_selectors  # noqa: F401  (registers th
 from kvcodec.api import decode, encode, open, pack, unpack
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.codecs.base import ChunkInfo, Codec
-from kvcodec.errors import ChecksumError, CodecError, FormatError, InputError, KVCError
 from kvcodec.container.reader import KVCReader
-from kvcodec.registry import (available_codecs, available_selectors, codec_class, get_codec, register_codec, register_selector, selector_class)
+from kvcodec.errors import ChecksumError, CodecError, FormatError, InputError, KVCError
+from kvcodec.registry import (
+    available_codecs,
+    available_selectors,
+    codec_class,
+    get_codec,
+    register_codec,
+    register_selector,
+    selector_class,
+)
 from kvcodec.selection.scores import AttentionScores
 from kvcodec.storage.store import MemoryBackend, PrefixStore, RedisBackend, content_key, encode_chunk
 

@@ -6,14 +6,14 @@ import io
 import os
 from typing import Callable
 
-from kvcodec.codecs.base import Codec
 from kvcodec.cache import KVCache
+from kvcodec.codecs.base import Codec
 from kvcodec.container.chunking import DEFAULT_CHUNK_TOKENS
 from kvcodec.container.reader import KVCReader
-from kvcodec.files import atomic_output
 from kvcodec.encoding.engine import Encoding, write_cache
 from kvcodec.encoding.plan import prepare
 from kvcodec.errors import KVCError
+from kvcodec.files import atomic_output
 
 
 def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,

@@ -9,6 +9,7 @@ import torch
 import kvcodec
 from kvcodec.encoding import presets as adapt
 from kvcodec.errors import InputError
+
 from conftest import synthetic_cache
 
 

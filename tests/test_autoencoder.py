@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.eval import ae_training
-from kvcodec.codecs.autoencoder import CacheAutoencoder
 from kvcodec.codecs import ae as ae_codec
 from kvcodec.codecs.ae import SEARCH_ENV
+from kvcodec.codecs.autoencoder import CacheAutoencoder
 from kvcodec.container.chunking import cut
 from kvcodec.errors import CodecError, InputError
+from kvcodec.eval import ae_training
+
 from conftest import synthetic_cache
 
 LATENT = 4
@@ -134,6 +135,7 @@ def reseal_blob(data: bytearray, offset: int, crc: int) -> None:
     struct.pack_into("<I", data, trailer + 20, zlib.crc32(index, zlib.crc32(bytes(data[trailer:trailer + 20]))))
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_train_ae_on_the_model_then_pack(tmp_path, real_model, monkeypatch):
     from click.testing import CliRunner

@@ -7,6 +7,7 @@ import torch
 
 from kvcodec import cachefiles
 from kvcodec.errors import InputError
+
 from conftest import synthetic_cache
 
 

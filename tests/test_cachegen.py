@@ -10,6 +10,7 @@ import kvcodec
 from kvcodec.codecs.base import ChunkInfo
 from kvcodec.entropy.quantizer import quantize
 from kvcodec.errors import CodecError, KVCError
+
 from conftest import DTYPES, synthetic_cache
 
 

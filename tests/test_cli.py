@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import kvcodec
 from kvcodec import cachefiles
 from kvcodec.tools.cli import cli
+
 from conftest import synthetic_cache
 
 
@@ -179,6 +180,7 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_third_party_codec_registers_through_entry_points(tmp_path, cache_pt):
     cache, path = cache_pt
     site = tmp_path / "site"

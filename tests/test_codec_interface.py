@@ -13,6 +13,7 @@ import kvcodec
 from kvcodec.codecs import RawCodec
 from kvcodec.errors import CodecError
 from kvcodec.registry import CODECS
+
 from conftest import synthetic_cache
 
 

@@ -13,6 +13,7 @@ import torch
 import kvcodec
 from kvcodec.container import format as fmt
 from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
+
 from conftest import synthetic_cache
 
 CODECS = ("raw", "zstd", "shuffle-zstd", "quant", "cachegen")
@@ -59,6 +60,7 @@ def test_every_truncation_is_detected(files, codec):
             kvcodec.decode(data[:cut])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", CODECS)
 def test_a_flipped_bit_anywhere_is_detected(files, codec):
     _, data = files[codec]

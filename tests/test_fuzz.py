@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import kvcodec
-from kvcodec.testing import fuzz
 from kvcodec.errors import ChecksumError, KVCError
+from kvcodec.testing import fuzz
 
 REGRESSIONS = sorted((Path(__file__).parent / "fuzz_regressions").glob("*.kvc"))
 
@@ -62,6 +62,7 @@ def test_a_crash_a_hang_and_a_huge_allocation_are_failures(monkeypatch):
     assert not outcome.ok and "allocated" in outcome.problem
 
 
+@pytest.mark.slow
 def test_short_fuzz_run_finds_no_failure(seeds):
     failures, refused = [], 0
     for i, data in fuzz.cases(2026, 1500, seeds):

@@ -15,8 +15,9 @@ import torch
 
 import kvcodec
 from kvcodec.container import format as fmt
-from kvcodec.errors import FormatError
 from kvcodec.container.writer import KVCWriter, header_for
+from kvcodec.errors import FormatError
+
 from conftest import synthetic_cache
 
 
@@ -46,6 +47,7 @@ def wait_for_work(proc, folder, limit=30.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted_pack_leaves_no_partial_output(big_input, tmp_path, sig):
     rng = random.Random(int(sig))

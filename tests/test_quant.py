@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.codecs.base import ChunkInfo
 from kvcodec.codecs import QuantCodec, bitpack
+from kvcodec.codecs.base import ChunkInfo
 from kvcodec.errors import CodecError
+
 from conftest import DTYPES, synthetic_cache
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import kvcodec
-from kvcodec.eval import capture
 from kvcodec import cachefiles
+from kvcodec.eval import capture
 from kvcodec.tools.cli import cli
-from click.testing import CliRunner
 
 pytestmark = pytest.mark.model
 PREFIX, CONTINUATION = 96, 32

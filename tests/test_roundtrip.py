@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvcodec
+
 from conftest import DTYPES, synthetic_cache
 
 LOSSLESS = ("raw", "zstd", "shuffle-zstd")

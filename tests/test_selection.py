@@ -15,14 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcodec
-from kvcodec.encoding import pipeline
-from kvcodec.container import positions
 from kvcodec import cachefiles
+from kvcodec.container import positions
+from kvcodec.encoding import pipeline
 from kvcodec.errors import CodecError, FormatError, InputError
-from kvcodec.selection.scores import AttentionScores
 from kvcodec.selection import CaM, LaCache
 from kvcodec.selection.positional import ladder
+from kvcodec.selection.scores import AttentionScores
 from kvcodec.tools.cli import cli
+
 from conftest import synthetic_cache
 
 TOKENS, HEADS, QUERY_HEADS, WINDOW = 64, 2, 6, 32

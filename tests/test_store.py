@@ -15,6 +15,7 @@ import torch
 import kvcodec
 from kvcodec.errors import InputError
 from kvcodec.storage.store import cache_slice
+
 from conftest import synthetic_cache
 
 CHUNK = 32

@@ -13,14 +13,24 @@ import click
 import torch
 
 import kvcodec
-from kvcodec.encoding import presets as adapt, pipeline
 from kvcodec import api, cachefiles
-from kvcodec.selection import scores
+from kvcodec.encoding import pipeline
+from kvcodec.encoding import presets as adapt
 from kvcodec.errors import InputError, KVCError
+from kvcodec.selection import needing_no_scores, scores
 from kvcodec.selection.scores import AttentionScores
-from kvcodec.selection import needing_no_scores
-
-from kvcodec.tools.common import (KvcGroup, force_option, heads_option, human, layout_option, make_console, output_path, parse_options, progress_bar, quiet_option)
+from kvcodec.tools.common import (
+    KvcGroup,
+    force_option,
+    heads_option,
+    human,
+    layout_option,
+    make_console,
+    output_path,
+    parse_options,
+    progress_bar,
+    quiet_option,
+)
 from kvcodec.tools.harness import bench_command, eval_command
 from kvcodec.tools.train import train_ae_command
 

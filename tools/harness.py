@@ -8,12 +8,10 @@ import os
 import click
 
 from kvcodec import api, cachefiles
-from kvcodec.eval import bench, capture, fidelity
 from kvcodec.encoding import pipeline
 from kvcodec.errors import InputError
-
-from kvcodec.tools.common import make_console
-from kvcodec.tools.common import heads_option, layout_option, parse_options, progress_bar, quiet_option
+from kvcodec.eval import bench, capture, fidelity
+from kvcodec.tools.common import heads_option, layout_option, make_console, parse_options, progress_bar, quiet_option
 
 
 def texts_option(default: str):

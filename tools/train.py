@@ -10,7 +10,6 @@ import torch
 
 from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
-
 from kvcodec.tools.common import force_option, progress_bar, quiet_option
 
 

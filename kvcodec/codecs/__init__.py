@@ -1,11 +1,11 @@
 """Built-in codecs (ids and bitstreams in format_spec/kvc-v1.md, section 8)."""
 
-from kvcodec.registry import register_codec
 from kvcodec.codecs.ae import AECodec
 from kvcodec.codecs.cachegen import CacheGenCodec
 from kvcodec.codecs.quant import QuantCodec
 from kvcodec.codecs.raw import RawCodec
 from kvcodec.codecs.zstd import ShuffleZstdCodec, ZstdCodec
+from kvcodec.registry import register_codec
 
 for _cls in (RawCodec, ZstdCodec, ShuffleZstdCodec, QuantCodec, CacheGenCodec, AECodec):
     register_codec(_cls, builtin=True)

@@ -10,9 +10,9 @@ import numpy as np
 import zstandard
 
 from kvcodec.codecs.base import Codec
+from kvcodec.codecs.raw import raw_length
 from kvcodec.dtypes import tensor_bytes, tensor_from_bytes
 from kvcodec.errors import CodecError
-from kvcodec.codecs.raw import raw_length
 
 MAX_EXPANSION = 32768  # a Zstandard block of <= 128 KiB takes >= 4 bytes
 

@@ -102,8 +102,8 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
                     launches.append((launch(), members[ok], codec))
             for row in cpu:
                 chunk = reader.decode_record(int(plan.records[row]), device)
-                at = int(plan.token_offset[row])
-                plan.view(buffers, int(plan.output_of[row]))[:, :, at:at + chunk.shape[2]].copy_(chunk, non_blocking=True)
+                at, out = int(plan.token_offset[row]), plan.view(buffers, int(plan.output_of[row]))
+                out[:, :, at:at + chunk.shape[2]].copy_(chunk, non_blocking=True)
             if progress:
                 progress(part.stop)
         for future in crc_checks:

@@ -6,7 +6,6 @@ temporary name and renamed when complete (`kvcodec.files.atomic_output`).
 
 from __future__ import annotations
 
-
 from typing import Sequence
 
 import numpy as np

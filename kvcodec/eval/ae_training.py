@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvcodec.codecs.autoencoder import TENSORS, AEConfig, CacheAutoencoder
 from kvcodec.cache import KVCache
+from kvcodec.codecs.autoencoder import TENSORS, AEConfig, CacheAutoencoder
 from kvcodec.errors import InputError
 
 

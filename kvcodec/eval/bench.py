@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcodec import api
-from kvcodec.encoding.plan import make_codec
-from kvcodec.eval import capture, fidelity
 from kvcodec.encoding import pipeline
+from kvcodec.encoding.plan import make_codec
 from kvcodec.errors import KVCError
+from kvcodec.eval import capture, fidelity
 
 SWEEP: dict[str, list[dict]] = {
     "raw": [{}],

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcodec import api
-from kvcodec.encoding.plan import make_codec
-from kvcodec.eval import capture
-from kvcodec.encoding import pipeline
 from kvcodec.cache import KVCache, LayerKV
+from kvcodec.encoding import pipeline
+from kvcodec.encoding.plan import make_codec
 from kvcodec.errors import InputError
+from kvcodec.eval import capture
 
 DEFAULT_PREFIX = 1536
 DEFAULT_CONTINUATION = 512

@@ -6,7 +6,7 @@ from kvcodec.registry import register_selector
 from kvcodec.selection.base import Selector, needing_no_scores
 from kvcodec.selection.merging import CaM
 from kvcodec.selection.positional import LaCache, StreamingLLM
-from kvcodec.selection.scored import H2O, KeyNorm, Keyformer, SnapKV
+from kvcodec.selection.scored import H2O, Keyformer, KeyNorm, SnapKV
 
 for _cls in (H2O, Keyformer, SnapKV, KeyNorm, StreamingLLM, LaCache, CaM):
     register_selector(_cls, builtin=True)

@@ -17,6 +17,7 @@ from kvcodec.errors import InputError
 from kvcodec.options import Configurable
 from kvcodec.selection.scores import AttentionScores
 
+
 def needing_no_scores() -> str:
     """The registered methods that run without attention statistics, for error messages."""
     from kvcodec.registry import available_selectors

@@ -21,8 +21,8 @@ import torch
 from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.codecs.base import Codec
-from kvcodec.errors import InputError
 from kvcodec.encoding.pipeline import parse
+from kvcodec.errors import InputError
 from kvcodec.registry import codec_class
 
 KEY_VERSION = "kvcodec-chunk-1"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcodec.container import format as fmt
 from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
+from kvcodec.container import format as fmt
 from kvcodec.errors import KVCError
 
 TIMEOUT_S = 20.0  # a case taking longer has hung
