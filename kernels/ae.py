@@ -22,9 +22,9 @@ import triton.language as tl
 from kvcodec.codecs import quant
 from kvcodec.codecs.device import Launch, where
 from kvcodec.errors import CodecError
-from kvcodec.kernels import cachegen as lane_kernels
 from kvcodec.kernels import jobs as J
-from kvcodec.kernels.cachegen_encode import encode_lanes
+from kvcodec.kernels.lane_decode import prepare_lanes
+from kvcodec.kernels.lane_encode import encode_lanes
 from kvcodec.kernels.rounding import to_output_dtype
 from kvcodec.kernels.tiles import output_base, tile_of
 
@@ -128,7 +128,7 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
         latent_table[:, J.HEAD_DIM], latent_table[:, J.DST] = latent, at
         latent_table[:, J.STRIDE_B], latent_table[:, J.STRIDE_H] = h * t * latent, t * latent
         latents = torch.empty(max(1, int(n.sum())), dtype=torch.float32, device=out.device)
-        decode_latents = lane_kernels.prepare_lanes(context.latent_tables, latent_table, np.zeros(len(table), np.int64),
+        decode_latents = prepare_lanes(context.latent_tables, latent_table, np.zeros(len(table), np.int64),
                                                     staged, latents, codec.name)
         steps.append(decode_latents)
         checks = decode_latents.checks

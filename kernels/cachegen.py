@@ -1,200 +1,17 @@
-"""GPU decode of entropy-coded lanes (`kvcodec.entropy.lanes`): cachegen's records, and ae's
-entropy-coded latents. Every lane is decoded by one GPU thread, and the symbols go straight to
-the output: dequantized, anchors and deltas recombined, converted, stored; cachegen's exact
-sink tokens are copied by the raw copy kernel.
-
-A thread owns one (record, batch, channel): its main lane and, for an anchored channel, its
-delta lane, decoded in lockstep (a group's first token from the main lane, the others from the
-delta lane). A program covers a few channels of several consecutive chunks of one (layer,
-key/value), so threads of a warp often share a table and its lookups hit the same cache lines.
-Symbols are found by binary search in the table's cumulative weights (spec section 9); the
-arithmetic is the CPU decoder's, operation for operation, so the output is bit-exact.
-"""
+"""cachegen's device decoder and encoder: its exact sink tokens, then its lanes, decoded and
+encoded by the shared lane kernels (`lane_decode`, `lane_encode`)."""
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
 from kvcodec.codecs.cachegen import sink_counts
-from kvcodec.codecs.device import Check, Launch, where
-from kvcodec.entropy import rans
+from kvcodec.codecs.device import Launch
 from kvcodec.entropy.tables import FileTables
-from kvcodec.errors import CodecError
 from kvcodec.kernels import jobs as J
-from kvcodec.kernels import raw
-from kvcodec.kernels.rounding import to_output_dtype
-
-# the job columns `prepare_lanes` adds
-CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = J.extra_columns(8)
-LANES_PER_PROGRAM = 64  # these three: the best of a sweep on an H100 (BENCHMARKS.md)
-MAX_CHUNKS_PER_PROGRAM = 4
-NUM_WARPS = 2
-
-
-@triton.jit
-def _load_word(words_ptr, p, mask):
-    return tl.load(words_ptr + p, mask=mask, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-
-
-@triton.jit
-def _initial_state(words_ptr, start, end, mask):
-    """The 64-bit state from a lane's last two words; returns it and the next word's end."""
-    has = mask & (end > start)
-    x = tl.where(has, _load_word(words_ptr, end - 1, has), 0)
-    p = tl.where(has, end - 1, end)
-    has = mask & (p > start)
-    x = tl.where(has, (x << 32) | _load_word(words_ptr, p - 1, has), x)
-    return x, tl.where(has, p - 1, p)
-
-
-@triton.jit
-def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size_ptr, chan_main_ptr,
-                  chan_delta_ptr, chan_step_ptr, chan_ord_ptr, lane_start_ptr, lane_end_ptr, table_ptr,
-                  prog_ptr, err_ptr, NCOL: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
-    pid = tl.program_id(0)
-    r0 = tl.load(prog_ptr + 5 * pid)
-    nr = tl.load(prog_ptr + 5 * pid + 1)
-    b = tl.load(prog_ptr + 5 * pid + 2)
-    c0 = tl.load(prog_ptr + 5 * pid + 3)
-    iters = tl.load(prog_ptr + 5 * pid + 4).to(tl.int32)
-    first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
-    batch = tl.load(first + J.BATCH)
-    chan_base = tl.load(first + CHAN_BASE)
-    channels = tl.load(first + CHANNELS)
-    n_anchored = tl.load(first + ANCHORED)
-    group = tl.load(first + GROUP)
-    anchor_scale = ((127 - tl.load(first + ANCHOR_BITS)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-bits
-
-    ri = tl.arange(0, BR)[None, :]
-    rmask = ri < nr
-    rows = table_ptr + (r0 + ri) * NCOL
-    coded = tl.load(rows + CODED, mask=rmask, other=0)
-    base = tl.load(rows + J.DST, mask=rmask, other=0) + tl.load(rows + SINKS, mask=rmask, other=0) * D \
-        + b * tl.load(rows + J.STRIDE_B, mask=rmask, other=0)
-    stride_h = tl.load(rows + J.STRIDE_H, mask=rmask, other=0)
-    lane_base = tl.load(rows + LANE_BASE, mask=rmask, other=0)
-
-    c = c0 + tl.arange(0, BC)[:, None]
-    cmask = c < channels
-    main_tab = tl.load(chan_main_ptr + chan_base + c, mask=cmask, other=0)
-    delta_tab = tl.load(chan_delta_ptr + chan_base + c, mask=cmask, other=-1)
-    anchored = delta_tab >= 0
-    delta_tab = tl.where(anchored, delta_tab, main_tab)
-    step = tl.load(chan_step_ptr + chan_base + c, mask=cmask, other=1.0)
-    m_off = tl.load(tab_off_ptr + main_tab)
-    m_size = tl.load(tab_size_ptr + main_tab)
-    m_lo = tl.load(tab_lo_ptr + main_tab)
-    d_off = tl.load(tab_off_ptr + delta_tab)
-    d_size = tl.load(tab_size_ptr + delta_tab)
-    d_lo = tl.load(tab_lo_ptr + delta_tab)
-
-    valid = cmask & rmask
-    main_lane = lane_base + b * channels + c
-    delta_lane = lane_base + batch * channels + b * n_anchored + tl.load(chan_ord_ptr + chan_base + c, mask=cmask,
-                                                                        other=0)
-    has_delta = valid & anchored
-    ms = tl.load(lane_start_ptr + main_lane, mask=valid, other=0)
-    ds = tl.load(lane_start_ptr + delta_lane, mask=has_delta, other=0)
-    xm, pm = _initial_state(words_ptr, ms, tl.load(lane_end_ptr + main_lane, mask=valid, other=0), valid)
-    xd, pd = _initial_state(words_ptr, ds, tl.load(lane_end_ptr + delta_lane, mask=has_delta, other=0), has_delta)
-    out = out_ptr + base + (c // D) * stride_h + c % D
-    a = tl.zeros([BC, BR], dtype=tl.float32)
-    n_max = tl.max(tl.where(rmask, coded, 0))
-    for t in range(0, n_max):
-        active = valid & (t < coded)
-        use_main = (~anchored) | ((t % group) == 0)
-        x = tl.where(use_main, xm, xd)
-        p = tl.where(use_main, pm, pd)
-        start = tl.where(use_main, ms, ds)
-        off = tl.where(use_main, m_off, d_off)
-        q = (x & 0xFFFFFF).to(tl.int32)
-        lo_i = tl.zeros([BC, BR], dtype=tl.int32)
-        hi_i = tl.where(use_main, m_size, d_size) + lo_i
-        left = lo_i
-        right = lo_i + (1 << 24)
-        for _ in range(iters):  # last cumulative weight <= q (iters: enough for this program's tables)
-            mid = (lo_i + hi_i) >> 1
-            cum = tl.load(cdf_ptr + off + mid, mask=active, other=0)
-            go = cum <= q
-            lo_i = tl.where(go, mid, lo_i)
-            hi_i = tl.where(go, hi_i, mid)
-            left = tl.where(go, cum, left)
-            right = tl.where(go, right, cum)
-        xn = (right - left).to(tl.uint64) * (x >> 24) + (q - left).to(tl.uint64)
-        refill = active & ((xn >> 32) == 0) & (p > start)
-        xn = tl.where(refill, (xn << 32) | _load_word(words_ptr, p - 1, refill), xn)
-        pn = tl.where(refill, p - 1, p)
-        xn = tl.where(active, xn, x)
-        xm = tl.where(use_main, xn, xm)
-        xd = tl.where(use_main, xd, xn)
-        pm = tl.where(use_main, pn, pm)
-        pd = tl.where(use_main, pd, pn)
-        v = (lo_i + tl.where(use_main, m_lo, d_lo)).to(tl.float32)
-        a = tl.where(use_main, v * anchor_scale, a)
-        u = tl.where(anchored, tl.where(use_main, a, a + v), v)
-        tl.store(out + t * D, to_output_dtype(u * step, out_ptr), mask=active)
-    ok = (pm == ms) & (xm == 0) & ((~anchored) | ((pd == ds) & (xd == 0)))
-    tl.store(err_ptr + pid, tl.max(tl.where(valid & ~ok, 1, 0)))
-
-
-class DeviceTables:
-    """One file's tables on the device: every table's cumulative weights back to back (each
-    followed by 2**24), and per channel of the file its tables, step, delta-lane ordinal and the
-    binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
-
-    def __init__(self, file_tables: FileTables, device):
-        parsed = file_tables.tensors
-        layers = 1 + max((layer for layer, _ in parsed), default=-1)
-        # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
-        self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
-        weights, sizes, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
-        n_tables = n_channels = 0
-        for (layer, name), tt in parsed.items():
-            c, a = tt.heads * tt.head_dim, int(tt.anchored.sum())
-            self.by_tensor[2 * layer + ("key", "value").index(name)] = (n_channels, a, tt.group_size, tt.anchor_bits,
-                                                                        tt.heads, tt.head_dim)
-            delta, ordinal = np.full(c, -1, dtype=np.int64), np.zeros(c, dtype=np.int64)
-            delta[tt.anchored], ordinal[tt.anchored] = n_tables + tt.delta_of, np.arange(a)
-            for out, part in ((weights, tt.flat_weights), (sizes, tt.sizes), (los, tt.los), (steps, tt.steps),
-                              (mains, n_tables + np.arange(c)), (deltas, delta), (ordinals, ordinal)):
-                out.append(part)
-            n_tables += len(tt.sizes)
-            n_channels += c
-        weights, sizes, los, mains, deltas, steps, ordinals = (
-            np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
-            for x in (weights, sizes, los, mains, deltas, steps, ordinals))
-        ends = np.cumsum(sizes)
-        cdf = np.insert(rans.cumulative_many(weights, sizes), ends, rans.TOTAL)
-
-        def dev(x, dtype):
-            return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
-        self.cdf = dev(cdf, np.int32)
-        self.table_offset = dev(ends - sizes + np.arange(len(sizes)), np.int64)
-        self.table_size = dev(sizes, np.int32)
-        self.table_lo = dev(los, np.int32)
-        self.chan_main = dev(mains, np.int64)
-        self.chan_delta = dev(deltas, np.int64)
-        self.chan_step = dev(steps, np.float32)
-        self.chan_ordinal = dev(ordinals, np.int64)
-        table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
-        self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
-            if len(sizes) else np.zeros(0, dtype=np.int64)
-
-
-_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}
-
-
-def device_tables(file_tables: FileTables, device) -> DeviceTables:
-    """A file's tables on `device`, made once per device for as long as the file's context lives."""
-    per_device = _ON_DEVICE.setdefault(file_tables, {})
-    if device not in per_device:
-        per_device[device] = DeviceTables(file_tables, device)
-    return per_device[device]
+from kvcodec.kernels.lane_decode import prepare_lanes
+from kvcodec.kernels.lane_encode import encode_lanes
 
 
 def _sinks(codec, table: np.ndarray) -> np.ndarray:
@@ -207,93 +24,13 @@ def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
     return whole_words & J.fits_grid(table)
 
 
-def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """int64 [programs, 5]: (first job, jobs, batch index, first channel, binary-search steps
-    its channels' tables need), and the block's channels and chunks. A program's jobs are
-    consecutive chunks of one (layer, key/value); `search_steps` is per channel of the file."""
-    same = np.r_[False, table[1:, CHAN_BASE] == table[:-1, CHAN_BASE]]
-    runs = np.flatnonzero(~same)
-    run_len = np.diff(np.r_[runs, len(table)])
-    br = min(MAX_CHUNKS_PER_PROGRAM, J.block(int(run_len.max())))
-    bc = max(1, LANES_PER_PROGRAM // br)
-    progs = []
-    for start, length in zip(runs, run_len):
-        r0 = np.arange(start, start + length, br)
-        nr = np.minimum(br, start + length - r0)
-        batch, channels, base = (int(table[start, col]) for col in (J.BATCH, CHANNELS, CHAN_BASE))
-        steps = np.maximum.reduceat(search_steps[base:base + channels], np.arange(0, channels, bc))
-        b, cb, r = np.meshgrid(np.arange(batch), np.arange(len(steps)), np.arange(len(r0)), indexing="ij")
-        cb, r = cb.ravel(), r.ravel()
-        progs.append(np.stack([r0[r], nr[r], b.ravel(), cb * bc, steps[cb]], 1))
-    return np.concatenate(progs).astype(np.int64), bc, br
-
-
 def prepare(codec, context: FileTables, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
     return prepare_lanes(context, table, _sinks(codec, table), staged, out, codec.name)
 
 
-def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,
-                  out: torch.Tensor, codec: str) -> Launch:
-    """Launches decoding each job's payload: `sinks[job]` exact tokens, then the lanes of the
-    others (`kvcodec.entropy.lanes`), coded with `file_tables`."""
-    device = out.device
-    tables = device_tables(file_tables, device)
-    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
-    known = key < len(tables.by_tensor)  # rows of (layer, key/value)s the blob lacks hold -1
-    entry = np.vstack([tables.by_tensor, np.full((1, 6), -1)])[np.where(known, key, -1)]
-    covered = (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
-    if not np.all(covered):
-        bad = table[np.flatnonzero(~covered)[0]]
-        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
-                         f"{int(bad[J.HEAD_DIM])}")
-    batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
-    channels, n_anchored = heads * head_dim, entry[:, 1]
-    n_lanes = batch * (channels + n_anchored)
-    table = J.with_columns(table, table[:, J.TOKENS] - sinks, sinks, entry[:, 0], channels, n_anchored, entry[:, 2],
-                           entry[:, 3], np.cumsum(n_lanes) - n_lanes)
-    sink_bytes = batch * heads * sinks * head_dim * out.element_size()
-    lane_bytes = table[:, J.LENGTH] - sink_bytes - 4 * n_lanes
-    broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 4 != 0))
-    if broken.size:
-        raise CodecError(f"{codec} payload of {where(table[broken[0]])} is truncated or has the wrong length")
-
-    # lane boundaries, from the lane lengths stored in each payload (computed on the device)
-    words = staged.view(torch.int32)
-    dev = lambda x: J.to_device(x, device)  # noqa: E731
-    total_lanes = int(n_lanes.sum())
-    lane_base, lanes_t = dev(table[:, LANE_BASE]), dev(n_lanes)
-    counts_at = dev((table[:, J.SRC] + sink_bytes) // 4)
-    words_at = counts_at + lanes_t
-    expected = dev(lane_bytes // 4)
-    steps = []
-
-    def lane_bounds():
-        lane_job = torch.repeat_interleave(torch.arange(len(table), device=device), lanes_t, output_size=total_lanes)
-        local = torch.arange(total_lanes, device=device) - lane_base[lane_job]
-        counts = words[counts_at[lane_job] + local].to(torch.int64) & 0xFFFFFFFF
-        ends = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(counts, 0)])
-        before = ends[lane_base]
-        lengths_bad.copy_((ends[lane_base + lanes_t] - before) != expected)
-        first = words_at[lane_job]
-        lane_end.copy_(torch.minimum(first + ends[1:] - before[lane_job], first + expected[lane_job]))
-        lane_start.copy_((lane_end - counts).clamp_min(first))
-
-    lengths_bad = torch.empty(len(table), dtype=torch.bool, device=device)
-    lane_end = torch.empty(total_lanes, dtype=torch.int64, device=device)
-    lane_start = torch.empty_like(lane_end)
-    steps.append(lane_bounds)
-    copy_sinks = raw.copy_elements(staged, out, table, sinks)
-    if copy_sinks:
-        steps.append(copy_sinks)
-    programs, bc, br = _programs(table, tables.search_steps)
-    err = torch.zeros(len(programs), dtype=torch.int32, device=device)
-    args = (words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
-            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table), dev(programs),
-            err)
-
-    def lanes():
-        _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, num_warps=NUM_WARPS)
-    if len(programs):
-        steps.append(lanes)
-    return Launch(steps, [Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
-                          Check(err, programs[:, 0], "an entropy-coded lane does not end where its symbols do")])
+def encode(codec, chunk: torch.Tensor, info, context) -> bytes:
+    """cachegen's payload of a chunk on the GPU: its sink tokens' bytes, then its lanes."""
+    tt = context.for_chunk(info, codec.name)
+    s = codec.sink_count(info)
+    body = encode_lanes(chunk.detach()[:, :, s:].to(torch.float32), tt, f"cachegen: layer {info.layer} {info.tensor}")
+    return chunk.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body

@@ -221,7 +221,7 @@ def test_tensor_sources_decode_alike():
 @pytest.mark.parametrize("options", [{}, {"sinks": 3, "group_size": 6, "anchor_bits": 2, "key_emphasis": 0.0}])
 def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
     """The GPU chunk encoder (run here on the kernels' device) against the CPU encoder."""
-    from kvcodec.kernels import cachegen_encode
+    from kvcodec.kernels import cachegen
 
     cache = smooth_cache(torch.float16, tokens=max(TOKENS, 250))
     codec = kvcodec.get_codec("cachegen", **options)
@@ -230,7 +230,7 @@ def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
     assert not options or any(t.anchored.any() for t in context.tensors.values())
     for info, chunk in chunks:
         want = codec.encode(chunk, info, context)
-        assert cachegen_encode.encode(codec, chunk.to(DEVICE), info, context) == want
+        assert cachegen.encode(codec, chunk.to(DEVICE), info, context) == want
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

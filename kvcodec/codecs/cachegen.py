@@ -49,7 +49,7 @@ class CacheGenCodec(Codec):
     description = "layer-wise quantization, anchors and deltas, exact sinks, per-channel rANS tables"
     max_expansion = 4096.0  # float32 output from lanes of at least 1/128 bit per symbol
     device_decoder = "kvcodec.kernels.cachegen"
-    device_encoder = "kvcodec.kernels.cachegen_encode"
+    device_encoder = "kvcodec.kernels.cachegen"
 
     def __init__(self, quality: str = "medium", key_step: float | None = None, value_step: float | None = None,
                  key_emphasis: float = 1.0, value_emphasis: float = 0.5, shallow_layers: float = 0.1,
