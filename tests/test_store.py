@@ -3,6 +3,7 @@ Redis-protocol server started here (redis-server when installed, else fakeredis'
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 import kvcodec
 from kvcodec.errors import InputError
+from kvcodec.storage import store as store_module
 from kvcodec.storage.store import cache_slice
 
 from conftest import synthetic_cache
@@ -123,3 +125,99 @@ def test_lossy_prefixes_and_refusals():
         store.put(cache, ids[:10])
     with pytest.raises(InputError, match="no token ids"):
         store.put(cache_slice(synthetic_cache(), 0, 5))
+
+
+# -- entries that are not the chunk asked for ------------------------------------------------
+
+A = list(range(100))  # chunks [0,32) [32,64) [64,96) [96,100)
+
+
+def stored(ids=A, codec="zstd"):
+    """A memory store holding the chunks of `prompt_cache(ids)`, and its (start, stop, key)s."""
+    backend = kvcodec.MemoryBackend()
+    store = kvcodec.PrefixStore(backend, "m", codec, chunk_tokens=CHUNK)
+    assert store.put(prompt_cache(ids)) == len(store.chunks(ids))
+    return store, backend, store.chunks(ids)
+
+
+def assert_prefix(store, ids, n):
+    """`store.get(ids)` is exactly the first `n` tokens of `prompt_cache(ids)`."""
+    got, m = store.get(ids)
+    assert m == n
+    want = prompt_cache(ids)
+    assert got.equal(cache_slice(want, 0, n)) and got.token_ids.tolist() == [ids[:n]]
+
+
+def forged(cache, start, stop, key, ids):
+    """An entry of `cache`'s tokens [start, stop) that claims to be chunk [start, stop) under `key`."""
+    part = cache_slice(cache, 0, cache.layers[0].key.shape[2])
+    part.token_ids = torch.tensor([ids[start:stop]])
+    part.metadata.update({store_module.META_KEY: key, store_module.META_TOKENS: f"{start}:{stop}"})
+    return kvcodec.encode(part, "zstd")
+
+
+def test_stored_prefixes_restore_bit_exactly_from_memory():
+    store, _, _ = stored()
+    got, n = store.get(A)
+    assert n == 100 and got.equal(prompt_cache(A)) and got.token_ids.tolist() == [A]
+    assert store_module.META_KEY not in got.metadata and store_module.META_TOKENS not in got.metadata
+    assert_prefix(store, A[:64] + [1, 2], 64)
+
+
+def test_swapped_entries_end_the_prefix_before_the_first(caplog):
+    store, backend, chunks = stored()
+    (_, _, k1), (_, _, k2) = chunks[1], chunks[2]
+    backend.entries[k1], backend.entries[k2] = backend.entries[k2], backend.entries[k1]
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        assert_prefix(store, A, 32)
+    assert "[32, 64)" in caplog.text and "refused" in caplog.text
+
+
+def test_an_entry_shorter_than_its_chunk_is_refused():
+    store, backend, chunks = stored()
+    _, theirs, short = stored(A[:36])  # chunks [0,32) [32,36)
+    backend.entries[chunks[1][2]] = theirs.entries[short[1][2]]
+    assert_prefix(store, A, 32)  # not 64 (or 100) tokens holding 36 (or 72)
+    # claiming the right key, range and token ids, but holding 4 tokens
+    backend.entries[chunks[1][2]] = forged(cache_slice(prompt_cache(A), 32, 36), 32, 64, chunks[1][2], A)
+    assert len(kvcodec.decode(backend.entries[chunks[1][2]]).token_ids[0]) == 32
+    assert_prefix(store, A, 32)
+
+
+def test_an_entry_of_another_prompt_is_refused():
+    store, backend, chunks = stored()
+    other = [7] + A[1:]  # every chunk differs from A's: its tokens depend on the first
+    _, theirs, their_chunks = stored(other)
+    backend.entries[chunks[2][2]] = theirs.entries[their_chunks[2][2]]
+    assert_prefix(store, A, 64)
+    # the right key and range, another prompt's token ids
+    fork = A[:64] + [999] * 36
+    backend.entries[chunks[2][2]] = forged(cache_slice(prompt_cache(fork), 64, 96), 64, 96, chunks[2][2], fork)
+    assert_prefix(store, A, 64)
+    # the right key, range and ids, but layers unlike the prefix's (another model's)
+    wide = synthetic_cache(layers=3, heads=4, tokens=32, head_dim=16)
+    backend.entries[chunks[2][2]] = forged(wide, 64, 96, chunks[2][2], A)
+    assert_prefix(store, A, 64)
+    # an entry that does not identify itself (as written before entries did) is not trusted
+    backend.entries[chunks[2][2]] = kvcodec.encode_chunk(prompt_cache(A), 64, 96, "zstd")
+    assert_prefix(store, A, 64)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_corrupt_entry_ends_the_prefix_without_raising(damage, caplog):
+    store, backend, chunks = stored()
+    key = chunks[1][2]
+    data = bytearray(backend.entries[key])
+    if damage == "flip":
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"not a kvc file")
+    backend.entries[key] = bytes(data)
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        assert_prefix(store, A, 32)
+    assert "[32, 64)" in caplog.text
+    backend.entries[chunks[0][2]] = b""
+    assert store.get(A) == (None, 0)

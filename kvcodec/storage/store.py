@@ -3,7 +3,13 @@ shared by many prompts is stored once and any prompt starting with it finds it.
 
 A chunk's key hashes the model id, the codec and its config, where the chunk starts and every
 token id up to its end: the keys and values of a token depend on all tokens before it, so equal
-keys mean equal chunks. An entry is an ordinary `.kvc` file of the chunk's tokens of every layer.
+keys mean equal chunks. An entry is an ordinary `.kvc` file of the chunk's tokens of every layer,
+its token ids, and in its metadata the key it was written under and its token range.
+
+Entries are not trusted: a backend may hold swapped, truncated, corrupt or foreign bytes under a
+key. `PrefixStore.get` decodes each entry and checks it is the chunk it asked for (its key and
+token range, its token ids, its token count, layer shapes and dtypes agreeing with the chunks
+before it); the first entry that is missing or fails ends the prefix there.
 
 `PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
 (a dict) and `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) are here.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -22,10 +29,17 @@ from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.codecs.base import Codec
 from kvcodec.encoding.pipeline import parse
-from kvcodec.errors import InputError
+from kvcodec.errors import InputError, KVCError
 from kvcodec.registry import codec_class
 
-KEY_VERSION = "kvcodec-chunk-1"
+# Part of every content key. Version 2 entries carry META_KEY and META_TOKENS and are verified on
+# read; version 1 entries did not identify themselves, so bumping the version makes them misses
+# (their keys are never asked for again) rather than entries trusted unchecked.
+KEY_VERSION = "kvcodec-chunk-2"
+META_KEY = "kvcodec.store.key"  # the content key an entry was written under
+META_TOKENS = "kvcodec.store.tokens"  # its token range, "start:stop"
+
+log = logging.getLogger(__name__)
 
 
 def content_key(model_id: str, token_ids: Sequence[int], codec: str, config: dict, start: int = 0) -> str:
@@ -152,22 +166,73 @@ class PrefixStore:
             if found is None:
                 part = cache_slice(cache, a, b)
                 part.token_ids = torch.from_numpy(ids[a:b].copy()).reshape(1, -1)
+                part.metadata.update({META_KEY: key, META_TOKENS: f"{a}:{b}"})
                 written += bool(self.backend.put(key, encode(part, self.codec)))
         return written
 
     def get(self, token_ids, device=None) -> tuple[KVCache | None, int]:
-        """(cache of the longest stored prefix of `token_ids`, its length): (None, 0) when not
-        even the first chunk is stored."""
-        chunks = self.chunks(token_ids)
+        """(cache of the longest stored and verified prefix of `token_ids`, its length): (None, 0)
+        when not even the first chunk is.
+
+        Each entry is decoded and checked before it is used (see `_verify`); the first entry that
+        is missing, does not decode, or is not the chunk asked for ends the prefix, and a damaged
+        one is logged as a warning. Damaged entries never raise and never reach the result."""
+        ids = self._ids(token_ids)
+        chunks = self.chunks(ids)
         found = self.backend.get_many([key for _, _, key in chunks])
-        parts = []
-        for (a, b, _), data in zip(chunks, found):
+        parts: list[KVCache] = []
+        for (a, b, key), data in zip(chunks, found):
             if data is None:
                 break
-            parts.append(decode(data, device=device))
+            try:
+                part = decode(data, device=device)
+            except KVCError as e:
+                log.warning("prefix store: entry for tokens [%d, %d) (key %s) does not decode: %s; "
+                            "prefix ends at %d", a, b, key, e, a)
+                break
+            problem = _verify(part, key, a, b, ids[a:b], parts[0] if parts else None)
+            if problem is not None:
+                log.warning("prefix store: entry for tokens [%d, %d) (key %s) refused: %s; prefix ends at %d",
+                            a, b, key, problem, a)
+                break
+            parts.append(part)
         if not parts:
             return None, 0
-        return concat(parts), chunks[len(parts) - 1][1]
+        cache = concat(parts)
+        for name in (META_KEY, META_TOKENS):  # they describe one entry, not the prefix
+            cache.metadata.pop(name, None)
+        return cache, chunks[len(parts) - 1][1]
+
+
+def _verify(part: KVCache, key: str, start: int, stop: int, ids: np.ndarray, first: KVCache | None) -> str | None:
+    """Why the decoded entry `part` is not chunk [start, stop) of key `key` with token ids `ids`
+    (consistent with the prefix's first chunk `first`), or None when it is."""
+    meta = part.metadata
+    if meta.get(META_KEY) != key:
+        return "it names another key" if META_KEY in meta else "it does not name its key"
+    if meta.get(META_TOKENS) != f"{start}:{stop}":
+        return f"it holds tokens {meta.get(META_TOKENS)!r}"
+    n = stop - start
+    t = part.token_ids
+    if t is None or tuple(t.shape) != (1, n) or not np.array_equal(t.cpu().numpy().reshape(-1), ids):
+        return "its token ids are not the prompt's"
+    if part.length is not None or part.selection is not None:
+        return "it is a pruned cache"
+    if first is not None and part.num_layers != first.num_layers:
+        return f"it has {part.num_layers} layers, the prefix {first.num_layers}"
+    for i, lay in enumerate(part.layers):
+        if lay.positions is not None:
+            return f"layer {i} is pruned"
+        for name in ("key", "value"):
+            x = getattr(lay, name)
+            if x.shape[0] != 1 or x.shape[2] != n:
+                return f"layer {i} {name} has shape {tuple(x.shape)}, not 1 sequence of {n} tokens"
+            if first is not None:
+                y = getattr(first.layers[i], name)
+                if x.dtype != y.dtype or (x.shape[1], x.shape[3]) != (y.shape[1], y.shape[3]):
+                    return (f"layer {i} {name} is {x.dtype} {tuple(x.shape)}, the prefix's "
+                            f"{y.dtype} {tuple(y.shape)}")
+    return None
 
 
 def _missing_ids():
