@@ -39,6 +39,14 @@ def itemsize(name: str) -> int:
     return torch.empty((), dtype=DTYPES[name][1]).element_size()
 
 
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values -> `dtype` as every lossy decoder converts (spec 8): round to nearest even,
+    saturating at the dtype's largest finite magnitude (NaN stays NaN). A finite input thus never
+    decodes to an infinity, even where a rounded-up step lands past the end of the range."""
+    top = torch.finfo(dtype).max
+    return x.clamp(-top, top).to(dtype)
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor in row-major order (no copy if contiguous)."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)

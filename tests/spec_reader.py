@@ -123,7 +123,10 @@ def dequantize(config: dict, payload: bytes, tensor: str, shape, dtype: str) -> 
 
 
 def to_dtype(y: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values to the bit patterns of `dtype`, rounding to nearest even."""
+    """float32 values to the bit patterns of `dtype` (section 8): saturated at the dtype's largest
+    finite magnitude (NaN stays NaN), then rounded to nearest even."""
+    top = {"float32": np.finfo(np.float32).max, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}[dtype]
+    y = np.where(y > top, top, np.where(y < -top, -top, y)).astype(np.float32)
     if dtype == "float32":
         return y.view(np.uint32)
     if dtype == "float16":

@@ -348,3 +348,14 @@ def test_a_plugin_codec_ships_its_own_device_decoder():
     assert TorchCopyDecoder.calls >= 1 and got.equal(cache)
     assert device.decoder_for(PluginRaw()) is TorchCopyDecoder
     assert device.decoder_for(kvcodec.get_codec("zstd")) is None
+
+
+@pytest.mark.parametrize("codec,options", [("quant", {"bits": 4}), ("quant", {"bits": 8}), ("cachegen", {})],
+                         ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+def test_the_top_of_float16_decodes_as_on_the_cpu(codec, options):
+    """The kernels saturate as the CPU decoders do: finite, bit-exact (spec section 8, to_dtype)."""
+    from test_extremes import near_max_cache
+
+    data = kvcodec.encode(near_max_cache(), codec, chunk_tokens=128, **options)
+    got, want = kernel_cache(data), cpu_cache(data)
+    assert got.equal(want) and all(torch.isfinite(t).all() for lay in want.layers for t in (lay.key, lay.value))

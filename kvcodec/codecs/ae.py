@@ -23,6 +23,7 @@ from kvcodec.cache import TENSORS
 from kvcodec.codecs.autoencoder import CacheAutoencoder, sha256
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
 from kvcodec.codecs.quant import QuantCodec
+from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, tables
 from kvcodec.entropy.quantizer import channel_steps
 from kvcodec.entropy.tables import FileTables
@@ -211,4 +212,4 @@ class AECodec(Codec):
             latent = torch.from_numpy(u).reshape(b, h, latent_dim, t).permute(0, 1, 3, 2).to(device)
         else:
             latent = self.latents.decode_to(payload, self.quant_info(latent_info), (), device)
-        return ae.decode(info.tensor, info.layer, latent).to(info.dtype)
+        return to_dtype(ae.decode(info.tensor, info.layer, latent), info.dtype)

@@ -24,6 +24,7 @@ import torch
 
 from kvcodec.cache import TENSORS
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
+from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, tables
 from kvcodec.entropy.quantizer import channel_steps
 from kvcodec.entropy.tables import FileTables
@@ -123,7 +124,7 @@ class CacheGenCodec(Codec):
             raise CodecError(f"{where} is truncated")
         u = lanes.decode(memoryview(payload)[sink_bytes:], tt, (b, h, t - s, d), where)
         out = torch.empty(info.shape, dtype=info.dtype)
-        out[:, :, s:] = torch.from_numpy(u).reshape(b, h, d, t - s).permute(0, 1, 3, 2)
+        out[:, :, s:] = to_dtype(torch.from_numpy(u).reshape(b, h, d, t - s).permute(0, 1, 3, 2), info.dtype)
         if s:
             sink = np.frombuffer(payload, dtype=np.uint8, count=sink_bytes).copy()
             out[:, :, :s] = torch.from_numpy(sink).view(info.dtype).reshape(b, h, s, d)

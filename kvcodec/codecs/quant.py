@@ -16,6 +16,7 @@ import torch
 
 from kvcodec.codecs import bitpack
 from kvcodec.codecs.base import ChunkInfo, Codec, check_payload_length
+from kvcodec.dtypes import to_dtype
 from kvcodec.errors import CodecError
 
 FP16_MAX = 65504.0
@@ -115,7 +116,7 @@ class QuantCodec(Codec):
         n = info.shape[axis]
         m = m.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
         s = s.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
-        return q.mul_(s).add_(m).to(info.dtype)
+        return to_dtype(q.mul_(s).add_(m), info.dtype)
 
     def decode_to(self, payload, info, context, device):
         """8-bit codes need no unpacking: off the CPU they move as they are and are dequantized
@@ -138,4 +139,4 @@ class QuantCodec(Codec):
         size = info.shape[axis]
         m = lo.repeat_interleave(self.group_size, axis).narrow(axis, 0, size)
         s = scale.repeat_interleave(self.group_size, axis).narrow(axis, 0, size)
-        return (codes * s + m).to(info.dtype)
+        return to_dtype(codes * s + m, info.dtype)
