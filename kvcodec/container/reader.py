@@ -8,6 +8,7 @@ Beside reading tensors it offers the seam device decoders are driven through
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class KVCReader:
         self.index_offset = index_offset
         self._codecs: dict[int, Codec] = {}
         self._contexts: dict[int, object] = {}  # per slot: what its codec's load_context made of its blobs
+        self._making = threading.Lock()  # threads sharing a reader build each slot's codec and context once
 
     # -- context management ------------------------------------------------------------------
     def close(self):
@@ -145,7 +147,11 @@ class KVCReader:
 
     def codec(self, slot: int) -> Codec:
         """The codec of header slot `slot`, built once from the header's entry."""
-        if slot not in self._codecs:
+        if slot in self._codecs:
+            return self._codecs[slot]
+        with self._making:
+            if slot in self._codecs:
+                return self._codecs[slot]
             entry = self.header.codecs[slot]
             try:
                 cls = codec_class(entry.id)
@@ -165,10 +171,13 @@ class KVCReader:
     def context(self, slot: int):
         """What slot `slot`'s codec decodes with: its `load_context` of the slot's blobs, made
         once per reader."""
-        if slot not in self._contexts:
-            codec = self.codec(slot)
-            self._contexts[slot] = _reported(codec, f"the context of slot {slot}", codec.load_context,
-                                             self.context_blobs(slot))
+        if slot in self._contexts:
+            return self._contexts[slot]
+        codec = self.codec(slot)
+        with self._making:
+            if slot not in self._contexts:
+                self._contexts[slot] = _reported(codec, f"the context of slot {slot}", codec.load_context,
+                                                 self.context_blobs(slot))
         return self._contexts[slot]
 
     def _container_blob(self, ordinal: int):

@@ -1,11 +1,15 @@
 """Random access to a file's bytes, wherever they are: in memory (bytes, a uint8 tensor, which
 when pinned lets GPU reads copy payloads to the device without a host copy), a local or
-seekable file, or a URL (http(s) with Range requests, or any fsspec filesystem)."""
+seekable file, or a URL (http(s) with Range requests, or any fsspec filesystem).
+
+Safe to share between threads: a file opened by path is read with positional reads (no shared
+file offset), a file object given by the caller under a lock around its seek and read."""
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 
 import torch
 
@@ -18,6 +22,8 @@ class ByteSource:
 
     def __init__(self, src):
         self._own = False
+        self._fd = None  # a file opened here, read with os.pread
+        self._lock = threading.Lock()
         self.tensor = None  # a CPU uint8 tensor holding the file, when given one (may be pinned)
         self.remote = None  # a remote.RangedFile for URLs
         if remote.is_url(src):
@@ -37,6 +43,8 @@ class ByteSource:
             if os.path.isdir(src):
                 raise FormatError(f"{os.fspath(src)} is a directory")
             src, self._own = open(src, "rb"), True
+            if hasattr(os, "pread"):
+                self._fd = src.fileno()
         if not (hasattr(src, "seekable") and src.seekable()):
             self._buf, self._file = memoryview(src.read()).cast("B"), None
             self.size = len(self._buf)
@@ -51,8 +59,17 @@ class ByteSource:
             return self._buf[offset:offset + length]
         if self.remote is not None:
             return self.remote.read(offset, length)
-        self._file.seek(offset)
-        data = self._file.read(length)
+        if self._fd is not None:
+            data = os.pread(self._fd, length, offset)
+            while 0 < len(data) < length:  # a short read only where the file ends (or shrank)
+                more = os.pread(self._fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        else:
+            with self._lock:
+                self._file.seek(offset)
+                data = self._file.read(length)
         if len(data) != length:
             raise FormatError("the file ended early (changed while reading?)")
         return data
