@@ -186,7 +186,9 @@ def slot_use(key: dict, value: dict) -> str:
 def verify(file, against, layout, heads):
     """Check checksums and decode every record; with --against, report errors per layer.
 
-    Exits non-zero on corruption, or when a lossless codec does not reproduce the original.
+    A pruned file is compared with the original at the positions it kept. Exits non-zero on
+    corruption, on a non-finite value where the original is finite, or when a lossless codec
+    does not reproduce the original.
     """
     with kvcodec.open(cachefiles.check_readable(file)) as reader:
         reader.verify()
@@ -198,21 +200,36 @@ def verify(file, against, layout, heads):
     original = cachefiles.load_cache(against, layout=layout, heads=heads)
     if original.num_layers != cache.num_layers:
         raise InputError(f"{against} has {original.num_layers} layers, the file {cache.num_layers}")
-    worst = 0.0
+    worst, broken = 0.0, []
     for i, (a, b) in enumerate(zip(original.layers, cache.layers)):
         parts = []
         for name, x, y in (("K", a.key, b.key), ("V", a.value, b.value)):
+            x = kept_part(x, b.positions)
             if x.shape != y.shape:
                 raise InputError(f"layer {i} {name}: original {tuple(x.shape)}, file {tuple(y.shape)}")
-            diff = (x.double() - y.double()).abs()
+            if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
+                broken.append(f"layer {i} {name}")
+            diff = (x.double() - y.double()).abs().nan_to_num(nan=float("inf"))
+            top = float(diff.max()) if diff.numel() else 0.0
             rel = float(diff.norm() / x.double().norm().clamp_min(1e-30))
             exact = x.dtype == y.dtype and torch.equal(x, y)
-            worst = max(worst, 0.0 if exact else float(diff.max()))
-            parts.append(f"{name} max {float(diff.max()):.3g} rel {rel:.3g}")
-        click.echo(f"layer {i:3d}: " + ", ".join(parts))
+            worst = max(worst, 0.0 if exact else top)
+            parts.append(f"{name} max {top:.3g} rel {rel:.3g}")
+        click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)" if b.positions is not None else ""))
+    if broken:
+        raise KVCError(f"non-finite values decoded where the original is finite: {', '.join(broken[:4])}")
     if lossless and worst > 0:
         raise KVCError("a lossless codec did not reproduce the original exactly")
     click.echo("identical to the original" if worst == 0 else f"lossy: largest error {worst:.3g}")
+
+
+def kept_part(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """The original's tokens at a pruned layer's kept positions ([1 or heads, kept]), per head."""
+    if positions is None:
+        return x
+    b, h, _, d = x.shape
+    index = positions.expand(h, -1).to(x.device)
+    return x.gather(2, index[None, :, :, None].expand(b, h, -1, d))
 
 
 @cli.command()

@@ -179,8 +179,9 @@ class AECodec(Codec):
         fitted = {}  # every chunk's latents computed exactly as `encode` will, so they fall in the tables
         for i in range(chunks.num_layers):
             for name in TENSORS:
+                b, h, _, _ = chunks.shape(i, name)
                 bodies = [self.network(context, chunk.device, encoding=True).encode(name, i, chunk)
-                          for _, chunk in chunks.of(i, name)]
+                          for _, chunk in chunks.of(i, name)] or [torch.zeros(b, h, 0, ae.config.latent_dim)]
                 steps = channel_steps(torch.cat(bodies, 2), self.step, 0.0)  # latents have no query partner to weigh
                 fitted[(i, name)] = tables.fit(bodies, steps, 10, 1, f"ae: layer {i} {name} latents")
         return blobs + [FileTables(fitted).to_blob(chunks.num_layers)]

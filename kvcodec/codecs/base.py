@@ -7,6 +7,7 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 
+from kvcodec.cache import TENSORS
 from kvcodec.errors import CodecError
 from kvcodec.options import Configurable
 
@@ -40,6 +41,11 @@ class Chunks:
 
     layers: tuple[tuple[tuple[ChunkInfo, torch.Tensor], ...], ...]
     chunk_tokens: int
+    shapes: tuple[tuple[tuple[int, int, int, int], tuple[int, int, int, int]], ...]  # per layer: key, value
+
+    def shape(self, layer: int, tensor: str) -> tuple[int, int, int, int]:
+        """The whole tensor's shape (also where it holds no tokens, hence no chunks)."""
+        return self.shapes[layer][TENSORS.index(tensor)]
 
     @property
     def num_layers(self) -> int:

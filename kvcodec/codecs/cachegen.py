@@ -94,7 +94,7 @@ class CacheGenCodec(Codec):
         for i in range(chunks.num_layers):
             for name in TENSORS:
                 bodies = [chunk.detach()[:, :, self.sink_count(info):].to(torch.float32)
-                          for info, chunk in chunks.of(i, name)]
+                          for info, chunk in chunks.of(i, name)] or [torch.zeros(chunks.shape(i, name))]
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
                 steps = channel_steps(torch.cat(bodies, 2), self.relative_step(i, chunks.num_layers, name), emphasis)
                 fitted[(i, name)] = tables.fit(bodies, steps, self.group_size, self.anchor_bits,

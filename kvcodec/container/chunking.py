@@ -27,4 +27,4 @@ def cut(cache: KVCache, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Chunks:
                 chunk = tensor[:, :, start:start + chunk_tokens]
                 chunks.append((ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype), chunk))
         layers.append(tuple(chunks))
-    return Chunks(tuple(layers), chunk_tokens)
+    return Chunks(tuple(layers), chunk_tokens, tuple((tuple(l.key.shape), tuple(l.value.shape)) for l in cache.layers))

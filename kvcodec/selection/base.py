@@ -43,8 +43,11 @@ def check_amount(name: str, value, allow_zero: bool = True) -> None:
 
 
 def resolve(value: int | float, tokens: int) -> int:
-    """Tokens meant by a count or a ratio of `tokens` (at most `tokens`)."""
-    return min(tokens, value if isinstance(value, int) else round(value * tokens))
+    """Tokens meant by a count or a ratio of `tokens` (at most `tokens`); a positive ratio of a
+    non-empty cache means at least one token, never none."""
+    if isinstance(value, int):
+        return min(tokens, value)
+    return min(tokens, max(round(value * tokens), 1 if value > 0 else 0))
 
 
 class Selector(Configurable):
