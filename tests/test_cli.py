@@ -228,3 +228,20 @@ def test_pack_to_a_target_ratio_or_error(tmp_path, cache_pt):
         assert not (tmp_path / "x.kvc").exists()
     code, out = run("pack", path, "-c", "raw", "--target-ratio", 2, "-o", tmp_path / "x.kvc")
     assert_clean_error(code, out, "no presets")
+
+
+def test_inspect_folds_long_header_strings_and_never_reads_them_as_markup(tmp_path):
+    """A header may hold 16 MiB of metadata: the table view shows each string folded (the full
+    text is in --json) and prints markup-like text as it is."""
+    cache = synthetic_cache(layers=1, tokens=4)
+    cache.metadata.update({"big": "x" * 1_000_000, "markup": "[bold]boom[/] [/unclosed]"})
+    cache.metadata.update({f"z{i:02d}": "v" for i in range(40)})  # sorted after the others
+    kvcodec.pack(cache, tmp_path / "m.kvc", "raw")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["inspect", str(tmp_path / "m.kvc")])
+    assert out.exit_code == 0, out.output
+    assert "(999884 more characters)" in out.output and len(out.output) < 10_000
+    flat = out.output.replace("\n", "")  # the console wraps long lines
+    assert "[bold]boom[/] [/unclosed]" in flat and "more (--json shows all)" in flat
+    full = runner.invoke(cli, ["inspect", "--json", str(tmp_path / "m.kvc")])
+    assert json.loads(full.output)["metadata"]["big"] == "x" * 1_000_000

@@ -129,6 +129,7 @@ def inspect(file, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     console = make_console()
@@ -137,15 +138,19 @@ def inspect(file, as_json):
     pruned = info["selection"] is not None or info["length"] is not None
     against = (f"{human(info['full_raw_bytes'])} full cache of {info['length']} tokens ({info['full_ratio']:.2f}x)"
                if pruned else f"{human(info['raw_bytes'])} ({info['ratio']:.2f}x)")
-    console.print(f"[bold]{file}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
-                  f"{human(info['file_bytes'])} for {against}, layout {info['layout']}, "
+    # what the header says is the file's to choose: shown folded and escaped, never as markup
+    console.print(f"[bold]{escape(str(file))}[/]: kvc {info['format_version']}, {len(info['layers'])} layers, "
+                  f"{human(info['file_bytes'])} for {against}, layout {escape(fold(info['layout']))}, "
                   f"chunks of {info['chunk_tokens']} tokens")
     if info["selection"] is not None:
-        console.print(f"pipeline: {describe(info['selection'])} + {codecs}")
+        console.print(f"pipeline: {escape(fold(describe(info['selection'])))} + {escape(codecs)}")
     else:
-        console.print(f"codecs: {codecs}")
+        console.print(f"codecs: {escape(codecs)}")
     if info["metadata"]:
-        console.print("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info["metadata"].items())))
+        items = sorted(info["metadata"].items())
+        shown = ", ".join(fold(f"{k}={v}") for k, v in items[:METADATA_SHOWN])
+        more = f" ... and {len(items) - METADATA_SHOWN} more (--json shows all)" if len(items) > METADATA_SHOWN else ""
+        console.print("metadata: " + escape(shown) + more)
     table = Table(show_edge=False)
     columns = ["layer", "shape", "dtype"] + (["kept"] if pruned else []) + ["codec", "bytes", "ratio", "chunks"]
     for col in columns:
@@ -164,9 +169,18 @@ def inspect(file, as_json):
     console.print(table)
 
 
+METADATA_SHOWN = 20  # entries the table view lists
+FOLD = 120  # characters of one header string the table view shows
+
+
+def fold(text: str, limit: int = FOLD) -> str:
+    """`text` cut to `limit` characters, saying how much was left out (headers may hold MiBs)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def describe(stage: dict) -> str:
-    """`name key=value ...` of a codec or selection entry."""
-    return " ".join([stage["name"]] + [f"{k}={v}" for k, v in stage["config"].items()])
+    """`name key=value ...` of a codec or selection entry (each value folded)."""
+    return " ".join([fold(stage["name"])] + [f"{fold(str(k))}={fold(str(v))}" for k, v in stage["config"].items()])
 
 
 def slot_use(key: dict, value: dict) -> str:
