@@ -123,6 +123,90 @@ def test_a_server_ignoring_ranges_is_refused(tmp_path):
         server.server_close()
 
 
+def test_urls_needing_percent_encoding_reach_the_file(served):
+    server, root, _ = served
+    (root / "a b.kvc").write_bytes((root / "q.kvc").read_bytes())
+    (root / "é 100%.kvc").write_bytes((root / "q.kvc").read_bytes())
+    want = kvcodec.open(root / "q.kvc").read(1)[0]
+    host, port = server.address
+    server.log.clear()
+    for url in (f"http://{host}:{port}/a b.kvc", f"http://{host}:{port}/a%20b.kvc",
+                f"http://{host}:{port}/é 100%.kvc", f"http://{host}:{port}/%C3%A9%20100%25.kvc?v=1 2"):
+        with kvcodec.open(url) as reader:
+            assert reader.read(1)[0].equal(want), url
+    assert {e[0] for e in server.log.entries} == {"/a%20b.kvc", "/%C3%A9%20100%25.kvc", "/%C3%A9%20100%25.kvc?v=1%202"}
+
+
+@pytest.mark.parametrize("url", [
+    "http://[::1/x.kvc", "http://127.0.0.1:99999/x.kvc", "http://127.0.0.1:port/x.kvc", "http://a..b/x.kvc",
+    "https://bad\x00host/x.kvc", "http://[::1]:1/x\nnewline.kvc",
+])
+def test_malformed_urls_are_input_errors(url):
+    with pytest.raises(InputError) as caught:
+        kvcodec.open(url)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(url.replace("\n", "\\n").replace("\x00", "\\x00"))
+
+
+def scripted_server(reply: bytes):
+    """A server answering every request with `reply` and closing; its port and a stop function."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    got = b""
+                    while b"\r\n\r\n" not in got and (chunk := conn.recv(4096)):
+                        got += chunk
+                    conn.sendall(reply)
+                except OSError:
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], listener.close
+
+
+@pytest.mark.parametrize("reply, match", [
+    (b"", "closed|Remote end"),  # closes at once, twice
+    (b"garbage\r\n\r\n", "bad response"),
+    (b"HTTP/1.1 206 Partial\r\nContent-Range: bytes 0-" + b"9" * 5000 + b"/" + b"9" * 5000 + b"\r\n\r\n",
+     "no usable Content-Range"),
+    (b"HTTP/1.1 206 Partial\r\nContent-Range: bytes 0-65535/10\r\nContent-Length: 65536\r\n\r\n", "server sent"),
+    (b"HTTP/1.1 206 Partial\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", "bad response"),
+    (b"HTTP/1.1 206 Partial\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", "bad response"),
+    (b"HTTP/1.1 206 Partial\r\nContent-Range: bytes 0-65535/100000\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "bad response"),
+], ids=["closes", "garbage", "5000-digit-range", "range-past-total", "101-headers", "long-header", "bad-chunk"])
+def test_misbehaving_servers_give_kvc_errors(reply, match):
+    port, stop = scripted_server(reply)
+    try:
+        with pytest.raises(kvcodec.KVCError, match=match) as caught:
+            kvcodec.open(f"http://127.0.0.1:{port}/x.kvc")
+        assert str(caught.value).startswith(f"http://127.0.0.1:{port}/x.kvc: ")
+    finally:
+        stop()
+
+
+def test_the_cli_reports_a_malformed_url_in_one_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kvcodec.tools.cli", "inspect", "http://[::1/x"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and "internal error" not in out.stderr
+    assert "http://[::1/x: not a valid URL" in out.stderr
+
+
 def test_the_cli_inspects_and_unpacks_urls(served, tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -17,23 +17,51 @@ import re
 import threading
 import urllib.parse
 
-from kvcodec.errors import FormatError, InputError
+from kvcodec.errors import FormatError, InputError, KVCError
 
 HEAD_WINDOW = 64 << 10  # bytes fetched with the first request: preamble and (almost always) header
 MERGE_GAP = 64 << 10  # announced spans closer than this are fetched as one
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")  # no 5000-digit ints
+
+
+def shown(url: str) -> str:
+    """A URL for a one-line message: control characters (a newline...) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in url)
+
+
+def _quoted(text: str, safe: str) -> str:
+    """`text` percent-encoded where it needs it (spaces, non-ASCII, controls), keeping escapes
+    already there: `a b` and `a%20b` both become `a%20b`; a `%` starting none becomes `%25`."""
+    text = re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", text)
+    return urllib.parse.quote(text, safe=safe + "%", errors="surrogateescape")  # lone surrogates: os.fsencode's bytes
+
+
+_SUB_DELIMS = "!$&'()*+,;=:@"
+_BAD_HOST = re.compile(r"[\x00-\x20\x7f/\\?#]")
 
 
 class HTTPBackend:
     """GET requests with a Range header on one persistent connection (reconnecting if the
-    server closes it). Counts requests and bytes received."""
+    server closes it). Counts requests and bytes received. Every failure, of the URL, the
+    network or the server, is an InputError or a FormatError naming the URL."""
 
     def __init__(self, url: str, timeout: float = 60.0):
-        parts = urllib.parse.urlsplit(url)
+        self.url, self._name, self._timeout = url, shown(url), timeout
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+            raise InputError(f"{self._name}: not a valid URL ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError(f"{url}: not an http(s) URL")
-        self.url, self._parts, self._timeout = url, parts, timeout
-        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            raise InputError(f"{self._name}: not an http(s) URL")
+        if _BAD_HOST.search(parts.hostname):
+            raise InputError(f"{self._name}: not a valid URL (bad host name {parts.hostname!r})")
+        self._parts = parts
+        self._host = parts.hostname
+        self._port = port if port is not None else (443 if parts.scheme == "https" else 80)
+        self._target = _quoted(parts.path or "/", "/" + _SUB_DELIMS)
+        if parts.query:
+            self._target += "?" + _quoted(parts.query, "/?" + _SUB_DELIMS)
         self._conn = None
         self.requests = 0
         self.bytes_fetched = 0
@@ -41,11 +69,27 @@ class HTTPBackend:
     def _connection(self):
         if self._conn is None:
             kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-            self._conn = kind(self._parts.hostname, self._parts.port, timeout=self._timeout)
+            # the port given apart: an IPv6 host ("::1") must not be split at its last colon
+            self._conn = kind(self._host, self._port, timeout=self._timeout)
         return self._conn
 
     def fetch(self, start: int, stop: int | None) -> tuple[bytes, int]:
         """Bytes [start, stop) (to the end when stop is None) and the file's total size."""
+        try:
+            return self._fetch(start, stop)
+        except KVCError:
+            raise
+        except OSError as exc:  # refused, reset, timed out, unknown host, TLS...
+            self.close()
+            raise InputError(f"{self._name}: {_one_line(exc)}") from None
+        except http.client.HTTPException as exc:  # a malformed response
+            self.close()
+            raise InputError(f"{self._name}: bad response from the server ({type(exc).__name__}: {_one_line(exc)})") from None
+        except ValueError as exc:  # a host name IDNA cannot encode ("a..b")
+            self.close()
+            raise InputError(f"{self._name}: not a valid URL ({_one_line(exc)})") from None
+
+    def _fetch(self, start: int, stop: int | None) -> tuple[bytes, int]:
         spec = f"bytes={start}-" + ("" if stop is None else str(stop - 1))
         for attempt in (0, 1):  # a kept-alive connection the server closed is reopened once
             try:
@@ -57,32 +101,28 @@ class HTTPBackend:
                 self.close()
                 if attempt:
                     raise
-            except OSError as exc:
-                self.close()
-                raise InputError(f"{self.url}: {exc}") from None
         self.requests += 1
-        if response.status == 416:
-            response.read()
-            raise FormatError(f"{self.url}: the server has fewer bytes than the file's index says: it is truncated")
         if response.status != 206:
             response.close()
             self.close()
+            if response.status == 416:
+                raise FormatError(f"{self._name}: the server has fewer bytes than the file's index says: it is truncated")
             if response.status == 200:
-                raise InputError(f"{self.url}: the server ignores Range requests (it sent the whole file)")
-            raise InputError(f"{self.url}: HTTP {response.status} {response.reason}")
-        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", ""))
+                raise InputError(f"{self._name}: the server ignores Range requests (it sent the whole file)")
+            raise InputError(f"{self._name}: HTTP {response.status} {_one_line(response.reason)}")
+        found = _CONTENT_RANGE.fullmatch(response.getheader("Content-Range", "").strip())
         if found is None:
             self.close()
-            raise InputError(f"{self.url}: the server's 206 response has no usable Content-Range")
+            raise InputError(f"{self._name}: the server's 206 response has no usable Content-Range")
         first, last, total = (int(g) for g in found.groups())
         want = (total if stop is None else min(stop, total)) - start
-        if first != start or last - first + 1 != want:
+        if first != start or last - first + 1 != want or not first <= last < total:
             self.close()
-            raise InputError(f"{self.url}: asked for bytes {spec[6:]}, the server sent {first}-{last}")
+            raise InputError(f"{self._name}: asked for bytes {spec[6:]}, the server sent {first}-{last}/{total}")
         data = response.read(want)  # never more than asked for, whatever the server sends
         if len(data) != want:
             self.close()
-            raise FormatError(f"{self.url}: the connection ended {want - len(data)} bytes early")
+            raise FormatError(f"{self._name}: the connection ended {want - len(data)} bytes early")
         self.bytes_fetched += len(data)
         return data, total
 
@@ -92,32 +132,40 @@ class HTTPBackend:
             self._conn = None
 
 
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class FsspecBackend:
-    """Any fsspec URL; the size comes from the filesystem's metadata."""
+    """Any fsspec URL; the size comes from the filesystem's metadata. The filesystem is
+    third-party code raising what it likes: every failure becomes an InputError naming the URL."""
 
     def __init__(self, url: str):
+        self.url, self._name = url, shown(url)
         try:
             import fsspec
         except ImportError:
-            raise InputError(f"{url}: reading this URL needs fsspec (pip install fsspec)") from None
+            raise InputError(f"{self._name}: reading this URL needs fsspec (pip install fsspec)") from None
         try:
             self._fs, self._path = fsspec.core.url_to_fs(url)
             self._size = int(self._fs.size(self._path))
-        except (ImportError, ValueError) as exc:
-            raise InputError(f"{url}: {exc}") from None
-        except (OSError, KeyError) as exc:
-            raise InputError(f"{url}: cannot open ({type(exc).__name__}: {exc})") from None
-        self.url = url
+        except (ImportError, ValueError) as exc:  # an unknown protocol, its package missing
+            raise InputError(f"{self._name}: {_one_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - missing file, credentials, the backend's own errors
+            raise InputError(f"{self._name}: cannot open ({type(exc).__name__}: {_one_line(exc)})") from None
         self.requests = 0
         self.bytes_fetched = 0
 
     def fetch(self, start: int, stop: int | None) -> tuple[bytes, int]:
         stop = self._size if stop is None else min(stop, self._size)
-        data = self._fs.cat_file(self._path, start=start, end=stop) if stop > start else b""
+        try:
+            data = self._fs.cat_file(self._path, start=start, end=stop) if stop > start else b""
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{self._name}: cannot read ({type(exc).__name__}: {_one_line(exc)})") from None
         self.requests += 1
         self.bytes_fetched += len(data)
         if len(data) != stop - start:
-            raise FormatError(f"{self.url}: got {len(data)} bytes of {stop - start} (changed while reading?)")
+            raise FormatError(f"{self._name}: got {len(data)} bytes of {stop - start} (changed while reading?)")
         return data, self._size
 
     def close(self):
@@ -125,7 +173,7 @@ class FsspecBackend:
 
 
 def backend_for(url: str):
-    scheme = urllib.parse.urlsplit(url).scheme
+    scheme = url.partition(":")[0].lower()
     return HTTPBackend(url) if scheme in ("http", "https") else FsspecBackend(url)
 
 
