@@ -42,13 +42,15 @@ def _load_word(words_ptr, p, mask):
 
 @triton.jit
 def _initial_state(words_ptr, start, end, mask):
-    """The 64-bit state from a lane's last two words; returns it and the next word's end."""
+    """The 64-bit state from a lane's last two words; returns it, the next word's end, and
+    whether the lane is in canonical form (empty, or its last word nonzero: spec section 9)."""
     has = mask & (end > start)
     x = tl.where(has, _load_word(words_ptr, end - 1, has), 0)
+    canonical = (~has) | (x != 0)
     p = tl.where(has, end - 1, end)
     has = mask & (p > start)
     x = tl.where(has, (x << 32) | _load_word(words_ptr, p - 1, has), x)
-    return x, tl.where(has, p - 1, p)
+    return x, tl.where(has, p - 1, p), canonical
 
 
 @triton.jit
@@ -99,8 +101,9 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
     has_delta = valid & anchored
     ms = tl.load(lane_start_ptr + main_lane, mask=valid, other=0)
     ds = tl.load(lane_start_ptr + delta_lane, mask=has_delta, other=0)
-    xm, pm = _initial_state(words_ptr, ms, tl.load(lane_end_ptr + main_lane, mask=valid, other=0), valid)
-    xd, pd = _initial_state(words_ptr, ds, tl.load(lane_end_ptr + delta_lane, mask=has_delta, other=0), has_delta)
+    xm, pm, canon_m = _initial_state(words_ptr, ms, tl.load(lane_end_ptr + main_lane, mask=valid, other=0), valid)
+    xd, pd, canon_d = _initial_state(words_ptr, ds, tl.load(lane_end_ptr + delta_lane, mask=has_delta, other=0),
+                                     has_delta)
     out = out_ptr + base + (c // D) * stride_h + c % D
     a = tl.zeros([BC, BR], dtype=tl.float32)
     n_max = tl.max(tl.where(rmask, coded, 0))
@@ -137,7 +140,7 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size
         a = tl.where(use_main, v * anchor_scale, a)
         u = tl.where(anchored, tl.where(use_main, a, a + v), v)
         tl.store(out + t * D, to_output_dtype(u * step, out_ptr), mask=active)
-    ok = (pm == ms) & (xm == 0) & ((~anchored) | ((pd == ds) & (xd == 0)))
+    ok = (pm == ms) & (xm == 0) & canon_m & ((~anchored) | ((pd == ds) & (xd == 0) & canon_d))
     tl.store(err_ptr + pid, tl.max(tl.where(valid & ~ok, 1, 0)))
 
 

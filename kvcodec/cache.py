@@ -165,3 +165,8 @@ def validate(cache: KVCache) -> None:
         cache.token_ids = t.to(torch.int64).reshape(1, -1) if t.dim() == 1 else t.to(torch.int64)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in cache.metadata.items()):
         raise InputError("metadata must map strings to strings")
+    for k, v in cache.metadata.items():
+        try:
+            k.encode("utf-8"), v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"metadata {k[:40]!r} is not valid Unicode (a lone surrogate)") from None

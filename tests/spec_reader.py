@@ -181,6 +181,7 @@ def parse_tables(blob: bytes) -> dict:
 def decode_lane(words: list[int], table, count: int) -> list[int]:
     """Section 9, step by step."""
     lo, w, c = table
+    assert not words or words[-1] != 0, "a lane's last word is nonzero (canonical form)"
     m, x = len(words), 0
     if m:
         x, m = words[m - 1], m - 1

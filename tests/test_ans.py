@@ -124,3 +124,24 @@ def test_many_tables_get_the_weights_of_one_table_each(top):
     singles = [ans.weights_from_counts(c) for c in np.split(counts, np.cumsum(sizes)[:-1])]
     assert all(np.array_equal(m, s) for m, s in zip(many, singles))
     assert np.array_equal(flat, np.concatenate(singles))
+
+
+def test_only_canonical_lanes_are_accepted():
+    """A lane's last word is nonzero (spec 9): a zero word appended, or `[0]` for no symbols, is
+    refused by the CPU coder, the reference decoder and the spec-only decoder alike."""
+    from spec_reader import decode_lane as spec_decode_lane
+
+    rng = np.random.default_rng(7)
+    w = random_table(rng, 9)
+    symbols = rng.choice(9, 50, p=w / w.sum())
+    good = ans.encode_lane(symbols, ans.Table(w))
+    assert good.size and good[-1] != 0
+    spec_table = (0, [int(v) for v in w], [0, *np.cumsum(w)[:-1].tolist()])
+    assert spec_decode_lane(good.tolist(), spec_table, 50) == symbols.tolist()
+    for words, count in ((np.append(good, np.uint32(0)), 50), (np.zeros(1, np.uint32), 0)):
+        with pytest.raises(CodecError, match="canonical"):
+            ans.decode_lane(words, ans.Table(w), count)
+        with pytest.raises(CodecError, match="canonical"):
+            ans.decode_lanes_reference([words], [w], np.zeros(1, int), count)
+        with pytest.raises(AssertionError, match="canonical"):
+            spec_decode_lane(words.tolist(), spec_table, count)

@@ -243,3 +243,45 @@ def test_a_record_claiming_a_huge_tensor_is_refused_before_allocation(codec):
 
     with pytest.raises(FormatError, match="claims .* bytes from a"):
         kvcodec.decode(rewrite_index(rewrite_header(data, header), index))
+
+
+def rewrite_header_text(data: bytes, edit) -> bytes:
+    """Apply `edit` to the header's raw text (for what json.dumps would never write), padding
+    with spaces to the same length and resealing the checksum."""
+    header_len = struct.unpack("<I", data[12:16])[0]
+    text = data[32:32 + header_len].decode()
+    text = text.replace('"room":"' + "x" * 10000 + '"', '"room":""')
+    new = edit(text).encode()
+    assert len(new) <= header_len
+    new = new + b" " * (header_len - len(new))
+    out = bytearray(data)
+    out[32:32 + header_len] = new
+    out[28:32] = struct.pack("<I", fmt.crc32(bytes(out[:28]), new))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('"layout":"legacy"', '"layout":"legacy","layout":"hf"'), "member 'layout' twice"),
+    (lambda t: t.replace('"room":""', '"room":"","room":"again"'), "member 'room' twice"),
+    (lambda t: t.replace('"chunk_tokens":8', '"chunk_tokens":NaN'), "NaN"),
+    (lambda t: t.replace('"chunk_tokens":8', '"chunk_tokens":Infinity'), "Infinity"),
+    (lambda t: t.replace('"chunk_tokens":8', '"chunk_tokens":-Infinity'), "Infinity"),
+    (lambda t: t.replace('"chunk_tokens":8', '"chunk_tokens":1e999'), "beyond float range"),
+    (lambda t: t.replace('"chunk_tokens":8', '"chunk_tokens":' + "9" * 5000), "more than 20 digits"),
+    (lambda t: t.replace('"room":""', '"room":"\\ud800"'), "lone surrogate"),
+    (lambda t: t.replace('"room":""', '"\\udfff":""'), "lone surrogate"),
+])
+def test_the_header_json_dialect_is_strict(files, edit, message):
+    """RFC 8259 only: duplicate members, NaN and infinities, numbers no float holds, integers of
+    thousands of digits and lone surrogates are refused, each with a FormatError (spec 3.2)."""
+    _, data = files["raw"]
+    with pytest.raises(FormatError, match=message):
+        kvcodec.open(rewrite_header_text(data, edit))
+
+
+def test_a_lone_surrogate_in_metadata_is_refused_before_writing(tmp_path):
+    cache = synthetic_cache(layers=1, tokens=4)
+    cache.metadata["bad"] = "\ud800"
+    with pytest.raises(kvcodec.InputError, match="lone surrogate"):
+        kvcodec.pack(cache, tmp_path / "x.kvc")
+    assert not list(tmp_path.iterdir())

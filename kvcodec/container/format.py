@@ -4,6 +4,7 @@ trailer, and their validation. Knows nothing of any codec's payload."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -118,11 +119,7 @@ class Header:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Header":
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise FormatError(f"header is not valid UTF-8 JSON: {exc}") from None
-        return cls.from_dict(doc)
+        return cls.from_dict(parse_json(data))
 
     @classmethod
     def from_dict(cls, doc) -> "Header":
@@ -158,6 +155,42 @@ class Header:
         _check(length is None or all(l.key.tokens <= length for l in header.layers),
                "header length is smaller than a layer's token count")
         return header
+
+
+MAX_INT_DIGITS = 20  # a u64 has 20 digits; longer integers are refused before they are converted
+
+
+def parse_json(data: bytes):
+    """The header's JSON, strictly (spec 3.2): RFC 8259 in UTF-8, no duplicate member names, no
+    NaN or infinities, integers of at most 20 digits, strings of Unicode scalar values only."""
+    def members(pairs):
+        obj = {}
+        for key, value in pairs:
+            _check(key not in obj, f"header has the member {key!r} twice")
+            obj[key] = value
+        return obj
+
+    def constant(name):
+        raise FormatError(f"header holds {name}, which JSON does not have")
+
+    def integer(text: str) -> int:
+        _check(len(text.lstrip("-")) <= MAX_INT_DIGITS, f"header holds an integer of more than {MAX_INT_DIGITS} digits")
+        return int(text)
+
+    def number(text: str) -> float:
+        value = float(text)
+        _check(math.isfinite(value), f"header holds a number beyond float range ({text[:40]})")
+        return value
+
+    try:
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=members, parse_constant=constant,
+                         parse_int=integer, parse_float=number)
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800 escapes) do not encode
+    except UnicodeEncodeError:
+        raise FormatError("header holds a string that is not valid Unicode (a lone surrogate escape)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"header is not valid UTF-8 JSON: {exc}") from None
+    return doc
 
 
 def _check(ok: bool, message: str) -> None:

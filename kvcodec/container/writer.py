@@ -59,7 +59,10 @@ class KVCWriter:
         self._records: list[tuple] = []
         self._blobs: list[tuple] = []
         self._header = header
-        head = header.to_bytes()
+        try:
+            head = header.to_bytes()
+        except UnicodeEncodeError:
+            raise InputError("cannot store this cache: a header string is not valid Unicode (a lone surrogate)") from None
         if len(head) > fmt.MAX_HEADER:
             raise InputError(f"header is {len(head)} bytes; the format allows {fmt.MAX_HEADER} (too much metadata?)")
         try:  # never write a file our own reader would refuse

@@ -151,6 +151,8 @@ def decode_lane(words: np.ndarray, table: Table, count: int) -> np.ndarray:
     """Inverse of `encode_lane`; a lane that does not end exactly where it should is corrupt."""
     import constriction
 
+    if words.size and int(words[-1]) == 0:
+        raise CodecError("an entropy-coded lane ends with a zero word: it is not in canonical form")
     if count == 0:
         if words.size:
             raise CodecError("an entropy-coded lane holds more data than its symbols need")
@@ -172,6 +174,8 @@ def decode_lanes_reference(lanes: list[np.ndarray], tables: list[np.ndarray], ta
 
     Returns int32 [lanes, count]. Slow per symbol, fast in lanes: the model for GPU kernels.
     """
+    if any(len(lane) and int(lane[-1]) == 0 for lane in lanes):
+        raise CodecError("an entropy-coded lane ends with a zero word: it is not in canonical form")
     n = len(lanes)
     width = max((t.size for t in tables), default=2)
     cdf = np.full((len(tables), width + 1), TOTAL, dtype=np.uint64)  # padded with TOTAL
