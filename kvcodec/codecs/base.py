@@ -89,6 +89,9 @@ class Codec(Configurable):
     max_expansion: ClassVar[float]
     device_decoder: ClassVar[str | None] = None
     device_encoder: ClassVar[str | None] = None
+    # How many context blobs a file holds for this codec, when that is fixed (None: the codec's
+    # own `load_context` decides); the default `load_context` refuses any other number.
+    blob_count: ClassVar[int | None] = None
 
     def __init__(self):
         """Codecs without options keep this signature; others list their options here."""
@@ -110,6 +113,8 @@ class Codec(Configurable):
 
     def load_context(self, blobs: Sequence[bytes]):
         """What `encode`/`decode` receive as `context`, from the file's blobs for this codec."""
+        if self.blob_count is not None and len(blobs) != self.blob_count:
+            raise CodecError(f"{self.name} takes {self.blob_count} context blob(s); the file has {len(blobs)}")
         return tuple(blobs)
 
     def encode(self, chunk: torch.Tensor, info: ChunkInfo, context) -> bytes:

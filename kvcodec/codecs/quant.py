@@ -48,6 +48,7 @@ class QuantCodec(Codec):
     lossless = False
     description = "grouped asymmetric integer quantization; keys per channel, values per token"
     max_expansion = 16.0  # float32 output from 2-bit codes
+    blob_count = 0
     device_decoder = "kvcodec.kernels.quant"
 
     @classmethod

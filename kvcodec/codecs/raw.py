@@ -16,6 +16,7 @@ class RawCodec(Codec):
     lossless = True
     description = "uncompressed little-endian elements"
     max_expansion = 1.0
+    blob_count = 0
     device_decoder = "kvcodec.kernels.raw"
 
     def encode(self, chunk, info, context):

@@ -23,6 +23,7 @@ class ZstdCodec(Codec):
     lossless = True
     description = "Zstandard on the raw bytes"
     max_expansion = float(MAX_EXPANSION)
+    blob_count = 0
 
     def __init__(self, level: int = 3):
         if not isinstance(level, int) or isinstance(level, bool) or not -7 <= level <= 22:
@@ -48,7 +49,10 @@ class ZstdCodec(Codec):
             size = zstandard.get_frame_parameters(payload).content_size
             if size != expected:
                 raise CodecError(f"{self.name} frame of {where} holds {size} bytes; its shape needs {expected}")
-            content = zstandard.ZstdDecompressor().decompress(payload, max_output_size=expected)
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            content = frame.decompress(payload)  # the content size is checked above: output is bounded
+            if not frame.eof or frame.unused_data or len(content) != expected:
+                raise CodecError(f"{self.name} payload of {where} is not exactly one whole frame")
         except zstandard.ZstdError as exc:
             raise CodecError(f"{self.name} payload of {where} is corrupt: {exc}") from None
         return tensor_from_bytes(self._restore(content, info.dtype.itemsize), info.dtype, info.shape)

@@ -20,6 +20,7 @@ END_MAGIC = b"KVC1END\n"
 INDEX_MAGIC = b"KVCX"
 MAJOR, MINOR = 1, 1
 ALIGN = 64
+MIN_FILE = 128  # preamble and the shortest header padded to ALIGN (64), an empty index (32), the trailer (32)
 PREAMBLE = struct.Struct("<8sHHII8sI")  # magic, major, minor, header_length, flags, reserved, crc
 TRAILER = struct.Struct("<QQII8s")  # index_offset, index_length, reserved, crc, end magic
 INDEX_HEAD = struct.Struct("<4sIIII12s")
@@ -241,13 +242,15 @@ def parse_preamble(data: bytes) -> int:
     """Validate the fixed preamble; return the header length."""
     if len(data) < PREAMBLE.size:
         raise FormatError("file is too short to be a .kvc file")
-    magic, major, _minor, length, _flags, _reserved, _crc = PREAMBLE.unpack(data[:PREAMBLE.size])
+    magic, major, _minor, length, flags, _reserved, _crc = PREAMBLE.unpack(data[:PREAMBLE.size])
     if magic != MAGIC:
         raise FormatError("not a .kvc file (bad magic)")
     if major != MAJOR:
         raise FormatError(f"unsupported .kvc major version {major} (this reader supports {MAJOR})")
     if not 2 <= length <= MAX_HEADER:
         raise FormatError(f"header length {length} is out of bounds")
+    if flags:
+        raise FormatError(f"preamble flags {flags:#x} name features this reader does not have (version 1 has none)")
     return length
 
 
@@ -313,6 +316,7 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
     ids = np.array([c.id for c in header.codecs], dtype=np.uint32)
     _check(np.array_equal(ids[records["codec_slot"]], records["codec_id"]), "a record's codec id disagrees with the header")
     _check(not np.any(records["tokens"] == 0), "a record holds zero tokens")
+    _check(not np.any(records["length"] == 0), "a record has an empty payload")
     groups = group_records(records)
     for (layer, tensor), idx in groups.items():
         spec = getattr(header.layers[layer], TENSORS[tensor])

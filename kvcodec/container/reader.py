@@ -53,7 +53,7 @@ class KVCReader:
 
     def _open(self):
         src = self.source
-        if src.size < fmt.PREAMBLE.size + fmt.TRAILER.size:
+        if src.size < fmt.MIN_FILE:
             raise FormatError("file is too short to be a .kvc file")
         preamble = bytes(src.read(0, fmt.PREAMBLE.size))
         header_len = fmt.parse_preamble(preamble)
