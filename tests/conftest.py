@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# the spec-only decoder lives beside the spec it proves complete
+sys.path.insert(0, str(Path(__file__).parent.parent / "format_spec"))
 
 if not torch.cuda.is_available():  # the GPU kernels then run in Triton's interpreter, on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -10,7 +10,7 @@ import torch
 
 import kvcodec
 from conftest import synthetic_cache
-from spec_reader import read_kvc
+from reference_decoder import read_kvc
 
 FP16_MAX = 65504.0
 

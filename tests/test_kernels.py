@@ -331,6 +331,7 @@ class TorchCopyDecoder:
 class PluginRaw(kvcodec.codecs.RawCodec):
     codec_id, name = 5200, "plugin-raw-test"
     device_decoder = f"{__name__}:TorchCopyDecoder"
+    blob_count = 1
 
     def fit(self, chunks):
         return [b"plugin"]

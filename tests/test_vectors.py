@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from spec_reader import parse_tables, read_kvc, read_positions
+from reference_decoder import parse_tables, read_kvc, read_positions
 
 import kvcodec
 from kvcodec import cachefiles

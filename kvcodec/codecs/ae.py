@@ -87,6 +87,7 @@ class AECodec(Codec):
     max_expansion = 32768.0
     device_decoder = "kvcodec.kernels.ae"
     device_encoder = "kvcodec.kernels.ae"
+    optional_in_header = frozenset({"entropy", "step"})  # files from before entropy coding lack them
 
     def __init__(self, weights: str = "", embed: bool = True, bits: int = 8, group_size: int = 16,
                  entropy: bool = False, step: float = 0.25):
@@ -119,7 +120,7 @@ class AECodec(Codec):
         """A file names its weights by hash only; a path in a header is refused, never opened."""
         if not isinstance(config.get("weights"), str) or _HASH.fullmatch(config["weights"]) is None:
             raise CodecError("ae: the header must name its weights as sha256:<64 hex digits>")
-        return super().from_config(config)
+        return super().from_header(config)
 
     @property
     def digest(self) -> str:

@@ -92,14 +92,20 @@ class Codec(Configurable):
     # How many context blobs a file holds for this codec, when that is fixed (None: the codec's
     # own `load_context` decides); the default `load_context` refuses any other number.
     blob_count: ClassVar[int | None] = None
+    # Options a file's header may leave out (added after files were written without them).
+    optional_in_header: ClassVar[frozenset] = frozenset()
 
     def __init__(self):
         """Codecs without options keep this signature; others list their options here."""
 
     @classmethod
     def from_header(cls, config: dict) -> "Codec":
-        """The codec a file's header describes. Like `from_config`, but for untrusted input:
-        codecs whose options may name local resources refuse them here."""
+        """The codec a file's header describes. Like `from_config`, but for untrusted input: the
+        header names every option (spec 8), and codecs whose options may name local resources
+        refuse them here."""
+        missing = sorted(set(cls.option_names()) - set(config) - cls.optional_in_header)
+        if missing:
+            raise CodecError(f"the file's {cls.name} config lacks {missing[0]!r} (spec 8: every option is stated)")
         return cls.from_config(config)
 
     @classmethod

@@ -1,0 +1,421 @@
+"""A second `.kvc` decoder written from kvc-v1.md alone (beside it, as zstd keeps its educational
+decoder by its format doc): struct, json, numpy and zstandard, no kvcodec. It decodes the golden
+vectors to the same bits as the library, and refuses every file of vectors/invalid/ with a
+`Reject` naming the rule (section and check) the file breaks."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import zstandard
+
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+BITS_DTYPE = {2: np.uint16, 4: np.uint32}  # element bit patterns are compared, not values
+
+
+class Reject(Exception):
+    """The file breaks `rule` (e.g. "4.3" or "8.2") of kvc-v1.md."""
+
+    def __init__(self, rule: str, why: str):
+        super().__init__(f"{rule}: {why}")
+        self.rule = rule
+
+
+def need(ok: bool, rule: str, why: str) -> None:
+    if not ok:
+        raise Reject(rule, why)
+
+
+def strict_json(text: bytes):
+    """Section 3.2's dialect: UTF-8 RFC 8259, no duplicate members, no NaN/Infinity, finite
+    numbers, integers of at most 20 digits, no lone surrogates."""
+    def members(pairs):
+        keys = [k for k, _ in pairs]
+        need(len(keys) == len(set(keys)), "3.2", "duplicate member")
+        return dict(pairs)
+
+    def constant(name):
+        raise Reject("3.2", f"{name} is not JSON")
+
+    def integer(t):
+        need(len(t.lstrip("-")) <= 20, "3.2", "integer of more than 20 digits")
+        return int(t)
+
+    def number(t):
+        need(abs(float(t)) < float("inf"), "3.2", "number beyond float range")
+        return float(t)
+
+    try:
+        doc = json.loads(text.decode("utf-8"), object_pairs_hook=members, parse_constant=constant,
+                         parse_int=integer, parse_float=number)
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise Reject("3.2", f"not UTF-8 JSON of the dialect ({type(exc).__name__})") from None
+    return doc
+
+
+def is_int(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def check_header(doc) -> None:
+    """Section 3.2's members and bounds."""
+    need(type(doc) is dict, "3.2", "not an object")
+    layers, codecs = doc.get("layers"), doc.get("codecs")
+    need(type(layers) is list and 1 <= len(layers) <= 4096, "3.2", "layers")
+    need(type(codecs) is list and 1 <= len(codecs) <= 256, "3.2", "codecs")
+    need(is_int(doc.get("chunk_tokens"), 1, 2**31 - 1), "3.2", "chunk_tokens")
+    layout = doc.get("layout", "legacy")
+    need(type(layout) is str and len(layout) <= 64, "3.2", "layout")
+    meta = doc.get("metadata", {})
+    need(type(meta) is dict and len(meta) <= 1024 and all(type(v) is str for v in meta.values()), "3.2", "metadata")
+    ids = doc.get("token_ids")
+    need(ids is None or (type(ids) is dict and is_int(ids.get("batch"), 1, 65536)
+                         and is_int(ids.get("tokens"), 0, 2**31 - 1)), "3.2", "token_ids")
+    for lay in layers:
+        need(type(lay) is dict, "3.2", "layer")
+        for name in ("key", "value"):
+            t = lay.get(name)
+            need(type(t) is dict and all(is_int(t.get(k), 1, 65536) for k in ("batch", "heads", "head_dim"))
+                 and is_int(t.get("tokens"), 0, 2**31 - 1) and t.get("dtype") in ITEMSIZE, "3.2", "tensor")
+        need(all(lay["key"][k] == lay["value"][k] for k in ("batch", "heads", "tokens")), "3.2", "key and value differ")
+        pos = lay.get("positions")
+        need(pos is None or (type(pos) is dict and pos.get("rows") in (1, lay["key"]["heads"])
+                             and pos.get("encoding", "int64") in ("runs", "int64")), "3.2", "positions")
+    length = doc.get("length")
+    need(length is None or (is_int(length, 0, 2**31 - 1) and all(l["key"]["tokens"] <= length for l in layers)),
+         "3.2", "length")
+    for c in codecs + ([doc["selection"]] if doc.get("selection") is not None else []):
+        need(type(c) is dict and is_int(c.get("id"), 1, 2**32 - 1) and type(c.get("name")) is str
+             and len(c["name"]) <= 64 and type(c.get("config")) is dict, "3.2", "codec entry")
+
+
+def check_config(codec: dict, blobs: int) -> None:
+    """Section 8: every member of a built-in codec's config, and its context blobs."""
+    cid, cfg = codec["id"], codec["config"]
+    rule = {1: "8.1", 2: "8.2", 3: "8.3", 4: "8.4", 5: "8.5", 6: "8.6"}.get(cid, "8")
+
+    def exactly(allowed: dict):
+        need(set(cfg) <= set(allowed) and all(k in cfg or allowed[k][1] for k in allowed), rule, "config members")
+        for k, (ok, _optional) in allowed.items():
+            need(k not in cfg or ok(cfg[k]), rule, f"config {k}")
+
+    number = lambda lo, hi: lambda v: type(v) in (int, float) and lo <= v <= hi  # noqa: E731
+    if cid == 1:
+        exactly({})
+    elif cid in (2, 3):
+        exactly({"level": (lambda v: is_int(v, -7, 22), False)})
+    elif cid == 4:
+        exactly({"bits": (lambda v: v in (2, 3, 4, 8) and type(v) is int, False),
+                 "group_size": (lambda v: is_int(v, 1, 65536), False)})
+    elif cid == 5:
+        step = lambda v: v is None or number(1e-4, 100)(v)  # noqa: E731
+        exactly({"quality": (lambda v: v in ("high", "medium", "low"), False), "key_step": (step, False),
+                 "value_step": (step, False), "key_emphasis": (number(0, 2), False),
+                 "value_emphasis": (number(0, 2), False), "shallow_layers": (number(0, 1), False),
+                 "sinks": (lambda v: is_int(v, 0, 1024), False), "group_size": (lambda v: is_int(v, 1, 1024), False),
+                 "anchor_bits": (lambda v: is_int(v, 0, 8), False)})
+    need(cid not in (1, 2, 3, 4) or blobs == 0, rule, "this codec takes no context blobs")
+    need(cid != 5 or blobs == 1, "8.5", "cachegen takes one context blob")
+
+
+MAX_EXPANSION = {1: 1, 2: 32768, 3: 32768, 4: 16, 5: 4096, 6: 32768}
+
+
+def validate(data: bytes) -> tuple[dict, list, dict]:
+    """Section 4's checks 1 to 7 (and the bounds of sections 3 and 8) on a whole file: the header,
+    the records [(offset, length, crc, layer, tensor, dtype, slot, codec id, start, b, h, n, d)]
+    and the blobs {(owner, ordinal): bytes}, each checksum verified."""
+    need(len(data) >= 128, "4.1", "shorter than the smallest file")
+    need(data[:8] == b"\x89KVC\r\n\x1a\n", "4.1", "magic")
+    major, _minor, header_len, flags = struct.unpack_from("<HHII", data, 8)
+    need(major == 1, "4.1", "major version")
+    need(flags == 0, "4.1", "flags")
+    need(2 <= header_len <= 16 << 20 and 32 + header_len <= len(data) - 32, "4.1", "header length")
+    header = data[32:32 + header_len]
+    need(zlib.crc32(header, zlib.crc32(data[:28])) == struct.unpack_from("<I", data, 28)[0], "4.1", "header crc")
+    doc = strict_json(header)
+    check_header(doc)
+    data_start = -(-(32 + header_len) // 64) * 64
+    trailer = data[-32:]
+    need(trailer[24:] == b"KVC1END\n", "4.2", "end magic")
+    index_offset, index_len = struct.unpack_from("<QQ", trailer)
+    need(index_offset % 64 == 0 and index_offset >= data_start and index_offset + index_len + 32 == len(data),
+         "4.2", "index place")
+    index = data[index_offset:index_offset + index_len]
+    need(zlib.crc32(index, zlib.crc32(trailer[:20])) == struct.unpack_from("<I", trailer, 20)[0], "4.2", "index crc")
+    need(len(index) >= 32 and index[:4] == b"KVCX", "4.2", "index magic")
+    n_rec, n_blob, rec_size, blob_size = struct.unpack_from("<IIII", index, 4)
+    need(rec_size >= 64 and blob_size >= 32 and 32 + n_rec * rec_size + n_blob * blob_size == len(index),
+         "4.2", "index counts")
+    layers, codecs = doc["layers"], doc["codecs"]
+    dtypes = {"float16": 1, "bfloat16": 2, "float32": 3}
+    records, spans = [], []
+    for i in range(n_rec):
+        r = struct.unpack_from("<QQIIBBHIIIIII", index, 32 + i * rec_size)
+        off, length, _crc, layer, tensor, dtype, slot, cid, start, b, h, n, d = r
+        need(off % 64 == 0 and off >= data_start and off + length <= index_offset, "4.3", "record place")
+        need(layer < len(layers) and tensor <= 1 and slot < len(codecs) and codecs[slot]["id"] == cid, "4.3", "record")
+        t = layers[layer][("key", "value")[tensor]]
+        need((dtype, b, h, d) == (dtypes[t["dtype"]], t["batch"], t["heads"], t["head_dim"]), "4.3", "record shape")
+        need(n >= 1 and length >= 1, "4.3", "empty record")
+        need(b * h * n * d * ITEMSIZE[t["dtype"]] <= MAX_EXPANSION.get(cid, 32768) * length + 4096, "4", "expansion")
+        records.append(r)
+        spans.append((off, length))
+    for layer, lay in enumerate(layers):
+        for tensor, name in enumerate(("key", "value")):
+            mine = sorted((r[8], r[11]) for r in records if r[3] == layer and r[4] == tensor)
+            ends = [0] + [s + n for s, n in mine]
+            need([s for s, _ in mine] == ends[:-1] and ends[-1] == lay[name]["tokens"], "4.4", "records tile")
+    blobs = {}
+    for i in range(n_blob):
+        off, length, crc, owner, ordinal = struct.unpack_from("<QQIH2xI", index, 32 + n_rec * rec_size + i * blob_size)
+        need(off % 64 == 0 and off >= data_start and off + length <= index_offset, "4.5", "blob place")
+        need((owner, ordinal) not in blobs and (owner == 0xFFFF or owner < len(codecs)), "4.5", "blob owner")
+        blob = data[off:off + length]
+        need(zlib.crc32(blob) == crc, "4.7", "blob crc")
+        blobs[(owner, ordinal)] = blob
+        spans.append((off, length))
+    for slot in range(len(codecs)):
+        ords = sorted(o for w, o in blobs if w == slot)
+        need(ords == list(range(len(ords))), "4.5", "blob ordinals")
+        check_config(codecs[slot], len(ords))
+    required = {0} if doc.get("token_ids") else set()
+    required |= {1 + i for i, lay in enumerate(layers) if lay.get("positions")}
+    need({o for w, o in blobs if w == 0xFFFF} == required, "4.5", "container blobs")
+    spans.sort()
+    need(all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), "4.6", "overlap")
+    for off, length, crc, *_ in records:
+        need(zlib.crc32(data[off:off + length]) == crc, "4.7", "record crc")
+    return doc, records, blobs
+
+
+def read_kvc(data: bytes) -> dict:
+    """{(layer, 'key'|'value'): uint bit-pattern array [B,H,T,D]}, plus 'header'."""
+    validate(data)
+    assert data[:8] == b"\x89KVC\r\n\x1a\n" and struct.unpack_from("<H", data, 8)[0] == 1
+    header_len = struct.unpack_from("<I", data, 12)[0]
+    header = data[32:32 + header_len]
+    assert zlib.crc32(header, zlib.crc32(data[:28])) == struct.unpack_from("<I", data, 28)[0]
+    doc = json.loads(header)
+    trailer = data[-32:]
+    assert trailer[24:] == b"KVC1END\n"
+    index_offset, index_len = struct.unpack_from("<QQ", trailer)
+    index = data[index_offset:index_offset + index_len]
+    assert zlib.crc32(index, zlib.crc32(trailer[:20])) == struct.unpack_from("<I", trailer, 20)[0]
+    assert index[:4] == b"KVCX"
+    n_rec, n_blob, rec_size, blob_size = struct.unpack_from("<IIII", index, 4)
+    out = {"header": doc}
+    blobs = {}
+    for i in range(n_blob):
+        off, length, crc, owner, ordinal = struct.unpack_from("<QQIH2xI", index, 32 + n_rec * rec_size + i * blob_size)
+        blob = data[off:off + length]
+        assert zlib.crc32(blob) == crc
+        blobs[(owner, ordinal)] = blob
+    out["blobs"] = blobs
+    for layer, lay in enumerate(doc["layers"]):
+        for name in ("key", "value"):
+            t = lay[name]
+            out[(layer, name)] = np.zeros((t["batch"], t["heads"], t["tokens"], t["head_dim"]),
+                                          dtype=BITS_DTYPE[ITEMSIZE[t["dtype"]]])
+    for i in range(n_rec):
+        (off, length, crc, layer, tensor, _dtype, slot, codec_id, start,
+         b, h, n, d) = struct.unpack_from("<QQIIBBHIIIIII", index, 32 + i * rec_size)
+        payload = data[off:off + length]
+        assert zlib.crc32(payload) == crc and off % 64 == 0
+        codec = doc["codecs"][slot]
+        assert codec["id"] == codec_id
+        name = ("key", "value")[tensor]
+        dtype = doc["layers"][layer][name]["dtype"]
+        context = [blobs[(slot, j)] for j in range(len([k for k in blobs if k[0] == slot]))]
+        chunk = decode_payload(codec, payload, name, (b, h, n, d), dtype, context, layer, start)
+        out[(layer, name)][:, :, start:start + n] = chunk
+    return out
+
+
+def read_positions(blob: bytes, rows: int, encoding: str) -> list[list[int]]:
+    """A layer's positions blob (spec 3.3): int64 rows, or rows of runs / bitmaps."""
+    if encoding == "int64":
+        return np.frombuffer(blob, "<i8").reshape(rows, -1).tolist()
+    out, at = [], 0
+    for _ in range(rows):
+        kind = blob[at]
+        if kind == 0:
+            count = struct.unpack_from("<I", blob, at + 1)[0]
+            starts = struct.unpack_from(f"<{count}Q", blob, at + 5)
+            lengths = struct.unpack_from(f"<{count}I", blob, at + 5 + 8 * count)
+            out.append([s + j for s, n in zip(starts, lengths) for j in range(n)])
+            at += 5 + 12 * count
+        else:
+            assert kind == 1
+            base, bits = struct.unpack_from("<QI", blob, at + 1)
+            flags = blob[at + 13:at + 13 + (bits + 7) // 8]
+            out.append([base + j for j in range(bits) if flags[j // 8] >> (j % 8) & 1])
+            at += 13 + (bits + 7) // 8
+    assert at == len(blob)
+    return out
+
+
+def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, context=(), layer=0,
+                   start=0) -> np.ndarray:
+    size = ITEMSIZE[dtype]
+    numel = int(np.prod(shape))
+    if codec["id"] == 1:
+        raw = payload
+    elif codec["id"] in (2, 3):
+        rule = f"8.{codec['id']}"
+        try:
+            need(zstandard.get_frame_parameters(payload).content_size == numel * size, rule, "frame content size")
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            raw = frame.decompress(payload)
+        except zstandard.ZstdError:
+            raise Reject(rule, "not a Zstandard frame") from None
+        need(frame.eof and not frame.unused_data, rule, "not exactly one frame")
+        if codec["id"] == 3:  # content[j*n + i] = raw[i*s + j]
+            raw = np.frombuffer(raw, np.uint8).reshape(size, numel).T.tobytes()
+    elif codec["id"] == 4:
+        return dequantize(codec["config"], payload, tensor, shape, dtype)
+    elif codec["id"] == 5:
+        return cachegen(codec["config"], context, payload, layer, tensor, start, shape, dtype)
+    else:
+        raise ValueError(f"codec {codec['id']}")
+    need(len(raw) == numel * size, "8.1", "payload length")
+    return np.frombuffer(raw, dtype=BITS_DTYPE[size]).reshape(shape)
+
+
+def dequantize(config: dict, payload: bytes, tensor: str, shape, dtype: str) -> np.ndarray:
+    bits, g = config["bits"], config["group_size"]
+    b, h, n, d = shape
+    axis = 2 if tensor == "key" else 3
+    pshape = list(shape)
+    pshape[axis] = -(-shape[axis] // g)
+    groups = int(np.prod(pshape))
+    numel = b * h * n * d
+    need(len(payload) == 4 * groups + -(-numel // 8) * bits, "8.4", "payload length")
+    mins = np.frombuffer(payload, np.float16, groups).astype(np.float32).reshape(pshape)
+    scales = np.frombuffer(payload, np.float16, groups, 2 * groups).astype(np.float32).reshape(pshape)
+    # codes: each run of 8 codes is the little-endian integer sum(q_i << (bits*i)) in `bits` bytes
+    packed = np.frombuffer(payload, np.uint8, offset=4 * groups).reshape(-1, bits)
+    words = np.zeros(packed.shape[0], dtype=np.uint64)
+    for j in range(bits):
+        words |= packed[:, j].astype(np.uint64) << np.uint64(8 * j)
+    codes = np.stack([(words >> np.uint64(bits * i)) & np.uint64((1 << bits) - 1) for i in range(8)], 1)
+    q = codes.reshape(-1)[:numel].astype(np.float32).reshape(shape)
+    idx = np.arange(shape[axis]) // g
+    m, s = np.take(mins, idx, axis), np.take(scales, idx, axis)
+    return to_dtype((q * s + m).astype(np.float32), dtype)
+
+
+def to_dtype(y: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values to the bit patterns of `dtype` (section 8): saturated at the dtype's largest
+    finite magnitude (NaN stays NaN), then rounded to nearest even."""
+    top = {"float32": np.finfo(np.float32).max, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}[dtype]
+    y = np.where(y > top, top, np.where(y < -top, -top, y)).astype(np.float32)
+    if dtype == "float32":
+        return y.view(np.uint32)
+    if dtype == "float16":
+        return y.astype(np.float16).view(np.uint16)
+    u = y.view(np.uint32).astype(np.uint64)  # bfloat16: round to nearest even on the upper 16 bits
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# -- section 8.5 and 9: cachegen tables and rANS lanes -----------------------------------------
+
+def table_weights(counts: list[int]) -> list[int]:
+    """weights_from_counts of section 9, written out."""
+    n, total = len(counts), sum(counts)
+    free = (1 << 24) - n
+    w = [1 + (c * free // total if total else free // n) for c in counts]
+    left = (1 << 24) - sum(w)
+    order = sorted(range(n), key=lambda i: (-counts[i], i))
+    for j in range(left):
+        w[order[j % n]] += 1
+    return w
+
+
+def code_count(code: int) -> int:
+    return code if code < 32 else (16 + (code - 32) % 16) << (1 + (code - 32) // 16)
+
+
+def parse_tables(blob: bytes) -> dict:
+    raw = zstandard.ZstdDecompressor().decompress(blob)
+    (n_layers,), pos, out = struct.unpack_from("<I", raw), 4, {}
+    for layer in range(n_layers):
+        for name in ("key", "value"):
+            h, d, g, k = struct.unpack_from("<IIII", raw, pos)
+            c = h * d
+            pos += 16
+            steps = np.frombuffer(raw, "<f4", c, pos)
+            modes = list(raw[pos + 4 * c:pos + 5 * c])
+            pos += 5 * c
+            t = c + sum(modes)
+            los = struct.unpack_from(f"<{t}i", raw, pos)
+            sizes = struct.unpack_from(f"<{t}H", raw, pos + 4 * t)
+            pos += 6 * t
+            tables = []
+            for lo, n in zip(los, sizes):
+                w = table_weights([code_count(x) for x in raw[pos:pos + n]])
+                pos += n
+                tables.append((lo, w, [sum(w[:i]) for i in range(n)]))
+            out[(layer, name)] = (h, d, g, k, steps, modes, tables)
+    assert pos == len(raw)
+    return out
+
+
+def decode_lane(words: list[int], table, count: int) -> list[int]:
+    """Section 9, step by step."""
+    lo, w, c = table
+    need(not words or words[-1] != 0, "9", "a lane's last word is nonzero (canonical form)")
+    m, x = len(words), 0
+    if m:
+        x, m = words[m - 1], m - 1
+    if m:
+        x, m = (x << 32) | words[m - 1], m - 1
+    out = []
+    for _ in range(count):
+        q = x & ((1 << 24) - 1)
+        s = max(i for i in range(len(c)) if c[i] <= q)
+        x = w[s] * (x >> 24) + q - c[s]
+        if x < (1 << 32) and m:
+            x, m = (x << 32) | words[m - 1], m - 1
+        out.append(lo + s)
+    need(x == 0 and m == 0, "9", "the lane does not end where its symbols do")
+    return out
+
+
+def cachegen(config, context, payload, layer, tensor, start, shape, dtype):
+    b, h, n_tok, d = shape
+    hh, dd, g, k, steps, modes, tables = parse_tables(context[0])[(layer, tensor)]
+    assert (hh, dd) == (h, d)
+    size = ITEMSIZE[dtype]
+    s = max(0, min(config["sinks"] - start, n_tok))
+    n = n_tok - s
+    c, anchored = h * d, [ch for ch in range(h * d) if modes[ch]]
+    out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    sink_bytes = b * h * s * d * size
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
+    n_lanes = b * (c + len(anchored))
+    lengths = struct.unpack_from(f"<{n_lanes}I", payload, sink_bytes)
+    pos = sink_bytes + 4 * n_lanes
+    lanes = []
+    for length in lengths:
+        lanes.append(list(struct.unpack_from(f"<{length}I", payload, pos)))
+        pos += 4 * length
+    assert pos == len(payload)
+    a = -(-n // g)
+    for bi in range(b):
+        for ch in range(c):
+            main = lanes[bi * c + ch]
+            if not modes[ch]:
+                u = [float(v) for v in decode_lane(main, tables[ch], n)]
+            else:
+                j = anchored.index(ch)
+                anchors = decode_lane(main, tables[ch], a)
+                deltas = iter(decode_lane(lanes[b * c + bi * len(anchored) + j], tables[c + j], n - a))
+                u = [anchors[i // g] * 2.0 ** -k + (0 if i % g == 0 else next(deltas)) for i in range(n)]
+            y = (np.array(u, dtype=np.float32) * steps[ch]).astype(np.float32)
+            out[bi, ch // d, s:, ch % d] = to_dtype(y, dtype)
+    return out
