@@ -6,6 +6,7 @@ use tensor names `layers.{i}.key` / `layers.{i}.value`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -250,5 +251,8 @@ def save_cache(cache: KVCache, path, layout: str | None = None, overwrite: bool 
     layout = layout or (cache.layout if cache.layout in LAYOUTS[:4] else "legacy")
     obj = to_object(cache, layout)
     with atomic_output(path, overwrite) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # torch reports a failed write (a full disk) as a RuntimeError
+            raise OSError(errno.EIO, f"torch.save failed ({str(exc).splitlines()[0][:120]})") from None
     return layout

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvcodec
+
 from conftest import synthetic_cache
 
 THREADS, READS = 8, 60

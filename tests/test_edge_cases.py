@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 import kvcodec
 from kvcodec.tools.cli import cli
+
 from conftest import synthetic_cache
 
 EMPTY_LAYER = synthetic_cache(layers=3, tokens=20, token_counts=[20, 0, 7])
@@ -54,3 +55,37 @@ def test_verify_against_fails_on_a_value_the_original_did_not_have(tmp_path):
     kvcodec.pack(other, tmp_path / "x.kvc", "raw")
     result = CliRunner().invoke(cli, ["verify", str(tmp_path / "x.kvc"), "--against", str(tmp_path / "c.pt")])
     assert result.exit_code == 1 and "non-finite values decoded where the original is finite: layer 0 V" in result.output
+
+
+@pytest.mark.parametrize("codec", ["cachegen", "quant"])
+def test_lossy_codecs_say_what_is_wrong_with_nan_or_infinity(codec):
+    cache = synthetic_cache(layers=2, tokens=12)
+    cache.layers[1].value[0, 1, 5, 3] = float("nan")
+    with pytest.raises(kvcodec.CodecError, match="layer 1 value holds NaN"):
+        kvcodec.encode(cache, codec)
+
+
+def test_a_failed_write_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk under torch.save (a RuntimeError from torch) or under the .kvc writer (an
+    OSError) is an InputError naming the output; no file or temporary is left."""
+    import errno
+
+    cache = synthetic_cache(layers=1, tokens=4)
+    kvcodec.pack(cache, tmp_path / "c.kvc")
+
+    def full(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = CliRunner().invoke(cli, ["unpack", str(tmp_path / "c.kvc"), "-o", str(tmp_path / "x.pt")])
+    assert out.exit_code == 1 and "cannot write" in out.output and "x.pt" in out.output
+    monkeypatch.undo()
+
+    def no_space(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from kvcodec.container.writer import KVCWriter
+    monkeypatch.setattr(KVCWriter, "_write", no_space)
+    with pytest.raises(kvcodec.InputError, match="cannot write .*y.kvc: No space left on device"):
+        kvcodec.pack(cache, tmp_path / "y.kvc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc"]

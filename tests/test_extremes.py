@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kvcodec
+
 from conftest import synthetic_cache
 from reference_decoder import read_kvc
 

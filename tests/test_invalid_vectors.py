@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import kvcodec
+
 from reference_decoder import Reject, read_kvc
 
 INVALID = Path(__file__).parent.parent / "format_spec" / "vectors" / "invalid"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from reference_decoder import parse_tables, read_kvc, read_positions
 
 import kvcodec
 from kvcodec import cachefiles
+
+from reference_decoder import parse_tables, read_kvc, read_positions
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())

@@ -7,7 +7,6 @@ library, the spec-only reference decoder and the GPU kernels (tests/test_invalid
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -17,8 +16,8 @@ import torch
 
 import kvcodec
 from kvcodec.container import format as fmt
-from kvcodec.encoding.engine import Encoding, write_cache
 from kvcodec.container.chunking import cut
+from kvcodec.encoding.engine import Encoding, write_cache
 
 HERE = Path(__file__).parent / "invalid"
 ROOM = "." * 256  # metadata an edit may take the place of, so headers keep their length

@@ -21,7 +21,7 @@ import torch
 
 from kvcodec.cache import TENSORS
 from kvcodec.codecs.autoencoder import CacheAutoencoder, sha256
-from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
+from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.codecs.quant import QuantCodec
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, tables
@@ -174,6 +174,8 @@ class AECodec(Codec):
         context = AEContext(self.digest, weights, None)
         ae = self.network(context, "cpu", encoding=True)
         ae.config.check_fits(chunks.num_layers, chunks)
+        for info, chunk in chunks:
+            check_finite(chunk, info, self.name)
         blobs = [weights] if self.embed else []
         if not self.entropy:
             return blobs

@@ -135,6 +135,14 @@ class Codec(Configurable):
         return self.decode(payload, info, context).to(device)
 
 
+def check_finite(x: torch.Tensor, info: ChunkInfo, codec: str) -> None:
+    """CodecError naming the chunk unless every element is finite (lossy codecs quantize values
+    and cannot represent NaN or infinities)."""
+    if not bool(torch.isfinite(x).all()):
+        raise CodecError(f"{codec}: layer {info.layer} {info.tensor} holds NaN or infinity, which a lossy codec "
+                         "cannot store; use a lossless codec")
+
+
 def check_payload_length(payload, expected: int, info: ChunkInfo, codec: str) -> None:
     if len(payload) != expected:
         raise CodecError(f"{codec} payload of {info.where} is {len(payload)} bytes; its shape needs {expected}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kvcodec.cache import TENSORS
-from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
+from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, tables
 from kvcodec.entropy.quantizer import channel_steps
@@ -93,6 +93,8 @@ class CacheGenCodec(Codec):
         fitted = {}
         for i in range(chunks.num_layers):
             for name in TENSORS:
+                for info, chunk in chunks.of(i, name):
+                    check_finite(chunk, info, self.name)
                 bodies = [chunk.detach()[:, :, self.sink_count(info):].to(torch.float32)
                           for info, chunk in chunks.of(i, name)] or [torch.zeros(chunks.shape(i, name))]
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
