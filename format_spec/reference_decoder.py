@@ -5,7 +5,9 @@ vectors to the same bits as the library, and refuses every file of vectors/inval
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import struct
 import zlib
 
@@ -118,6 +120,13 @@ def check_config(codec: dict, blobs: int) -> None:
                  "value_emphasis": (number(0, 2), False), "shallow_layers": (number(0, 1), False),
                  "sinks": (lambda v: is_int(v, 0, 1024), False), "group_size": (lambda v: is_int(v, 1, 1024), False),
                  "anchor_bits": (lambda v: is_int(v, 0, 8), False)})
+    elif cid == 6:
+        flag = lambda v: type(v) is bool  # noqa: E731
+        exactly({"weights": (lambda v: type(v) is str and re.fullmatch("sha256:[0-9a-f]{64}", v) is not None, False),
+                 "embed": (flag, False), "bits": (lambda v: v in (2, 3, 4, 8) and type(v) is int, False),
+                 "group_size": (lambda v: is_int(v, 1, 65536), False), "entropy": (flag, True),
+                 "step": (number(1e-4, 100), True)})
+        need(blobs == int(cfg["embed"]) + int(cfg.get("entropy", False)), rule, "ae's context blobs")
     need(cid not in (1, 2, 3, 4) or blobs == 0, rule, "this codec takes no context blobs")
     need(cid != 5 or blobs == 1, "8.5", "cachegen takes one context blob")
 
@@ -280,6 +289,8 @@ def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, 
         return dequantize(codec["config"], payload, tensor, shape, dtype)
     elif codec["id"] == 5:
         return cachegen(codec["config"], context, payload, layer, tensor, start, shape, dtype)
+    elif codec["id"] == 6:
+        return ae(codec["config"], context, payload, layer, tensor, start, shape, dtype)
     else:
         raise ValueError(f"codec {codec['id']}")
     need(len(raw) == numel * size, "8.1", "payload length")
@@ -386,7 +397,8 @@ def decode_lane(words: list[int], table, count: int) -> list[int]:
     return out
 
 
-def cachegen(config, context, payload, layer, tensor, start, shape, dtype):
+def cachegen(config, context, payload, layer, tensor, start, shape, dtype, as_values=False):
+    """The record's bit patterns (or, `as_values`, its float32 values before `to_dtype`)."""
     b, h, n_tok, d = shape
     hh, dd, g, k, steps, modes, tables = parse_tables(context[0])[(layer, tensor)]
     assert (hh, dd) == (h, d)
@@ -395,6 +407,7 @@ def cachegen(config, context, payload, layer, tensor, start, shape, dtype):
     n = n_tok - s
     c, anchored = h * d, [ch for ch in range(h * d) if modes[ch]]
     out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    values = np.zeros(shape, dtype=np.float32)
     sink_bytes = b * h * s * d * size
     out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
     n_lanes = b * (c + len(anchored))
@@ -417,5 +430,47 @@ def cachegen(config, context, payload, layer, tensor, start, shape, dtype):
                 deltas = iter(decode_lane(lanes[b * c + bi * len(anchored) + j], tables[c + j], n - a))
                 u = [anchors[i // g] * 2.0 ** -k + (0 if i % g == 0 else next(deltas)) for i in range(n)]
             y = (np.array(u, dtype=np.float32) * steps[ch]).astype(np.float32)
-            out[bi, ch // d, s:, ch % d] = to_dtype(y, dtype)
-    return out
+            if as_values:
+                values[bi, ch // d, s:, ch % d] = y
+            else:
+                out[bi, ch // d, s:, ch % d] = to_dtype(y, dtype)
+    return values if as_values else out
+
+
+# -- section 8.6: ae ---------------------------------------------------------------------------
+
+def read_safetensors(blob: bytes) -> tuple[dict, dict]:
+    """(float32 tensors by name, metadata) of a safetensors file."""
+    n = struct.unpack_from("<Q", blob)[0]
+    head = json.loads(blob[8:8 + n])
+    meta = head.pop("__metadata__", {})
+    body = blob[8 + n:]
+    tensors = {}
+    for name, t in head.items():
+        need(t["dtype"] == "F32", "8.6", "weights are float32")
+        lo, hi = t["data_offsets"]
+        tensors[name] = np.frombuffer(body[lo:hi], "<f4").reshape(t["shape"])
+    return tensors, meta
+
+
+def ae(config, context, payload, layer, tensor, start, shape, dtype):
+    b, h, n, d = shape
+    need(len(context) == int(config["embed"]) + int(config.get("entropy", False)), "8.6", "context blobs")
+    need(config["embed"], "8.6", "this reader finds weights only embedded in the file")
+    weights = context[0]
+    need("sha256:" + hashlib.sha256(weights).hexdigest() == config["weights"], "8.6", "weights hash")
+    tensors, meta = read_safetensors(weights)
+    net = json.loads(meta["kvcodec_ae"])["config"]
+    z_dim = net["latent_dim"]
+    if config.get("entropy", False):
+        z = cachegen({"sinks": 0}, context[-1:], payload, layer, tensor, start, (b, h, n, z_dim), "float32",
+                     as_values=True)
+    else:
+        z = dequantize(config, payload, "value", (b, h, n, z_dim), "float32").view(np.float32)
+    k = f"nets.{tensor}."
+    s = 0 if net["shared"] else layer
+    e_up = tensors[k + "embed_up"][layer] if net["shared"] else 0
+    hidden = z.astype(np.float32) @ tensors[k + "w_up"][s] + tensors[k + "b_up"][s] + e_up
+    hidden = hidden / (1 + np.exp(-hidden))  # silu
+    x = (hidden @ tensors[k + "w_out"][s] + tensors[k + "b_out"][s]) * tensors[k + "std"][layer] + tensors[k + "mean"][layer]
+    return to_dtype(x.astype(np.float32), dtype)

@@ -90,7 +90,14 @@ def test_batches_heads_and_value_head_dims_differ():
 @pytest.mark.parametrize("name", sorted(p.stem for p in VECTORS.glob("*.kvc")))
 def test_kernels_decode_the_golden_vectors(name):
     data = (VECTORS / f"{name}.kvc").read_bytes()
-    assert kernel_cache(data).equal(cpu_cache(data))
+    got, want = kernel_cache(data), cpu_cache(data)
+    if name.startswith("ae-"):  # the fused network equals the CPU's to float32 rounding (spec 8.6)
+        for (gk, gv), (wk, wv) in zip(got, want):
+            for g, w in ((gk, wk), (gv, wv)):
+                tolerance = 4 * torch.finfo(w.dtype).eps * float(w.float().abs().max()) + 1e-6
+                assert float((g.cpu().float() - w.float()).abs().max()) <= tolerance
+    else:
+        assert got.equal(want)
 
 
 def test_token_range_reads_match():

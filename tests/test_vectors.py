@@ -27,7 +27,7 @@ def expected_cache(name):
 
 
 def test_there_is_a_vector_for_every_builtin_codec():
-    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen"}
+    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen", "ae"}
     cachegen = [read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"]
     assert any(len(v["header"]["codecs"]) > 1 for v in cachegen)  # per-chunk presets
     tables = [parse_tables(blob) for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF]
@@ -40,11 +40,22 @@ def test_there_is_a_vector_for_every_builtin_codec():
     assert pruned["header"]["length"] == 420
 
 
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """ae's reconstruction is not bit-exact across matrix-product implementations (spec 8.6): equal
+    to float32 rounding and one rounding of the output dtype."""
+    tolerance = 4 * torch.finfo(want.dtype).eps * float(want.float().abs().max()) + 1e-6
+    return got.shape == want.shape and float((got.float() - want.float()).abs().max()) <= tolerance
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_library_decodes_vector(name):
     data = (VECTORS / f"{name}.kvc").read_bytes()
     got, want = kvcodec.decode(data), expected_cache(name)
-    assert got.equal(want) and got.metadata == want.metadata
+    if MANIFEST[name]["codec"] == "ae":
+        assert all(close(a, b) for x, y in zip(got.layers, want.layers) for a, b in ((x.key, y.key), (x.value, y.value)))
+    else:
+        assert got.equal(want)
+    assert got.metadata == want.metadata
     assert got.length == want.length and got.selection == want.selection
     for a, b in zip(got.layers, want.layers):
         assert (a.positions is None and b.positions is None) or torch.equal(a.positions, b.positions)
@@ -58,7 +69,11 @@ def test_spec_only_decoder_agrees(name):
     for i, lay in enumerate(want.layers):
         for t, tensor in (("key", lay.key), ("value", lay.value)):
             bits = tensor.contiguous().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
-            assert np.array_equal(decoded[(i, t)].view(bits.numpy().dtype), bits.numpy()), (i, t)
+            mine = decoded[(i, t)].view(bits.numpy().dtype)
+            if MANIFEST[name]["codec"] == "ae":
+                assert close(torch.from_numpy(mine.copy()).view(tensor.dtype), tensor), (i, t)
+            else:
+                assert np.array_equal(mine, bits.numpy()), (i, t)
         if lay.positions is not None:
             spec = decoded["header"]["layers"][i]["positions"]
             stored = read_positions(decoded["blobs"][(0xFFFF, 1 + i)], spec["rows"], spec.get("encoding", "int64"))
@@ -68,6 +83,8 @@ def test_spec_only_decoder_agrees(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_reencoding_is_byte_identical(name):
     entry = MANIFEST[name]
+    if entry["codec"] == "ae":
+        pytest.skip("ae's encoder runs a network: its latents are fixed by the file, not by the input's bytes")
     if entry["codec"] != "raw" and entry["codec"] != "quant" and list(zstandard.ZSTD_VERSION) != MANIFEST["_zstd_library"]:
         pytest.skip(f"zstd output is fixed per library version; vectors were made with {MANIFEST['_zstd_library']}")
     cache = cachefiles.load_cache(VECTORS / f"{name}.input.safetensors")

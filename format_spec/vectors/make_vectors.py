@@ -38,6 +38,11 @@ VECTORS = {
                              dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16, drift=True)),
     "raw-f16-pruned": ("raw", {}, 4, dict(layers=2, heads=2, tokens=9, dims=(4, 4), dtype=torch.float16,
                                           positions="pruned", ids=True)),
+    # ae: a small random network embedded in the file (weights are named by their sha256)
+    "ae-f16-embedded": ("ae", {"group_size": 3}, 8, dict(layers=2, heads=2, tokens=11, dims=(8, 8),
+                                                           dtype=torch.float16)),
+    "ae-bf16-entropy": ("ae", {"entropy": True, "step": 0.2}, 8, dict(layers=2, heads=2, tokens=21, dims=(8, 8),
+                                                                        dtype=torch.bfloat16)),
 }
 
 
@@ -67,13 +72,30 @@ def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False
                            length=length, selection=selection)
 
 
+def ae_weights(path: Path) -> str:
+    """A deterministic random autoencoder for 2 layers of 2 heads x 8 (latent 4), saved to `path`."""
+    from kvcodec.codecs.autoencoder import AEConfig, CacheAutoencoder
+
+    torch.manual_seed(0)
+    ae = CacheAutoencoder(AEConfig(2, 2, {"key": 8, "value": 8}, 4, hidden=16, model="test-vector"))
+    for net in ae.nets.values():
+        net.mean.normal_()
+        net.std.uniform_(0.5, 2.0)
+    ae.save(path)
+    return str(path)
+
+
 def main() -> None:
+    import tempfile
+
     manifest = {}
+    weights = ae_weights(Path(tempfile.mkdtemp()) / "ae.safetensors")
     for seed, (name, (codec, config, chunk, desc)) in enumerate(VECTORS.items()):
         cache = make_cache(seed, **desc)
         cachefiles.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
         cache = cachefiles.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
-        data = kvcodec.encode(cache, codec, chunk_tokens=chunk, **config)
+        options = dict(config, weights=weights) if codec == "ae" else config
+        data = kvcodec.encode(cache, codec, chunk_tokens=chunk, **options)
         (HERE / f"{name}.kvc").write_bytes(data)
         lossless = kvcodec.codec_class(codec).lossless
         if not lossless:
