@@ -3,7 +3,7 @@ runs the decoder network on it (latent -> hidden -> SiLU -> head_dim, then the l
 normalization undone) and writes fp16/bf16/fp32 straight into the output layout. One launch
 decodes every record of a batch, whatever its layer: the weights of all layers lie stacked on
 the device and each program picks its own. Entropy-coded latents are first decoded by the
-cachegen kernel into a float32 buffer, which the same network kernel then reads.
+shared lane decoder (`lane_decode`) into a float32 buffer, which the same network kernel then reads.
 
 Matmuls accumulate in float32 ("ieee" precision, no TF32), in a different order from torch's:
 the output matches the CPU decoder to float32 rounding, not bit for bit (the codec is lossy and
@@ -121,15 +121,15 @@ def prepare(codec, context, table: np.ndarray, staged: torch.Tensor, out: torch.
                          f"({config.layers} layers of {config.heads} heads x {head_dim})")
     g = codec.group_size
     steps, checks = [], []
-    if codec.entropy:  # the cachegen kernel decodes the latents of every record into one buffer
+    if codec.entropy:  # the lane decoder decodes the latents of every record into one buffer
         n = b * h * t * latent
         at = np.cumsum(n) - n
         latent_table = table.copy()
         latent_table[:, J.HEAD_DIM], latent_table[:, J.DST] = latent, at
         latent_table[:, J.STRIDE_B], latent_table[:, J.STRIDE_H] = h * t * latent, t * latent
         latents = torch.empty(max(1, int(n.sum())), dtype=torch.float32, device=out.device)
-        decode_latents = prepare_lanes(context.latent_tables, latent_table, np.zeros(len(table), np.int64),
-                                                    staged, latents, codec.name)
+        no_sinks = np.zeros(len(table), np.int64)
+        decode_latents = prepare_lanes(context.latent_tables, latent_table, no_sinks, staged, latents, codec.name)
         steps.append(decode_latents)
         checks = decode_latents.checks
         table = J.with_columns(table, at)

@@ -22,6 +22,7 @@ def to_output_dtype(x, out_ptr):
     if out_ptr.dtype.element_ty == tl.bfloat16:
         bits = _saturated(x, BF16_MAX).to(tl.int32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN (the rounding would carry it to 0)
         return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
     elif out_ptr.dtype.element_ty == tl.float16:
         return _saturated(x, FP16_MAX).to(tl.float16)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from typing import ClassVar
 
 from kvcodec.errors import CodecError
@@ -64,11 +63,22 @@ class Configurable:
         return type(self) is type(other) and self.get_config() == other.get_config()
 
     def __hash__(self):
-        return hash((type(self), json.dumps(self.get_config(), sort_keys=True, default=repr)))
+        return hash((type(self), _hashable(self.get_config())))
 
     def __repr__(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({opts})"
+
+
+def _hashable(value):
+    """A hashable form of a config value, equal wherever the values compare equal (1 == 1.0)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _freezing(init):

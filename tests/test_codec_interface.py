@@ -126,3 +126,19 @@ def test_a_subclass_constructor_may_set_attributes_after_its_parent():
         codec.width = 4
     buf = io.BytesIO()
     assert kvcodec.pack(synthetic_cache(), buf, codec) == len(buf.getvalue())
+
+
+def test_codecs_that_compare_equal_hash_equal():
+    a, b = kvcodec.get_codec("cachegen", key_emphasis=1), kvcodec.get_codec("cachegen", key_emphasis=1.0)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+
+
+def test_a_device_module_that_does_not_load_is_a_codec_error():
+    from kvcodec.codecs import device
+
+    class Broken(RawCodec):
+        codec_id, name = 5103, "broken-device-test"
+        device_decoder = "no_such_package.kernels"
+
+    with pytest.raises(CodecError, match="device decoder 'no_such_package.kernels' cannot be loaded"):
+        device.decoder_for(Broken())

@@ -214,6 +214,8 @@ class AECodec(Codec):
             b, h, t, latent_dim = latent_info.shape
             u = lanes.decode(payload, tt, latent_info.shape, f"ae payload of layer {info.layer} {info.tensor}")
             latent = torch.from_numpy(u).reshape(b, h, latent_dim, t).permute(0, 1, 3, 2).to(device)
+        elif self.bits == 8 and device.type != "cpu":
+            latent = self.latents.dequantize_8bit(payload, self.quant_info(latent_info), device)
         else:
-            latent = self.latents.decode_to(payload, self.quant_info(latent_info), (), device)
+            latent = self.latents.decode(payload, self.quant_info(latent_info), ()).to(device)
         return to_dtype(ae.decode(info.tensor, info.layer, latent), info.dtype)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.errors import CodecError
 
 DECODER_ENV = "KVCODEC_DECODER"
 DECODERS = ("auto", "cpu", "kernels")
@@ -115,14 +116,24 @@ def _load(target: str):
     return getattr(found, attr) if attr else found
 
 
+def _declared(codec: Codec, target: str | None, what: str):
+    if target is None:
+        return None
+    try:
+        return _load(target)
+    except Exception as exc:  # a plugin's module that is missing or broken
+        raise CodecError(f"codec {codec.name!r}: its {what} {target!r} cannot be loaded ({type(exc).__name__}: "
+                         f"{exc})") from None
+
+
 def decoder_for(codec: Codec):
     """The codec's device decoder, or None (its records decode on the CPU)."""
-    return None if codec.device_decoder is None else _load(codec.device_decoder)
+    return _declared(codec, codec.device_decoder, "device decoder")
 
 
 def encoder_for(codec: Codec):
     """The codec's device encoder, or None."""
-    return None if codec.device_encoder is None else _load(codec.device_encoder)
+    return _declared(codec, codec.device_encoder, "device encoder")
 
 
 def encode_chunk(codec: Codec, chunk: torch.Tensor, info: ChunkInfo, context) -> bytes:

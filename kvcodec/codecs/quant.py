@@ -119,15 +119,9 @@ class QuantCodec(Codec):
         s = s.repeat_interleave(self.group_size, axis).narrow(axis, 0, n)
         return to_dtype(q.mul_(s).add_(m), info.dtype)
 
-    def decode_to(self, payload, info, context, device):
-        """8-bit codes need no unpacking: off the CPU they move as they are and are dequantized
-        there with tensor operations (the same values as `decode`)."""
-        if self.bits == 8 and torch.device(device).type != "cpu":
-            return self.dequantize_8bit(payload, info, device)
-        return self.decode(payload, info, context).to(device)
-
     def dequantize_8bit(self, payload, info: ChunkInfo, device) -> torch.Tensor:
-        """`decode` of an 8-bit payload with tensor operations on `device`."""
+        """`decode` of an 8-bit payload with tensor operations on `device` (8-bit codes need no
+        unpacking: ae moves its latents to the GPU as they are and dequantizes them there)."""
         if self.bits != 8:
             raise CodecError(f"quant: dequantize_8bit needs 8-bit codes, not {self.bits}")
         check_payload_length(payload, self.payload_length(info), info, self.name)

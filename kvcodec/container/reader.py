@@ -139,10 +139,12 @@ class KVCReader:
         }
 
     # -- payload access ----------------------------------------------------------------------
-    def _checked(self, offset: int, length: int, crc: int, what: str):
+    def _checked(self, offset: int, length: int, crc: int, what):
+        """The bytes, checksum verified; `what` (a string, or a function making one only when it
+        is needed) names them in the error."""
         data = self.source.read(offset, length)
         if fmt.crc32(data) != crc:
-            raise ChecksumError(f"{what} checksum mismatch: the file is corrupt")
+            raise ChecksumError(f"{what() if callable(what) else what} checksum mismatch: the file is corrupt")
         return data
 
     def codec(self, slot: int) -> Codec:
@@ -199,7 +201,7 @@ class KVCReader:
         """Record `i`'s payload bytes, checksum verified."""
         r = self.records[i]
         return memoryview(self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
-                                        f"record of {self.record_info(i).where}"))
+                                        lambda: f"record of {self.record_info(i).where}"))
 
     def decode_record(self, i: int, device=None) -> torch.Tensor:
         """Record `i` decoded by its codec (onto `device` with the codec's `decode_to`)."""
@@ -385,7 +387,8 @@ class KVCReader:
         self.check_layout()
         for r in self.records:
             self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
-                          f"record of layer {int(r['layer'])} {TENSORS[r['tensor']]} tokens {int(r['token_start'])}")
+                          f"record of layer {int(r['layer'])} {TENSORS[r['tensor']]} tokens "
+                          f"{int(r['token_start'])}+{int(r['tokens'])}")
         for b in self.blobs:
             self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"blob {int(b['ordinal'])}")
 

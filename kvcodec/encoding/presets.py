@@ -108,7 +108,8 @@ def for_max_error(cache: KVCache, codec: str, max_error: float, chunk_tokens: in
             chosen[key] = None
     if any(v is None for v in chosen.values()):
         fallback = get_codec(LOSSLESS_FALLBACK)
-        encoding = Encoding.of(encoding.codecs + [fallback], encoding.blobs + [fallback.fit(chunks)])
+        encoding = Encoding(encoding.codecs + [fallback], encoding.blobs + [[]],
+                            encoding.contexts + [fallback.load_context([])])
         for info, chunk in chunks:
             key = (info.layer, info.tensor, info.token_start)
             if chosen[key] is None:

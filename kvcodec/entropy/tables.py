@@ -18,7 +18,7 @@ from kvcodec.entropy.quantizer import entropy_bits, quantize
 from kvcodec.errors import CodecError
 
 MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
-MAX_EXPANSION = 4096  # decompressed blob bytes per compressed byte a reader accepts
+INFLATE_FACTOR = 4096  # decompressed blob bytes per compressed byte a reader accepts
 TENSOR_HEAD = np.dtype([("heads", "<u4"), ("head_dim", "<u4"), ("group_size", "<u4"), ("anchor_bits", "<u4")])
 
 
@@ -180,7 +180,7 @@ class _Cursor:
 def _inflate(blob: bytes) -> bytes:
     """The tables blob decompressed piece by piece, so memory grows with the real output and a
     hostile blob cannot make a reader reserve more than a bounded multiple of its size."""
-    limit = min(256 << 20, (1 << 20) + MAX_EXPANSION * len(blob))
+    limit = min(256 << 20, (1 << 20) + INFLATE_FACTOR * len(blob))
     out = bytearray()
     with zstandard.ZstdDecompressor().stream_reader(bytes(blob)) as reader:
         while piece := reader.read(1 << 20):
