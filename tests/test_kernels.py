@@ -367,29 +367,3 @@ def test_the_top_of_float16_decodes_as_on_the_cpu(codec, options):
     data = kvcodec.encode(near_max_cache(), codec, chunk_tokens=128, **options)
     got, want = kernel_cache(data), cpu_cache(data)
     assert got.equal(want) and all(torch.isfinite(t).all() for lay in want.layers for t in (lay.key, lay.value))
-
-
-class PadLane(Encoding):
-    """Writes lane 0 of every cachegen payload (sinks=0) with a zero word appended, lengths fixed."""
-
-    def payload(self, info, chunk):
-        import numpy as np
-
-        slot, data = super().payload(info, chunk)
-        tt = self.contexts[0].for_chunk(info, "cachegen")
-        lanes = info.shape[0] * (tt.heads * tt.head_dim + int(tt.anchored.sum()))
-        counts = np.frombuffer(data, "<u4", lanes).copy()
-        words = data[4 * lanes:]
-        first = 4 * int(counts[0])
-        counts[0] += 1
-        return slot, counts.tobytes() + words[:first] + bytes(4) + words[first:]
-
-
-def test_a_lane_not_in_canonical_form_is_refused_by_every_decoder():
-    cache = synthetic_cache(layers=1, heads=HEADS, tokens=TOKENS, head_dim=HEAD_DIM)
-    buf = io.BytesIO()
-    write_cache(cache, buf, PadLane.fitted(cut(cache, CHUNK), kvcodec.get_codec("cachegen", sinks=0)), CHUNK)
-    with pytest.raises(kvcodec.CodecError, match="canonical"):
-        cpu_cache(buf.getvalue())
-    with pytest.raises(kvcodec.CodecError, match="cachegen record of layer 0"):
-        kernel_cache(buf.getvalue())

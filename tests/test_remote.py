@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import kvcodec
-from kvcodec.container import remote as ranged
+from kvcodec.container import remote
 from kvcodec.errors import FormatError, InputError
 from kvcodec.storage.serve import FileServer
 
@@ -39,7 +39,7 @@ def test_opening_costs_two_small_requests(served):
         info = reader.info()
     assert server.log.requests == 2, server.log.entries
     size = (root / "c.kvc").stat().st_size
-    assert server.log.bytes_sent < 2 * ranged.HEAD_WINDOW + 16384 < size / 4
+    assert server.log.bytes_sent < 2 * remote.HEAD_WINDOW + 16384 < size / 4
     assert info["file_bytes"] == size and info["codecs"][0]["name"] == "cachegen"
 
 
@@ -73,7 +73,7 @@ def test_streamed_and_whole_restores_equal_the_local_file(served):
     for (_, got), ref in zip(layers, want.layers):
         assert got.key.equal(ref.key) and got.value.equal(ref.value)
     size = (root / "c.kvc").stat().st_size
-    assert server.log.bytes_sent <= size + 2 * ranged.HEAD_WINDOW  # nothing fetched twice beyond the windows
+    assert server.log.bytes_sent <= size + 2 * remote.HEAD_WINDOW  # nothing fetched twice beyond the windows
     assert kvcodec.unpack(server.url("c.kvc")).equal(want)  # strict: every byte checked
     assert kvcodec.open(server.url("c.kvc")).token_ids().equal(want.token_ids)
 
@@ -102,7 +102,7 @@ def test_missing_files_truncated_files_and_servers_without_ranges_are_refused(se
     with pytest.raises(FormatError, match="no end marker"):
         kvcodec.open(server.url("cut.kvc"))
     with pytest.raises(InputError, match="not an http"):
-        ranged.HTTPBackend("http://")
+        remote.HTTPBackend("http://")
     with pytest.raises(InputError, match="Connection refused|connect"):
         kvcodec.open("http://127.0.0.1:1/c.kvc")
 

@@ -15,7 +15,7 @@ import torch
 import kvcodec
 from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
-from kvcodec.encoding import presets as adapt
+from kvcodec.encoding import presets
 from kvcodec.errors import InputError, KVCError
 from kvcodec.selection import needing_no_scores, scores
 from kvcodec.selection.scores import AttentionScores
@@ -74,7 +74,7 @@ def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, ma
     # fail on a bad codec, stage or option before reading anything
     pipe = pipeline.parse(codec, options) if targeted else pipeline.checked(codec, options)
     if targeted:
-        adapt.candidates(pipe.codec, pipe.options)
+        presets.candidates(pipe.codec, pipe.options)
     scores = None
     if pipe.selector is not None and pipe.selector.needs_scores:
         scores = AttentionScores.load(scores_path or find_scores(input, pipe.selector.name))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.encoding import presets as adapt
+from kvcodec.encoding import presets
 from kvcodec.errors import InputError
 
 from conftest import synthetic_cache
@@ -59,7 +59,7 @@ def test_unreachable_error_falls_back_to_lossless(cache):
     data = kvcodec.encode(cache, "cachegen", chunk_tokens=64, max_error=0.0)
     back = kvcodec.decode(data)
     assert all(torch.equal(a.key, b.key) and torch.equal(a.value, b.value) for a, b in zip(cache.layers, back.layers))
-    assert [c.name for c in kvcodec.open(data).header.codecs] == [adapt.LOSSLESS_FALLBACK]
+    assert [c.name for c in kvcodec.open(data).header.codecs] == [presets.LOSSLESS_FALLBACK]
 
 
 def test_bad_targets_are_refused(cache):
