@@ -1,4 +1,4 @@
-"""Fuzz the `.kvc` reader and every codec's decoder (`kvcodec.fuzz`) for a fixed number of cases:
+"""Fuzz the `.kvc` reader and every codec's decoder (`kvcodec.testing.fuzz`) for a fixed number of cases:
 mutated, truncated and spliced files, checksums recomputed so the damage reaches validation and
 decoders. Prints a table, writes a JSON, and saves every failing input under
 tests/fuzz_regressions/ (the test suite replays them).
