@@ -5,6 +5,8 @@ GPU, encoder, decoder) works from the weights those codes give back."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -35,11 +37,8 @@ class ChannelTables:
     los: np.ndarray  # int64 [tables]: each table's first value
     sizes: np.ndarray  # int64 [tables]: each table's alphabet size
     codes: np.ndarray  # uint8: every table's count codes, back to back
-
-    @cached_property
-    def flat_weights(self) -> np.ndarray:
-        """int64: H*D main tables, then one delta table per anchored channel, back to back."""
-        return rans.weights_from_counts_many(rans.codes_to_counts(self.codes), self.sizes, split=False)
+    # int64: H*D main tables, then one delta table per anchored channel, back to back (`weights_of`)
+    flat_weights: np.ndarray
 
     @property
     def weights(self) -> list[np.ndarray]:
@@ -97,8 +96,14 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
     los, sizes, counts = _table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
     if sizes.max() > rans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
         raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
+    codes = rans.counts_to_codes(counts, sizes)
     return ChannelTables(h, d, group_size, anchor_bits, steps, anchored, los.astype(np.int64), sizes.astype(np.int64),
-                         rans.counts_to_codes(counts, sizes))
+                         codes, weights_of(codes, sizes))
+
+
+def weights_of(codes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Every table's weights, back to back, from its stored count codes (what all coders use)."""
+    return rans.weights_from_counts_many(rans.codes_to_counts(codes), sizes, split=False)
 
 
 class FileTables:
@@ -131,7 +136,7 @@ class FileTables:
         """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
         try:
             cursor = _Cursor(_inflate(blob))
-            tensors = {}
+            fields = {}
             for i in range(int(cursor.take("<u4", 1)[0])):
                 for name in TENSORS:
                     head = cursor.take(TENSOR_HEAD, 1)[0]
@@ -149,10 +154,12 @@ class FileTables:
                             or np.abs(los).max(initial=0) + sizes.max(initial=0) >= MAX_SYMBOL):
                         raise ValueError(f"layer {i} {name} has out-of-range fields")
                     codes = cursor.take(np.uint8, int(sizes.sum()))
-                    tt = ChannelTables(h, d, group_size, anchor_bits, steps, modes.astype(bool), los, sizes, codes)
-                    tt.flat_weights  # noqa: B018  (weights checked here, once)
-                    tensors[(i, name)] = tt
+                    fields[(i, name)] = (h, d, group_size, anchor_bits, steps, modes.astype(bool), los, sizes, codes)
             cursor.finish()
+            # the weights are most of the work of reading tables: tensors in parallel (numpy lets go of the GIL)
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                weights = list(pool.map(lambda f: weights_of(f[8], f[7]), fields.values()))
+            tensors = {key: ChannelTables(*f, w) for (key, f), w in zip(fields.items(), weights)}
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
         return cls(tensors)
