@@ -146,3 +146,16 @@ def test_only_canonical_lanes_are_accepted():
             ans.decode_lanes_reference([words], [w], np.zeros(1, int), count)
         with pytest.raises(Reject, match="canonical"):
             spec_decode_lane(words.tolist(), spec_table, count)
+
+
+def test_many_tables_at_once_match_one_table_at_a_time_on_ties_and_empty_tables():
+    """The vectorized leftover rule (threshold per table) against the per-table rule, where ties
+    decide who gets the leftover units and where tables have no counts at all."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(2, 60, 400)
+    for counts in (rng.integers(0, 3, int(sizes.sum())),  # nearly everything tied
+                   rng.integers(0, 5000, int(sizes.sum())) * (rng.random(int(sizes.sum())) < 0.5),
+                   np.zeros(int(sizes.sum()), dtype=np.int64)):
+        many = ans.weights_from_counts_many(counts, sizes)
+        singles = [ans.weights_from_counts(c) for c in np.split(counts, np.cumsum(sizes)[:-1])]
+        assert all(np.array_equal(a, b) for a, b in zip(many, singles))

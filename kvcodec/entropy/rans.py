@@ -60,16 +60,23 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool 
     share = np.where(totals[table] == 0, (free // sizes)[table], counts * free[table] // safe_total[table])
     weights = share + 1
     left = TOTAL - np.add.reduceat(weights, start)  # below the table's size: each floor loses < 1
-    index = np.arange(counts.size) - start[table]
-    # per table: largest count first, lowest index on ties; one sort key when counts < 2**20
-    # (always so for counts rebuilt from their codes), which sorts several times faster
-    if counts.max() < 1 << 20:
-        order = np.argsort((table << 32) | ((np.int64((1 << 20) - 1) - counts) << 12) | index)
+    # per table the `left` symbols of largest count get one more, lowest index first on ties
+    if counts.max() < 1 << 20:  # always so for counts rebuilt from their codes
+        # no ranking of every symbol: one sort of (table, count) finds each table's threshold key;
+        # symbols before it get one more, and of those tied with it the first ones by index
+        key = (table << 20) | (np.int64((1 << 20) - 1) - counts)  # ascending: largest count first
+        ordered = np.sort(key)
+        threshold = np.where(left > 0, ordered[start + np.maximum(left, 1) - 1], -1)[table]
+        above, tied = key < threshold, key == threshold
+        seen = np.cumsum(tied)
+        tied_rank = seen - (seen[start] - tied[start])[table]  # 1, 2, ... among a table's tied, by index
+        weights += above | (tied & (tied_rank <= (left - np.add.reduceat(above, start))[table]))
     else:
+        index = np.arange(counts.size) - start[table]
         order = np.lexsort((index, -counts, table))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(counts.size) - start[table[order]]
-    weights += rank < left[table]
+        rank = np.empty_like(order)
+        rank[order] = np.arange(counts.size) - start[table[order]]
+        weights += rank < left[table]
     return np.split(weights, start[1:]) if split else weights
 
 
