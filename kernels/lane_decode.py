@@ -154,7 +154,7 @@ class DeviceTables:
         layers = 1 + max((layer for layer, _ in parsed), default=-1)
         # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
         self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
-        weights, sizes, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
+        codes, sizes, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
         n_tables = n_channels = 0
         for (layer, name), tt in parsed.items():
             c, a = tt.heads * tt.head_dim, int(tt.anchored.sum())
@@ -162,20 +162,19 @@ class DeviceTables:
                                                                         tt.heads, tt.head_dim)
             delta, ordinal = np.full(c, -1, dtype=np.int64), np.zeros(c, dtype=np.int64)
             delta[tt.anchored], ordinal[tt.anchored] = n_tables + tt.delta_of, np.arange(a)
-            for out, part in ((weights, tt.flat_weights), (sizes, tt.sizes), (los, tt.los), (steps, tt.steps),
+            for out, part in ((codes, tt.codes), (sizes, tt.sizes), (los, tt.los), (steps, tt.steps),
                               (mains, n_tables + np.arange(c)), (deltas, delta), (ordinals, ordinal)):
                 out.append(part)
             n_tables += len(tt.sizes)
             n_channels += c
-        weights, sizes, los, mains, deltas, steps, ordinals = (
+        codes, sizes, los, mains, deltas, steps, ordinals = (
             np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
-            for x in (weights, sizes, los, mains, deltas, steps, ordinals))
+            for x in (codes, sizes, los, mains, deltas, steps, ordinals))
         ends = np.cumsum(sizes)
-        cdf = np.insert(rans.cumulative_many(weights, sizes), ends, rans.TOTAL)
 
         def dev(x, dtype):
             return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
-        self.cdf = dev(cdf, np.int32)
+        self.cdf = cumulative_with_ends(dev(codes, np.uint8), dev(sizes, np.int64))
         self.table_offset = dev(ends - sizes + np.arange(len(sizes)), np.int64)
         self.table_size = dev(sizes, np.int32)
         self.table_lo = dev(los, np.int32)
@@ -186,6 +185,18 @@ class DeviceTables:
         table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
         self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
             if len(sizes) else np.zeros(0, dtype=np.int64)
+
+
+def cumulative_with_ends(codes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """int32: every table's cumulative weights, each followed by 2**24, made on the codes' device
+    from the stored count codes (the weights of `kvcodec.entropy.rans`, the same integers)."""
+    weights = rans.weights_from_codes_on(codes, sizes, codes.device)
+    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=codes.device), sizes)
+    before = torch.cumsum(weights, 0) - weights
+    start = torch.cumsum(sizes, 0) - sizes
+    cdf = torch.full((weights.numel() + sizes.numel(),), rans.TOTAL, dtype=torch.int64, device=codes.device)
+    cdf[torch.arange(weights.numel(), device=codes.device) + table] = before - before[start][table]
+    return cdf.to(torch.int32)
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}

@@ -6,6 +6,7 @@ GPU, encoder, decoder) works from the weights those codes give back."""
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,8 +38,12 @@ class ChannelTables:
     los: np.ndarray  # int64 [tables]: each table's first value
     sizes: np.ndarray  # int64 [tables]: each table's alphabet size
     codes: np.ndarray  # uint8: every table's count codes, back to back
-    # int64: H*D main tables, then one delta table per anchored channel, back to back (`weights_of`)
-    flat_weights: np.ndarray
+
+    @cached_property
+    def flat_weights(self) -> np.ndarray:
+        """int64: H*D main tables, then one delta table per anchored channel, back to back (made on
+        first use: a GPU restore makes them on the device instead, `kernels.lane_decode`)."""
+        return weights_of(self.codes, self.sizes)
 
     @property
     def weights(self) -> list[np.ndarray]:
@@ -96,9 +101,8 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
     los, sizes, counts = _table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
     if sizes.max() > rans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
         raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
-    codes = rans.counts_to_codes(counts, sizes)
     return ChannelTables(h, d, group_size, anchor_bits, steps, anchored, los.astype(np.int64), sizes.astype(np.int64),
-                         codes, weights_of(codes, sizes))
+                         rans.counts_to_codes(counts, sizes))
 
 
 def weights_of(codes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -111,9 +115,27 @@ class FileTables:
 
     def __init__(self, tensors: dict[tuple[int, str], ChannelTables]):
         self.tensors = tensors
+        self._weighed = threading.Lock()
+        self._weights_ready = False
+
+    def with_weights(self) -> "FileTables":
+        """Every tensor's weights made at once, tensors in parallel threads (numpy lets go of the
+        GIL; it is most of the work of reading tables on the CPU)."""
+        with self._weighed:
+            if not self._weights_ready:
+                todo = [tt for tt in self.tensors.values() if "flat_weights" not in tt.__dict__]
+                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                    weights = list(pool.map(lambda tt: weights_of(tt.codes, tt.sizes), todo))
+                for tt, w in zip(todo, weights):
+                    tt.__dict__["flat_weights"] = w  # what the cached property would store
+                self._weights_ready = True
+        return self
 
     def for_chunk(self, info, codec: str) -> ChannelTables:
-        """The tables of the (layer, key/value) of `info` (a `ChunkInfo`), checked to fit its shape."""
+        """The tables of the (layer, key/value) of `info` (a `ChunkInfo`), checked to fit its shape,
+        with their weights (the CPU coders need them)."""
+        if not self._weights_ready:
+            self.with_weights()
         entry = self.tensors.get((info.layer, info.tensor))
         b, h, t, d = info.shape
         if entry is None or (entry.heads, entry.head_dim) != (h, d):
@@ -156,10 +178,7 @@ class FileTables:
                     codes = cursor.take(np.uint8, int(sizes.sum()))
                     fields[(i, name)] = (h, d, group_size, anchor_bits, steps, modes.astype(bool), los, sizes, codes)
             cursor.finish()
-            # the weights are most of the work of reading tables: tensors in parallel (numpy lets go of the GIL)
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                weights = list(pool.map(lambda f: weights_of(f[8], f[7]), fields.values()))
-            tensors = {key: ChannelTables(*f, w) for (key, f), w in zip(fields.items(), weights)}
+            tensors = {key: ChannelTables(*f) for key, f in fields.items()}
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
         return cls(tensors)
