@@ -367,3 +367,19 @@ def test_the_top_of_float16_decodes_as_on_the_cpu(codec, options):
     data = kvcodec.encode(near_max_cache(), codec, chunk_tokens=128, **options)
     got, want = kernel_cache(data), cpu_cache(data)
     assert got.equal(want) and all(torch.isfinite(t).all() for lay in want.layers for t in (lay.key, lay.value))
+
+
+def test_device_made_cumulative_tables_equal_the_host_ones():
+    """The lane decoder's tables, made from the stored count codes with torch (on the GPU in a
+    restore), are the host's cumulative weights with 2**24 after each table, integer for integer."""
+    import numpy as np
+
+    from kvcodec.entropy import rans
+    from kvcodec.kernels.lane_decode import cumulative_with_ends
+
+    data = kvcodec.encode(smooth_cache(torch.float16, tokens=max(TOKENS, 250)), "cachegen", chunk_tokens=CHUNK,
+                          key_emphasis=0.0, group_size=6)
+    for tt in kvcodec.open(data).context(0).tensors.values():
+        want = np.insert(rans.cumulative_many(tt.flat_weights, tt.sizes), np.cumsum(tt.sizes), rans.TOTAL)
+        got = cumulative_with_ends(torch.from_numpy(tt.codes).to(DEVICE), torch.from_numpy(tt.sizes).to(DEVICE))
+        assert np.array_equal(got.cpu().numpy(), want)
