@@ -381,5 +381,5 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
                           key_emphasis=0.0, group_size=6)
     for tt in kvcodec.open(data).context(0).tensors.values():
         want = np.insert(rans.cumulative_many(tt.flat_weights, tt.sizes), np.cumsum(tt.sizes), rans.TOTAL)
-        got = cumulative_with_ends(torch.from_numpy(tt.codes).to(DEVICE), torch.from_numpy(tt.sizes).to(DEVICE))
+        got = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), torch.tensor(tt.sizes, device=DEVICE))
         assert np.array_equal(got.cpu().numpy(), want)
