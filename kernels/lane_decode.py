@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcodec.cache import TENSORS
 from kvcodec.codecs.device import Check, Launch, where
 from kvcodec.entropy import rans
 from kvcodec.entropy.tables import FileTables
@@ -158,7 +159,7 @@ class DeviceTables:
         n_tables = n_channels = 0
         for (layer, name), tt in parsed.items():
             c, a = tt.heads * tt.head_dim, int(tt.anchored.sum())
-            self.by_tensor[2 * layer + ("key", "value").index(name)] = (n_channels, a, tt.group_size, tt.anchor_bits,
+            self.by_tensor[2 * layer + TENSORS.index(name)] = (n_channels, a, tt.group_size, tt.anchor_bits,
                                                                         tt.heads, tt.head_dim)
             delta, ordinal = np.full(c, -1, dtype=np.int64), np.zeros(c, dtype=np.int64)
             delta[tt.anchored], ordinal[tt.anchored] = n_tables + tt.delta_of, np.arange(a)

@@ -30,7 +30,12 @@ class ChunkInfo:
     @property
     def where(self) -> str:
         """The chunk's place, for error messages."""
-        return f"layer {self.layer} {self.tensor} tokens {self.token_start}+{self.shape[2]}"
+        return place(self.layer, self.tensor, self.token_start, self.shape[2])
+
+
+def place(layer: int, tensor: str, token_start: int, tokens: int) -> str:
+    """How error messages name a chunk: `layer 3 key tokens 1024+1024`."""
+    return f"layer {layer} {tensor} tokens {token_start}+{tokens}"
 
 
 @dataclass(frozen=True)

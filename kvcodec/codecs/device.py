@@ -27,7 +27,8 @@ from functools import cache
 import numpy as np
 import torch
 
-from kvcodec.codecs.base import ChunkInfo, Codec
+from kvcodec.cache import TENSORS
+from kvcodec.codecs.base import ChunkInfo, Codec, place
 from kvcodec.errors import CodecError
 
 DECODER_ENV = "KVCODEC_DECODER"
@@ -43,8 +44,7 @@ STAGE_ALIGN = 64  # payload offsets in a staged buffer (file payloads are 64-byt
 
 def where(row: np.ndarray) -> str:
     """A job's record place, for error messages (as `ChunkInfo.where`)."""
-    return (f"layer {int(row[LAYER])} {('key', 'value')[int(row[TENSOR])]} "
-            f"tokens {int(row[TOKEN_START])}+{int(row[TOKENS])}")
+    return place(int(row[LAYER]), TENSORS[int(row[TENSOR])], int(row[TOKEN_START]), int(row[TOKENS]))
 
 
 @dataclass

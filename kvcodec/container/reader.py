@@ -385,10 +385,9 @@ class KVCReader:
     def verify(self) -> None:
         """Check every checksum and the file's layout without decoding payloads."""
         self.check_layout()
-        for r in self.records:
+        for i, r in enumerate(self.records):
             self._checked(int(r["offset"]), int(r["length"]), int(r["crc32"]),
-                          f"record of layer {int(r['layer'])} {TENSORS[r['tensor']]} tokens "
-                          f"{int(r['token_start'])}+{int(r['tokens'])}")
+                          lambda i=i: f"record of {self.record_info(i).where}")
         for b in self.blobs:
             self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"blob {int(b['ordinal'])}")
 
