@@ -220,16 +220,25 @@ def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, 
     run_len = np.diff(np.r_[runs, len(table)])
     br = min(MAX_CHUNKS_PER_PROGRAM, J.block(int(run_len.max())))
     bc = max(1, LANES_PER_PROGRAM // br)
-    progs = []
-    for start, length in zip(runs, run_len):
-        r0 = np.arange(start, start + length, br)
-        nr = np.minimum(br, start + length - r0)
-        batch, channels, base = (int(table[start, col]) for col in (J.BATCH, CHANNELS, CHAN_BASE))
-        steps = np.maximum.reduceat(search_steps[base:base + channels], np.arange(0, channels, bc))
-        b, cb, r = np.meshgrid(np.arange(batch), np.arange(len(steps)), np.arange(len(r0)), indexing="ij")
-        cb, r = cb.ravel(), r.ravel()
-        progs.append(np.stack([r0[r], nr[r], b.ravel(), cb * bc, steps[cb]], 1))
-    return np.concatenate(progs).astype(np.int64), bc, br
+    batch, channels, base = (table[runs, col] for col in (J.BATCH, CHANNELS, CHAN_BASE))
+    n_r, n_cb = -(-run_len // br), -(-channels // bc)  # chunk groups and channel blocks per run
+
+    def within(counts):  # for items counted per run: each one's run, and its index within it
+        first = np.cumsum(counts) - counts
+        run = np.repeat(np.arange(len(counts)), counts)
+        return run, np.arange(int(counts.sum())) - first[run]
+
+    block_run, cb = within(n_cb)  # per channel block: the steps its tables need
+    lo = base[block_run] + cb * bc
+    width = np.minimum(bc, channels[block_run] - cb * bc)
+    gather = np.repeat(lo - (np.cumsum(width) - width), width) + np.arange(int(width.sum()))
+    steps = np.maximum.reduceat(search_steps[gather], np.cumsum(width) - width)
+    run, local = within(batch * n_cb * n_r)  # programs, per run ordered by (batch, channel block, chunks)
+    r, c, b = local % n_r[run], (local // n_r[run]) % n_cb[run], local // (n_r[run] * n_cb[run])
+    r0 = runs[run] + r * br
+    nr = np.minimum(br, runs[run] + run_len[run] - r0)
+    progs = np.stack([r0, nr, b, c * bc, steps[(np.cumsum(n_cb) - n_cb)[run] + c]], 1)
+    return progs.astype(np.int64), bc, br
 
 
 def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,

@@ -39,6 +39,10 @@ def itemsize(name: str) -> int:
     return torch.empty((), dtype=DTYPES[name][1]).element_size()
 
 
+ITEMSIZE_OF_CODE = np.zeros(1 + max(CODE_TO_NAME), dtype=np.int64)  # index: format code (0 where none)
+ITEMSIZE_OF_CODE[list(CODE_TO_NAME)] = [itemsize(name) for name in CODE_TO_NAME.values()]
+
+
 def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float32 values -> `dtype` as every lossy decoder converts (spec 8): round to nearest even,
     saturating at the dtype's largest finite magnitude (NaN stays NaN). A finite input thus never

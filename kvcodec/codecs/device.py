@@ -126,6 +126,14 @@ def _declared(codec: Codec, target: str | None, what: str):
                          f"{exc})") from None
 
 
+CHECKSUM_KERNEL = "kvcodec.kernels.checksum"  # `mismatches(staged, jobs, expected)`: crc32 on the GPU
+
+
+def checksum_kernel():
+    """The GPU's payload checksum (`kvcodec.kernels.checksum`), for CUDA reads."""
+    return _load(CHECKSUM_KERNEL)
+
+
 def decoder_for(codec: Codec):
     """The codec's device decoder, or None (its records decode on the CPU)."""
     return _declared(codec, codec.device_decoder, "device decoder")

@@ -4,8 +4,10 @@ for the built-in ones), through the reader's public seam only.
 Payloads are gathered into pinned host memory batch by batch and copied to the device on a side
 stream, so one batch's copy overlaps the previous batch's decode; each codec's records in a batch
 decode in one launch, straight into the output tensors (views of one buffer per dtype, laid out
-by the reader's `ReadPlan`). The checksums are verified on host threads meanwhile, and
-corruption the kernels detect is read back once at the end: decoding never waits for the host.
+by the reader's `ReadPlan`). On a CUDA device the payloads' checksums are computed there too
+(`codecs.device.checksum_kernel`), elsewhere on host threads; checksum mismatches and corruption
+the kernels detect are read back once at the end, before anything is returned: decoding never
+waits for the host.
 Records whose codec has no device decoder (or that it declines) decode on the CPU and are
 copied into place.
 """
@@ -35,9 +37,8 @@ def job_table(reader, plan) -> np.ndarray:
     table = np.zeros((len(plan.records), dev.COLUMNS), dtype=np.int64)
     if not len(plan.records):
         return table
-    outputs = [plan.outputs[k] for k in plan.output_of.tolist()]
-    base = np.array([o.offset for o in outputs], dtype=np.int64)
-    heads, tokens, dims = (np.array([o.shape[i] for o in outputs], dtype=np.int64) for i in (1, 2, 3))
+    per_output = np.array([(o.offset, *o.shape[1:]) for o in plan.outputs], dtype=np.int64)[plan.output_of]
+    base, heads, tokens, dims = per_output.T
     table[:, dev.LENGTH] = rec["length"]
     table[:, dev.DST] = base + plan.token_offset * dims
     table[:, dev.STRIDE_B], table[:, dev.STRIDE_H] = heads * tokens * dims, tokens * dims
@@ -83,14 +84,14 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     table = job_table(reader, plan)
     buffers = plan.allocate(device)
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    launches, crc_checks = [], []
-    with ThreadPoolExecutor(max_workers=CRC_THREADS) as pool:
+    launches = []
+    with Checksums(reader, plan, table, on_device=checksums_on_device(device)) as checksums:
         for part in batches(table[:, dev.LENGTH]):
             rows = np.arange(part.start, part.stop)
             groups, cpu = decoder_groups(reader, plan, table, rows)
             staged_rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
             # the copy and the checksums start first: loading contexts (tables, weights) overlaps them
-            staged = stage(reader, plan, table, staged_rows, device, copy_stream, pool, crc_checks)
+            staged = stage(reader, plan, table, staged_rows, device, copy_stream, checksums)
             for (slot, dtype_code, _), members in groups.items():
                 codec, context = reader.codec(slot), reader.context(slot)
                 decoder = dev.decoder_for(codec)
@@ -106,10 +107,6 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
                 out[:, :, at:at + chunk.shape[2]].copy_(chunk, non_blocking=True)
             if progress:
                 progress(part.stop)
-        for future in crc_checks:
-            bad = future.result()
-            if bad is not None:
-                raise ChecksumError(f"record of {dev.where(table[bad])} checksum mismatch: the file is corrupt")
     for launch, members, codec in launches:
         failure = dev.first_failure(launch.checks)
         if failure is not None:
@@ -118,9 +115,69 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     return [plan.result(buffers, k) for k in range(len(wanted))]
 
 
-def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream, pool, crc_checks) -> torch.Tensor:
-    """Put the payloads of `rows` in one host buffer, setting their SRC column; check their
-    checksums on `pool`; move the buffer to the device on `copy_stream`.
+def checksums_on_device(device: torch.device) -> bool:
+    """Whether payload checksums are computed where the payloads are decoded (on a GPU)."""
+    return device.type == "cuda"
+
+
+class Checksums:
+    """Verifying the staged payloads' crc32: launched on the GPU after each batch's copy, or run
+    on host threads; leaving the `with` block raises ChecksumError for the first mismatch."""
+
+    def __init__(self, reader, plan, table: np.ndarray, on_device: bool):
+        self.expected = reader.records["crc32"][plan.records]
+        self.table, self.on_device = table, on_device
+        self.pool = None if on_device else ThreadPoolExecutor(max_workers=CRC_THREADS)
+        self.pending = []  # futures giving a bad row or None; (rows, bool tensor) from the GPU
+
+    def host(self, view: np.ndarray, rows: np.ndarray):
+        """Check `rows` in the host buffer `view` (their payloads at column SRC)."""
+        if self.pool is None:  # the few payloads too short for the GPU's checksum: here and now
+            self._raise_for(self._first_bad(view, rows))
+            return
+        step = -(-len(rows) // CRC_THREADS) if len(rows) else 1
+        self.pending.extend(self.pool.submit(self._first_bad, view, rows[a:a + step])
+                            for a in range(0, len(rows), step))
+
+    def _first_bad(self, view: np.ndarray, rows: np.ndarray):
+        for row, at, n in zip(rows.tolist(), self.table[rows, dev.SRC].tolist(), self.table[rows, dev.LENGTH].tolist()):
+            if zlib.crc32(view[at:at + n]) != int(self.expected[row]):
+                return row
+        return None
+
+    def _raise_for(self, bad):
+        if bad is not None:
+            raise ChecksumError(f"record of {dev.where(self.table[bad])} checksum mismatch: the file is corrupt")
+
+    def device(self, staged: torch.Tensor, view: np.ndarray, rows: np.ndarray):
+        """Check `rows` in `staged` on its device (the few payloads too short for it on the host)."""
+        short = self.table[rows, dev.LENGTH] < dev.checksum_kernel().MIN_LENGTH
+        self.host(view, rows[short])
+        rows = rows[~short]
+        if len(rows):
+            self.pending.append((rows, dev.checksum_kernel().mismatches(staged, self.table[rows], self.expected[rows])))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=kind is not None)
+        if kind is not None:
+            return False
+        for item in self.pending:
+            if isinstance(item, tuple):
+                rows, flags = item
+                bad = torch.nonzero(flags).reshape(-1)
+                self._raise_for(int(rows[int(bad[0])]) if bad.numel() else None)
+            else:
+                self._raise_for(item.result())
+        return False
+
+
+def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream, checksums: Checksums) -> torch.Tensor:
+    """Put the payloads of `rows` in one host buffer, setting their SRC column; have `checksums`
+    verify them; move the buffer to the device on `copy_stream`.
 
     Records that lie together in the file move as one span. The span is taken as it is when the
     file is a pinned tensor, else copied into pinned memory (by torch, on several threads)."""
@@ -153,21 +210,14 @@ def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream
             for at, to, n in pieces:
                 if n:
                     host[to:to + n].copy_(torch.frombuffer(reader.source.read(at, n), dtype=torch.uint8))
-    view = host.numpy()
-
-    def check(part: slice):
-        for row, at, n, i in zip(rows[part].tolist(), offsets[part].tolist(), lengths[part].tolist(),
-                                 idx[part].tolist()):
-            if zlib.crc32(view[at:at + n]) != int(rec["crc32"][i]):
-                return row
-        return None
-
-    step = -(-len(rows) // CRC_THREADS) if len(rows) else 1
-    crc_checks.extend(pool.submit(check, slice(a, a + step)) for a in range(0, len(rows), step))
-    if copy_stream is None:
-        return host
-    with torch.cuda.stream(copy_stream):
-        staged = host.to(device, non_blocking=True)
-    torch.cuda.current_stream(device).wait_stream(copy_stream)
-    staged.record_stream(torch.cuda.current_stream(device))
+    view, staged = host.numpy(), host
+    if copy_stream is not None:
+        with torch.cuda.stream(copy_stream):
+            staged = host.to(device, non_blocking=True)
+        torch.cuda.current_stream(device).wait_stream(copy_stream)
+        staged.record_stream(torch.cuda.current_stream(device))
+    if checksums.on_device:
+        checksums.device(staged, view, rows)
+    else:
+        checksums.host(view, rows)
     return staged

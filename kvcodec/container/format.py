@@ -318,15 +318,27 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
     _check(not np.any(records["tokens"] == 0), "a record holds zero tokens")
     _check(not np.any(records["length"] == 0), "a record has an empty payload")
     groups = group_records(records)
-    for (layer, tensor), idx in groups.items():
-        spec = getattr(header.layers[layer], TENSORS[tensor])
-        r = records[idx]
-        _check(bool(np.all(r["dtype"] == DTYPES[spec.dtype][0]) and np.all(r["batch"] == spec.batch)
-                    and np.all(r["heads"] == spec.heads) and np.all(r["head_dim"] == spec.head_dim)),
-               f"records of layer {layer} {TENSORS[tensor]} disagree with the header's shape or dtype")
-        starts, ends = r["token_start"].astype(np.int64), r["token_start"].astype(np.int64) + r["tokens"]
-        _check(starts[0] == 0 and ends[-1] == spec.tokens and bool(np.all(starts[1:] == ends[:-1])),
-               f"records of layer {layer} {TENSORS[tensor]} do not tile its {spec.tokens} tokens")
+    if len(records):  # per record, against its (layer, tensor)'s entry: all at once
+        specs = [getattr(lay, name) for lay in header.layers for name in TENSORS]
+        expect = np.array([(DTYPES[t.dtype][0], t.batch, t.heads, t.head_dim, t.tokens) for t in specs], dtype=np.int64)
+        key = records["layer"].astype(np.int64) * 2 + records["tensor"]
+        spec = expect[key]
+        fields = np.stack([records[f].astype(np.int64) for f in ("dtype", "batch", "heads", "head_dim")], 1)
+        wrong = np.flatnonzero(np.any(fields != spec[:, :4], axis=1))
+        if wrong.size:
+            layer, tensor = int(records["layer"][wrong[0]]), int(records["tensor"][wrong[0]])
+            raise FormatError(f"records of layer {layer} {TENSORS[tensor]} disagree with the header's shape or dtype")
+        order = np.concatenate(list(groups.values()))  # by (layer, tensor), then token start
+        k, starts = key[order], records["token_start"][order].astype(np.int64)
+        ends = starts + records["tokens"][order]
+        first = np.r_[True, k[1:] != k[:-1]]
+        last = np.r_[k[1:] != k[:-1], True]
+        broken = (first & (starts != 0)) | (~first & (starts != np.r_[0, ends[:-1]])) | (last & (ends != spec[order, 4]))
+        if broken.any():
+            at = order[np.flatnonzero(broken)[0]]
+            layer, tensor = int(records["layer"][at]), int(records["tensor"][at])
+            raise FormatError(f"records of layer {layer} {TENSORS[tensor]} do not tile its "
+                              f"{getattr(header.layers[layer], TENSORS[tensor]).tokens} tokens")
     for layer, spec in enumerate(header.layers):
         for tensor in (0, 1):
             if getattr(spec, TENSORS[tensor]).tokens and (layer, tensor) not in groups:
@@ -387,17 +399,15 @@ def container_blob_sizes(header: Header) -> dict[int, tuple[int, int]]:
 
 def group_records(records: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     """Record indices per (layer, tensor), in token order; duplicates of a start are an error."""
-    order = np.lexsort((records["token_start"], records["tensor"], records["layer"]))
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in order.tolist():
-        groups.setdefault((int(records["layer"][i]), int(records["tensor"][i])), []).append(i)
-    out = {}
-    for key, idx in groups.items():
-        arr = np.array(idx)
-        starts = records["token_start"][arr]
-        _check(len(np.unique(starts)) == len(starts), f"two records of layer {key[0]} share a token start")
-        out[key] = arr
-    return out
+    if not len(records):
+        return {}
+    layer, tensor, start = (records[f].astype(np.int64) for f in ("layer", "tensor", "token_start"))
+    order = np.lexsort((start, tensor, layer))
+    key = (layer * 2 + tensor)[order]
+    twice = np.flatnonzero((key[1:] == key[:-1]) & (start[order][1:] == start[order][:-1]))
+    _check(not twice.size, f"two records of layer {int(layer[order][twice[0]]) if twice.size else 0} share a token start")
+    cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
+    return {(int(k) // 2, int(k) % 2): idx for k, idx in zip(key[np.r_[0, cuts]].tolist(), np.split(order, cuts))}
 
 
 def record_dtype_name(code: int) -> str:

@@ -34,23 +34,30 @@ class ReadPlan:
     def __init__(self, header, records: np.ndarray, groups: dict, wanted):
         self.outputs: list[Output] = []
         self.sizes: dict[torch.dtype, int] = {}
-        parts = []
+        n = len(wanted)
+        asked = np.array(wanted, dtype=np.int64).reshape(n, 4)
+        members = [np.asarray(groups.get((int(layer), int(t)), ()), dtype=np.int64) for layer, t, _, _ in wanted]
+        idx = np.concatenate(members) if n else np.zeros(0, np.int64)
+        read_of = np.repeat(np.arange(n), [len(m) for m in members])
+        begins = records["token_start"][idx].astype(np.int64)
+        ends = begins + records["tokens"][idx]
+        keep = (begins < asked[read_of, 3]) & (ends > asked[read_of, 2])  # records overlapping the read
+        idx, read_of, begins, ends = idx[keep], read_of[keep], begins[keep], ends[keep]
+        first, last = asked[:, 2].copy(), asked[:, 3].copy()
+        held = np.bincount(read_of, minlength=n) > 0
+        first[held], last[held] = np.iinfo(np.int64).max, -1  # reads with records hold their whole chunks
+        np.minimum.at(first, read_of, begins)
+        np.maximum.at(last, read_of, ends)
         for k, (layer, t, start, stop) in enumerate(wanted):
             spec = getattr(header.layers[layer], TENSORS[t])
-            idx = np.asarray([i for i in groups.get((layer, t), [])
-                              if records["token_start"][i] < stop
-                              and records["token_start"][i] + records["tokens"][i] > start], dtype=np.int64)
-            begins = records["token_start"][idx].astype(np.int64)
-            first = int(begins.min()) if idx.size else start
-            last = int((begins + records["tokens"][idx]).max()) if idx.size else stop
             dtype = torch_dtype(spec.dtype)
-            shape = (spec.batch, spec.heads, last - first, spec.head_dim)
+            shape = (spec.batch, spec.heads, int(last[k] - first[k]), spec.head_dim)
             base = self.sizes.get(dtype, 0)
-            self.sizes[dtype] = base + int(np.prod(shape))
-            self.outputs.append(Output(dtype, base, shape, first, start, stop))
-            parts.append((idx, np.full(idx.size, k), begins - first))
-        self.records, self.output_of, self.token_offset = (
-            np.concatenate([p[j] for p in parts]) if parts else np.zeros(0, np.int64) for j in range(3))
+            self.sizes[dtype] = base + shape[0] * shape[1] * shape[2] * shape[3]
+            self.outputs.append(Output(dtype, base, shape, int(first[k]), start, stop))
+        order = np.argsort(read_of, kind="stable")  # read by read, in token order
+        self.records, self.output_of = idx[order], read_of[order]
+        self.token_offset = begins[order] - first[self.output_of]
 
     def allocate(self, device) -> dict[torch.dtype, torch.Tensor]:
         """One flat buffer per dtype for all outputs."""

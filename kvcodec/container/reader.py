@@ -24,7 +24,7 @@ from kvcodec.container import device_read, positions
 from kvcodec.container import format as fmt
 from kvcodec.container.read_plan import ReadPlan
 from kvcodec.container.source import ByteSource
-from kvcodec.dtypes import itemsize, torch_dtype
+from kvcodec.dtypes import ITEMSIZE_OF_CODE, itemsize, torch_dtype
 from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from kvcodec.registry import codec_class
 
@@ -221,14 +221,19 @@ class KVCReader:
     def check_expansion(self, indices) -> None:
         """FormatError if one of these records claims more decoded bytes than its codec can make
         of its payload: checked before anything is allocated for them."""
-        for i in np.asarray(indices, dtype=np.int64).tolist():
-            r = self.records[i]
-            decoded = int(r["batch"]) * int(r["heads"]) * int(r["tokens"]) * int(r["head_dim"]) * \
-                itemsize(fmt.record_dtype_name(int(r["dtype"])))
-            codec = self.codec(int(r["codec_slot"]))
-            if decoded > codec.max_expansion * int(r["length"]) + 4096:
-                raise FormatError(f"a {codec.name} record of layer {int(r['layer'])} claims {decoded} bytes from a "
-                                  f"{int(r['length'])}-byte payload: the file is corrupt")
+        r = self.records[np.asarray(indices, dtype=np.int64)]
+        if not len(r):
+            return
+        decoded = (r["batch"].astype(np.float64) * r["heads"] * r["tokens"] * r["head_dim"]) * ITEMSIZE_OF_CODE[r["dtype"]]
+        slots = np.unique(r["codec_slot"]).tolist()
+        factor = np.zeros(max(slots) + 1)
+        factor[slots] = [self.codec(slot).max_expansion for slot in slots]
+        over = np.flatnonzero(decoded > factor[r["codec_slot"]] * r["length"].astype(np.float64) + 4096)
+        if over.size:
+            bad = r[over[0]]
+            raise FormatError(f"a {self.codec(int(bad['codec_slot'])).name} record of layer {int(bad['layer'])} claims "
+                              f"{int(decoded[over[0]])} bytes from a {int(bad['length'])}-byte payload: the file is "
+                              f"corrupt")
 
     def _prefetch(self, records) -> tuple[int, int]:
         """Announce the payloads of `records` and the blobs decoding them needs (their codecs'
