@@ -30,7 +30,9 @@ from kvcodec.kernels import raw
 from kvcodec.kernels.rounding import to_output_dtype
 
 # the job columns `prepare_lanes` adds
-CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE = J.extra_columns(8)
+CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE, COUNTS_AT, N_LANES, LANE_WORDS = \
+    J.extra_columns(11)
+BOUNDS_BLOCK = 1024  # lane lengths a program of the bounds kernel sums at a time
 LANES_PER_PROGRAM = 64  # these three: the best of a sweep on an H100 (BENCHMARKS.md)
 MAX_CHUNKS_PER_PROGRAM = 4
 NUM_WARPS = 2
@@ -52,6 +54,30 @@ def _initial_state(words_ptr, start, end, mask):
     has = mask & (p > start)
     x = tl.where(has, (x << 32) | _load_word(words_ptr, p - 1, has), x)
     return x, tl.where(has, p - 1, p), canonical
+
+
+@triton.jit
+def _bounds_kernel(words_ptr, table_ptr, start_ptr, end_ptr, bad_ptr, NCOL: tl.constexpr, BL: tl.constexpr):
+    """Each job's lane boundaries (word offsets in the staged buffer) from the lane lengths its
+    payload stores: lanes follow one another from the word after the lengths, clipped to the
+    payload; flags the job when the lengths do not add up to its lane words."""
+    job = tl.program_id(0)
+    row = table_ptr + job * NCOL
+    counts_at = tl.load(row + COUNTS_AT)
+    n_lanes = tl.load(row + N_LANES)
+    expected = tl.load(row + LANE_WORDS)
+    lane_base = tl.load(row + LANE_BASE)
+    first = counts_at + n_lanes  # the first lane's first word
+    total = tl.zeros([], dtype=tl.int64)
+    for b0 in range(0, n_lanes, BL):
+        i = b0 + tl.arange(0, BL)
+        m = i < n_lanes
+        count = tl.load(words_ptr + counts_at + i, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+        end = tl.minimum(first + total + tl.cumsum(count, 0), first + expected)
+        tl.store(end_ptr + lane_base + i, end, mask=m)
+        tl.store(start_ptr + lane_base + i, tl.maximum(end - count, first), mask=m)
+        total += tl.sum(count, 0)
+    tl.store(bad_ptr + job, (total != expected).to(tl.int32))
 
 
 @triton.jit
@@ -151,26 +177,30 @@ class DeviceTables:
     binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
 
     def __init__(self, file_tables: FileTables, device):
-        parsed = file_tables.tensors
-        layers = 1 + max((layer for layer, _ in parsed), default=-1)
+        parsed = list(file_tables.tensors.items())
+        layers = 1 + max((layer for (layer, _), _ in parsed), default=-1)
         # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
         self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
-        codes, sizes, los, mains, deltas, steps, ordinals = [], [], [], [], [], [], []
-        n_tables = n_channels = 0
-        for (layer, name), tt in parsed.items():
-            c, a = tt.heads * tt.head_dim, int(tt.anchored.sum())
-            self.by_tensor[2 * layer + TENSORS.index(name)] = (n_channels, a, tt.group_size, tt.anchor_bits,
-                                                                        tt.heads, tt.head_dim)
-            delta, ordinal = np.full(c, -1, dtype=np.int64), np.zeros(c, dtype=np.int64)
-            delta[tt.anchored], ordinal[tt.anchored] = n_tables + tt.delta_of, np.arange(a)
-            for out, part in ((codes, tt.codes), (sizes, tt.sizes), (los, tt.los), (steps, tt.steps),
-                              (mains, n_tables + np.arange(c)), (deltas, delta), (ordinals, ordinal)):
-                out.append(part)
-            n_tables += len(tt.sizes)
-            n_channels += c
-        codes, sizes, los, mains, deltas, steps, ordinals = (
-            np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
-            for x in (codes, sizes, los, mains, deltas, steps, ordinals))
+        c = np.array([tt.heads * tt.head_dim for _, tt in parsed], dtype=np.int64)
+        n_tab = np.array([len(tt.sizes) for _, tt in parsed], dtype=np.int64)
+        chan_first, tab_first = np.cumsum(c) - c, np.cumsum(n_tab) - n_tab
+
+        def joined(field, dtype):
+            parts = [getattr(tt, field) for _, tt in parsed]
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+        sizes, los, codes = joined("sizes", np.int64), joined("los", np.int64), joined("codes", np.uint8)
+        steps, anchored = joined("steps", np.float32), joined("anchored", bool)
+        tensor = np.repeat(np.arange(len(parsed)), c)  # of each channel
+        rows = np.array([2 * layer + TENSORS.index(name) for (layer, name), _ in parsed], dtype=np.int64)
+        n_anchored = np.add.reduceat(anchored, chan_first) if len(parsed) else np.zeros(0, np.int64)
+        self.by_tensor[rows] = np.stack([chan_first, n_anchored, [tt.group_size for _, tt in parsed],
+                                         [tt.anchor_bits for _, tt in parsed], [tt.heads for _, tt in parsed],
+                                         [tt.head_dim for _, tt in parsed]], 1).reshape(-1, 6)
+        # per channel: its main table, its delta table (-1 when direct), its ordinal among anchored ones
+        mains = tab_first[tensor] + np.arange(len(tensor)) - chan_first[tensor]
+        seen = np.cumsum(anchored) - anchored
+        ordinals = np.where(anchored, seen - (seen[chan_first] if len(parsed) else 0)[tensor], 0)
+        deltas = np.where(anchored, tab_first[tensor] + c[tensor] + ordinals, -1)
         ends = np.cumsum(sizes)
 
         def dev(x, dtype):
@@ -258,47 +288,33 @@ def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray,
     batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
     channels, n_anchored = heads * head_dim, entry[:, 1]
     n_lanes = batch * (channels + n_anchored)
-    table = J.with_columns(table, table[:, J.TOKENS] - sinks, sinks, entry[:, 0], channels, n_anchored, entry[:, 2],
-                           entry[:, 3], np.cumsum(n_lanes) - n_lanes)
     sink_bytes = batch * heads * sinks * head_dim * out.element_size()
     lane_bytes = table[:, J.LENGTH] - sink_bytes - 4 * n_lanes
     broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 4 != 0))
     if broken.size:
         raise CodecError(f"{codec} payload of {where(table[broken[0]])} is truncated or has the wrong length")
-
-    # lane boundaries, from the lane lengths stored in each payload (computed on the device)
+    table = J.with_columns(table, table[:, J.TOKENS] - sinks, sinks, entry[:, 0], channels, n_anchored, entry[:, 2],
+                           entry[:, 3], np.cumsum(n_lanes) - n_lanes, (table[:, J.SRC] + sink_bytes) // 4, n_lanes,
+                           lane_bytes // 4)
     words = staged.view(torch.int32)
-    dev = lambda x: J.to_device(x, device)  # noqa: E731
+    table_d = J.to_device(table, device)
     total_lanes = int(n_lanes.sum())
-    lane_base, lanes_t = dev(table[:, LANE_BASE]), dev(n_lanes)
-    counts_at = dev((table[:, J.SRC] + sink_bytes) // 4)
-    words_at = counts_at + lanes_t
-    expected = dev(lane_bytes // 4)
-    steps = []
-
-    def lane_bounds():
-        lane_job = torch.repeat_interleave(torch.arange(len(table), device=device), lanes_t, output_size=total_lanes)
-        local = torch.arange(total_lanes, device=device) - lane_base[lane_job]
-        counts = words[counts_at[lane_job] + local].to(torch.int64) & 0xFFFFFFFF
-        ends = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(counts, 0)])
-        before = ends[lane_base]
-        lengths_bad.copy_((ends[lane_base + lanes_t] - before) != expected)
-        first = words_at[lane_job]
-        lane_end.copy_(torch.minimum(first + ends[1:] - before[lane_job], first + expected[lane_job]))
-        lane_start.copy_((lane_end - counts).clamp_min(first))
-
-    lengths_bad = torch.empty(len(table), dtype=torch.bool, device=device)
+    lengths_bad = torch.empty(len(table), dtype=torch.int32, device=device)
     lane_end = torch.empty(total_lanes, dtype=torch.int64, device=device)
     lane_start = torch.empty_like(lane_end)
-    steps.append(lane_bounds)
+
+    def lane_bounds():
+        _bounds_kernel[(len(table),)](words, table_d, lane_start, lane_end, lengths_bad, NCOL=table.shape[1],
+                                      BL=BOUNDS_BLOCK)
+    steps = [lane_bounds]
     copy_sinks = raw.copy_elements(staged, out, table, sinks)
     if copy_sinks:
         steps.append(copy_sinks)
     programs, bc, br = _programs(table, tables.search_steps)
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
     args = (words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
-            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, dev(table), dev(programs),
-            err)
+            tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, table_d,
+            J.to_device(programs, device), err)
 
     def lanes():
         _lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BC=bc, BR=br, num_warps=NUM_WARPS)

@@ -88,3 +88,34 @@ def test_reads_verified_on_the_device_decode_and_refuse_corruption(monkeypatch, 
         bad[int(r["offset"]) + int(r["length"]) - 1] ^= 0x40
         with pytest.raises(ChecksumError, match="checksum mismatch"):
             kvcodec.decode(bytes(bad), device=DEVICE, decoder="kernels")
+
+
+def test_staging_fills_pinned_buffers_straight_from_the_file(tmp_path, monkeypatch):
+    """A file opened by path is read into the staging buffer by positional reads, in pieces on
+    threads; the bytes equal the file's and a file cut short is a FormatError."""
+    from kvcodec.container.source import ByteSource
+    from kvcodec.errors import FormatError
+
+    monkeypatch.setattr(device_read, "READ_PIECE", 1000)
+    data = np.random.default_rng(2).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(data)
+    for src in (str(path), data, open(path, "rb")):
+        source = ByteSource(src)
+        host = np.zeros(8000, dtype=np.uint8)
+        device_read.fill(source, host, [(10, 0, 3500), (6000, 3500, 4000)])
+        assert host[:3500].tobytes() == data[10:3510] and host[3500:7500].tobytes() == data[6000:]
+        with pytest.raises(FormatError):
+            source.read_into(9000, memoryview(host)[:2000])
+
+
+def test_reads_from_a_path_decode_as_from_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(device_read, "READ_PIECE", 256)  # many pieces, on several threads
+    cache = synthetic_cache(layers=2, heads=2, tokens=40, head_dim=16)
+    data = kvcodec.encode(cache, "quant", chunk_tokens=16, bits=4)
+    path = tmp_path / "c.kvc"
+    path.write_bytes(data)
+    got = kvcodec.unpack(str(path), device=DEVICE, decoder="kernels")
+    want = kvcodec.decode(data, decoder="cpu")
+    for g, w in zip(got.layers, want.layers):
+        assert torch.equal(g.key.cpu(), w.key) and torch.equal(g.value.cpu(), w.value)

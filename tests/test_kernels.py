@@ -109,6 +109,23 @@ def test_token_range_reads_match():
             assert got.shape == want.shape and torch.equal(got.cpu(), want)
 
 
+def test_streamed_layers_decode_in_groups_as_whole_reads_do(monkeypatch):
+    """`stream` decodes each group of layers in one kernel read; `to_hf` of a local file reads
+    the whole cache at once. Both give the CPU decoder's tensors."""
+    from kvcodec.container import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "STREAM_FETCH_BYTES", 1)  # a group per layer
+    cache = synthetic_cache(layers=3, heads=2, tokens=40, head_dim=16, dtype=torch.float16)
+    data = kvcodec.encode(cache, "quant", chunk_tokens=16, bits=4)
+    want = cpu_cache(data)
+    with kvcodec.open(data) as reader:
+        seen = [i for i, layer in reader.stream(device=DEVICE, decoder="kernels")
+                if torch.equal(layer.key.cpu(), want.layers[i].key) and torch.equal(layer.value.cpu(), want.layers[i].value)]
+        assert seen == [0, 1, 2]
+        hf = reader.to_hf(device=DEVICE, decoder="kernels")
+        assert all(torch.equal(hf.layers[i].keys.cpu(), want.layers[i].key) for i in range(3))
+
+
 def test_per_chunk_presets_mix():
     data = kvcodec.encode(smooth_cache(torch.float16), "quant", chunk_tokens=CHUNK, target_ratio=3.0 if ON_GPU else 1.3)
     assert len(kvcodec.open(data).info()["codecs"]) > 1

@@ -15,9 +15,9 @@ copied into place.
 from __future__ import annotations
 
 import os
-import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import numpy as np
 import torch
@@ -175,6 +175,26 @@ class Checksums:
         return False
 
 
+READ_PIECE = 4 << 20  # bytes per thread when staging reads a file
+
+
+@cache
+def _readers() -> ThreadPoolExecutor:
+    """Threads reading files into staging buffers (reads from the page cache scale with them)."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kvcodec-stage")
+
+
+def fill(source, host: np.ndarray, pieces) -> None:
+    """Copy the (file offset, buffer offset, length) `pieces` of `source` into `host`, large
+    ones split across threads."""
+    parts = [(at + k, to + k, min(READ_PIECE, n - k)) for at, to, n in pieces for k in range(0, n, READ_PIECE)]
+    if len(parts) == 1 or source.remote is not None:  # a remote source fetches its own way
+        for at, to, n in parts:
+            source.read_into(at, host[to:to + n])
+        return
+    list(_readers().map(lambda part: source.read_into(part[0], host[part[1]:part[1] + part[2]]), parts))
+
+
 def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream, checksums: Checksums) -> torch.Tensor:
     """Put the payloads of `rows` in one host buffer, setting their SRC column; have `checksums`
     verify them; move the buffer to the device on `copy_stream`.
@@ -205,11 +225,7 @@ def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream
         host = source[lo:lo + size]
     else:
         host = torch.empty(size, dtype=torch.uint8, pin_memory=copy_stream is not None)
-        with warnings.catch_warnings():  # read-only source buffers: frombuffer only reads them here
-            warnings.simplefilter("ignore", UserWarning)
-            for at, to, n in pieces:
-                if n:
-                    host[to:to + n].copy_(torch.frombuffer(reader.source.read(at, n), dtype=torch.uint8))
+        fill(reader.source, host.numpy(), pieces)
     view, staged = host.numpy(), host
     if copy_stream is not None:
         with torch.cuda.stream(copy_stream):

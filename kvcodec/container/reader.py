@@ -325,11 +325,7 @@ class KVCReader:
         `decoder` as in `read`; the kernels decode all layers into one buffer per dtype."""
         self._prefetch(np.arange(len(self.records)))
         if device_seam.use_kernels(device, decoder):
-            ends = np.cumsum([len(self._layer_records(i)) for i in range(self.num_layers)])
-            report = None if progress is None else (lambda n: progress(int(np.searchsorted(ends, n, "right"))))
-            wanted = [(i, t, 0, self.header.layers[i].key.tokens) for i in range(self.num_layers) for t in (0, 1)]
-            tensors = device_read.read_tensors(self, wanted, device, report)
-            pairs = list(zip(tensors[0::2], tensors[1::2]))
+            pairs = self._read_layers(range(self.num_layers), device, progress)
         else:
             pairs = []
             for i in range(self.num_layers):
@@ -341,6 +337,15 @@ class KVCReader:
         return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout, self.header.length,
                        None if selection is None else {"id": selection.id, "name": selection.name,
                                                        "config": selection.config})
+
+    def _read_layers(self, layers, device, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Key and value of every layer in `layers`, decoded by the kernels in one read."""
+        layers = list(layers)
+        ends = np.cumsum([len(self._layer_records(i)) for i in layers])
+        report = None if progress is None else (lambda n: progress(int(np.searchsorted(ends, n, "right"))))
+        wanted = [(i, t, 0, self.header.layers[i].key.tokens) for i in layers for t in (0, 1)]
+        tensors = device_read.read_tensors(self, wanted, device, report)
+        return list(zip(tensors[0::2], tensors[1::2]))
 
     def stream(self, device=None, decoder: str = "auto", ahead: int = 2) -> Iterator[tuple[int, LayerKV]]:
         """(index, layer) for every layer in order, each as soon as its bytes have arrived and
@@ -367,13 +372,20 @@ class KVCReader:
                 span = pending.popleft().result()
                 if g + ahead < len(groups):
                     pending.append(pool.submit(fetch, groups[g + ahead]))
-                for i in group:
-                    key, value = self.read(i, device=device, decoder=decoder)
+                if device_seam.use_kernels(device, decoder):  # a group's layers in one read
+                    pairs = self._read_layers(group, device)
+                else:
+                    pairs = [self.read(i, device=device, decoder=decoder) for i in group]
+                for i, (key, value) in zip(group, pairs):
                     yield i, LayerKV(key, value, self.positions(i))
                 self.source.forget(*span)
 
     def to_hf(self, device=None, config=None, decoder: str = "auto"):
-        """A transformers `DynamicCache` built layer by layer as the file streams in."""
+        """A transformers `DynamicCache`: a local file decoded at once, a remote one built layer
+        by layer as it streams in (transfer and decoding overlap)."""
+        if self.source.remote is None:
+            layers = self.read_cache(device, decoder=decoder).layers
+            return to_dynamic_cache(((lay.key, lay.value) for lay in layers), config)
         return to_dynamic_cache(((lay.key, lay.value) for _, lay in self.stream(device, decoder)), config)
 
     def check_layout(self) -> None:

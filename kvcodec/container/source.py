@@ -74,6 +74,24 @@ class ByteSource:
             raise FormatError("the file ended early (changed while reading?)")
         return data
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill the writable buffer `out` with the bytes from `offset` on (`read`'s checks):
+        straight from the file into `out` when opened by path, so a pinned buffer is filled
+        without an intermediate copy."""
+        out = memoryview(out).cast("B")
+        length = len(out)
+        if self._fd is None:
+            out[:] = self.read(offset, length)
+            return
+        if offset < 0 or offset + length > self.size:
+            raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [out[done:]], offset + done)
+            if n == 0:
+                raise FormatError("the file ended early (changed while reading?)")
+            done += n
+
     def prefetch(self, extents) -> None:
         """Announce the (offset, length) extents about to be read: a remote file fetches them in
         as few requests as they allow; local sources need nothing."""
