@@ -351,8 +351,34 @@ def code_count(code: int) -> int:
     return code if code < 32 else (16 + (code - 32) % 16) << (1 + (code - 32) // 16)
 
 
+def inflate_tables(blob: bytes) -> bytes:
+    """Section 8.5: the framed form (a directory in a skippable frame, then its frames), or one frame."""
+    limit = min(256 << 20, (1 << 20) + 4096 * len(blob))
+    if blob[:4] != (0x184D2A5B).to_bytes(4, "little"):
+        raw = zstandard.ZstdDecompressor().decompress(blob)
+        need(len(raw) <= limit, "8.5", "tables expand past their bound")
+        return raw
+    need(len(blob) >= 12, "8.5", "tables directory truncated")
+    size, count = struct.unpack_from("<II", blob, 4)
+    need(size == 4 * (1 + count) and count >= 1 and 8 + size <= len(blob), "8.5", "tables directory malformed")
+    lengths = struct.unpack_from(f"<{count}I", blob, 12)
+    need(8 + size + sum(lengths) == len(blob), "8.5", "tables directory disagrees with the blob")
+    pos, parts = 8 + size, []
+    for n in lengths:
+        frame = blob[pos:pos + n]
+        declared = zstandard.frame_content_size(frame)
+        need(0 <= declared and sum(map(len, parts)) + declared <= limit, "8.5", "a tables frame's size")
+        parts.append(zstandard.ZstdDecompressor().decompress(frame))
+        need(len(parts[-1]) == declared, "8.5", "a tables frame differs from its declared size")
+        pos += n
+    return b"".join(parts)
+
+
 def parse_tables(blob: bytes) -> dict:
-    raw = zstandard.ZstdDecompressor().decompress(blob)
+    try:
+        raw = inflate_tables(blob)
+    except zstandard.ZstdError as exc:
+        raise Reject("8.5", f"tables do not inflate ({exc})") from None
     (n_layers,), pos, out = struct.unpack_from("<I", raw), 4, {}
     for layer in range(n_layers):
         for name in ("key", "value"):

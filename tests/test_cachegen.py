@@ -3,6 +3,7 @@ ordered by size and error, and damaged tables or lanes reported."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,41 @@ def test_damaged_tables_or_lanes_are_reported():
         codec.decode(memoryview(payload[:-4]), info, ctx)  # lane words missing
     with pytest.raises(CodecError, match="tables are corrupt"):
         codec.load_context([b"\x28\xb5\x2f\xfd" + bytes(20)])
+
+
+def test_framed_tables_inflate_in_parallel_and_refuse_bad_directories():
+    """Tables are stored as zstd frames of whole layers after a directory of their lengths;
+    single-frame tables (earlier writers) still load; bad directories and frames are refused
+    before anything is inflated past the bound."""
+    import zstandard
+    from kvcodec.entropy import tables
+
+    cache = synthetic_cache(layers=3, tokens=30, dtype=torch.float16)
+    data = kvcodec.encode(cache, "cachegen", chunk_tokens=16)
+    reader = kvcodec.open(data)
+    blob = bytes(reader.context_blobs(0)[0])
+    codec = kvcodec.get_codec("cachegen")
+    content = tables._inflate(blob)
+    one_frame = zstandard.ZstdCompressor(write_checksum=True).compress(content)
+    assert blob[:4] == tables.DIRECTORY_MAGIC and tables._inflate(one_frame) == content
+    assert zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read() == content
+    loaded = codec.load_context([one_frame])
+    assert all(np.array_equal(loaded.tensors[k].codes, t.codes) for k, t in reader.context(0).tensors.items())
+    frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(content)
+    unsized = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(content)
+
+    def framed(*frames, count=None):
+        n = len(frames) if count is None else count
+        directory = np.array([n] + [len(f) for f in frames], dtype="<u4").tobytes()
+        return tables.DIRECTORY_MAGIC + np.uint32(len(directory)).tobytes() + directory + b"".join(frames)
+    assert codec.load_context([framed(frame)]).tensors.keys() == reader.context(0).tensors.keys()
+    for bad in (framed(frame)[:-1], framed(frame) + b"\0", framed(frame, count=2), framed(unsized), framed(),
+                framed(frame[:len(frame) // 2], frame[len(frame) // 2:]), tables.DIRECTORY_MAGIC + bytes(4)):
+        with pytest.raises(CodecError, match="tables are corrupt"):
+            codec.load_context([bad])
+    big = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(8 << 20))  # 8 MiB of zeros, tiny blob
+    with pytest.raises(CodecError, match="expand beyond"):
+        codec.load_context([framed(big)])
 
 
 def test_every_damaged_byte_of_a_lane_or_table_gives_a_clean_result():

@@ -38,6 +38,9 @@ def test_there_is_a_vector_for_every_builtin_codec():
     second_row = [blob[5 + 12 * int.from_bytes(blob[1:5], "little")] for blob in rows]  # row 0 holds runs
     assert {blob[0] for blob in rows} == {0} and set(second_row) == {1}  # both position forms
     assert pruned["header"]["length"] == 420
+    framed = {n: blob[:4] == (0x184D2A5B).to_bytes(4, "little") for n in NAMES if MANIFEST[n]["codec"] == "cachegen"
+              for (owner, _), blob in read_kvc((VECTORS / f"{n}.kvc").read_bytes())["blobs"].items() if owner != 0xFFFF}
+    assert {"legacy" in MANIFEST[n] for n, f in framed.items() if not f} == {True} and any(framed.values())
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -83,6 +86,8 @@ def test_spec_only_decoder_agrees(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_reencoding_is_byte_identical(name):
     entry = MANIFEST[name]
+    if "legacy" in entry:
+        pytest.skip(f"written by an earlier writer: {entry['legacy']}")
     if entry["codec"] == "ae":
         pytest.skip("ae's encoder runs a network: its latents are fixed by the file, not by the input's bytes")
     if entry["codec"] != "raw" and entry["codec"] != "quant" and list(zstandard.ZSTD_VERSION) != MANIFEST["_zstd_library"]:

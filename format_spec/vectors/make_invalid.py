@@ -76,6 +76,18 @@ def with_payload(data: bytes, record: int, payload: bytes) -> bytes:
     return with_index(data, edit)
 
 
+def with_blob(data: bytes, blob: int, content: bytes) -> bytes:
+    """Blob `blob` replaced by bytes of the same length, its crc resealed."""
+    _, _, blobs = index_of(data)
+    at, n = int(blobs["offset"][blob]), int(blobs["length"][blob])
+    assert len(content) == n
+    data = data[:at] + content + data[at + n:]
+
+    def edit(r, b):
+        b["crc32"][blob] = zlib.crc32(content)
+    return with_index(data, edit)
+
+
 def reseal_preamble(out: bytearray) -> bytes:
     n = struct.unpack_from("<I", out, 12)[0]
     out[28:32] = struct.pack("<I", zlib.crc32(bytes(out[32:32 + n]), zlib.crc32(bytes(out[:28]))))
@@ -203,6 +215,13 @@ def vectors() -> dict[str, bytes]:
     out["8.1-raw-wrong-length"] = with_index(raw, shorter)
     out["8.2-zstd-two-frames"] = written(TwoFrames, kvcodec.get_codec("zstd"))
     out["8.4-quant-bits-out-of-range"] = with_header_text(quant, lambda t: t.replace('"bits":4', '"bits":5'))
+    cachegen = encoded("cachegen")
+    _, _, blobs = index_of(cachegen)
+    assert int(blobs["owner"][0]) == 0  # the tables
+    at = int(blobs["offset"][0])
+    tables = bytearray(cachegen[at:at + int(blobs["length"][0])])
+    tables[12:16] = struct.pack("<I", struct.unpack_from("<I", tables, 12)[0] + 1)  # the first frame's length
+    out["8.5-cachegen-tables-directory-disagrees"] = with_blob(cachegen, 0, bytes(tables))
     out["9-lane-not-canonical"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0))
     return out
 

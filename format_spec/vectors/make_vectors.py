@@ -4,7 +4,10 @@ For each vector: NAME.kvc, NAME.input.safetensors (the cache that was encoded, w
 positions, token ids and metadata) and, for lossy codecs, NAME.expected.safetensors (what a
 decoder must produce). manifest.json records how each file was encoded.
 
-    python format_spec/vectors/make_vectors.py
+    python format_spec/vectors/make_vectors.py [NAME ...]
+
+With names, only those vectors are made again. Vectors the manifest marks "legacy" (files as an
+earlier writer wrote them, which readers must still decode) are never rewritten.
 """
 
 from __future__ import annotations
@@ -85,12 +88,15 @@ def ae_weights(path: Path) -> str:
     return str(path)
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     import tempfile
 
-    manifest = {}
+    path = HERE / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
     weights = ae_weights(Path(tempfile.mkdtemp()) / "ae.safetensors")
     for seed, (name, (codec, config, chunk, desc)) in enumerate(VECTORS.items()):
+        if names and name not in names:
+            continue
         cache = make_cache(seed, **desc)
         cachefiles.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
         cache = cachefiles.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
@@ -102,8 +108,10 @@ def main() -> None:
             cachefiles.save_cache(kvcodec.decode(data), HERE / f"{name}.expected.safetensors", overwrite=True)
         manifest[name] = {"codec": codec, "config": config, "chunk_tokens": chunk, "lossless": lossless}
     manifest["_zstd_library"] = zstandard.ZSTD_VERSION
-    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -9,7 +9,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from kvcodec.errors import CodecError
 
 MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
 INFLATE_FACTOR = 4096  # decompressed blob bytes per compressed byte a reader accepts
+FRAME_BYTES = 256 << 10  # table bytes per zstd frame a writer aims at
+DIRECTORY_MAGIC = (0x184D2A5B).to_bytes(4, "little")  # a zstd skippable frame: the blob's frame lengths
 TENSOR_HEAD = np.dtype([("heads", "<u4"), ("head_dim", "<u4"), ("group_size", "<u4"), ("anchor_bits", "<u4")])
 
 
@@ -143,15 +145,27 @@ class FileTables:
         return entry
 
     def to_blob(self, num_layers: int) -> bytes:
-        """The stored form: every layer's key then value tables, zstd-compressed (spec 8.5)."""
-        parts = [np.uint32(num_layers).tobytes()]
+        """The stored form (spec 8.5): every layer's key then value tables, in zstd frames of
+        whole layers after a skippable frame listing the frames' lengths (readers inflate them
+        in parallel)."""
+        layers = []
         for i in range(num_layers):
+            parts = [np.uint32(num_layers).tobytes()] if i == 0 else []
             for name in TENSORS:
                 tt = self.tensors[(i, name)]
                 parts += [np.array([(tt.heads, tt.head_dim, tt.group_size, tt.anchor_bits)], TENSOR_HEAD).tobytes(),
                           tt.steps.astype("<f4").tobytes(), tt.anchored.astype(np.uint8).tobytes(),
                           tt.los.astype("<i4").tobytes(), tt.sizes.astype("<u2").tobytes(), tt.codes.tobytes()]
-        return zstandard.ZstdCompressor(level=19, write_checksum=True).compress(b"".join(parts))
+            layers.append(b"".join(parts))
+        groups = [b""]  # whole layers per frame, about FRAME_BYTES each
+        for part in layers:
+            if len(groups[-1]) >= FRAME_BYTES:
+                groups.append(b"")
+            groups[-1] += part
+        compress = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True).compress
+        frames = [compress(group) for group in groups] if layers else [compress(np.uint32(0).tobytes())]
+        directory = np.array([len(frames)] + [len(f) for f in frames], dtype="<u4").tobytes()
+        return b"".join([DIRECTORY_MAGIC, np.uint32(len(directory)).tobytes(), directory] + frames)
 
     @classmethod
     def from_blob(cls, blob: bytes, codec: str) -> "FileTables":
@@ -203,14 +217,50 @@ class _Cursor:
             raise ValueError(f"{len(self.data) - self.pos} bytes left over")
 
 
-def _inflate(blob: bytes) -> bytes:
-    """The tables blob decompressed piece by piece, so memory grows with the real output and a
-    hostile blob cannot make a reader reserve more than a bounded multiple of its size."""
+def _inflate(blob) -> bytes:
+    """The tables blob decompressed, never past a bounded multiple of its size (a hostile blob
+    cannot make a reader reserve more): its frames in parallel when a directory lists them, a
+    single frame piece by piece."""
+    blob = bytes(blob)
     limit = min(256 << 20, (1 << 20) + INFLATE_FACTOR * len(blob))
+    if blob[:4] != DIRECTORY_MAGIC:
+        return _inflate_stream(blob, limit)
+    frames = _frames(blob)
+    sizes = [zstandard.frame_content_size(f) for f in frames]
+    if any(n < 0 for n in sizes):
+        raise ValueError("a frame does not declare its size")
+    if sum(sizes) > limit:
+        raise ValueError(f"they expand beyond {limit} bytes")
+    parts = list(_pool().map(lambda f: zstandard.ZstdDecompressor().decompress(f), frames))
+    if [len(p) for p in parts] != sizes:
+        raise ValueError("a frame's content differs from its declared size")
+    return b"".join(parts)
+
+
+def _frames(blob: bytes) -> list[bytes]:
+    """The frames a directory (a zstd skippable frame) lists; they must fill the blob exactly."""
+    if len(blob) < 12:
+        raise ValueError("their directory is truncated")
+    size, count = (int(v) for v in np.frombuffer(blob, "<u4", 2, 4))
+    if size != 4 * (1 + count) or 8 + size > len(blob):
+        raise ValueError("their directory is malformed")
+    lengths = np.frombuffer(blob, "<u4", count, 12).astype(np.int64)
+    if count == 0 or 8 + size + int(lengths.sum()) != len(blob):
+        raise ValueError("their directory disagrees with the frames after it")
+    ends = 8 + size + np.cumsum(lengths)
+    return [blob[int(e - n):int(e)] for e, n in zip(ends, lengths)]
+
+
+def _inflate_stream(blob: bytes, limit: int) -> bytes:
     out = bytearray()
-    with zstandard.ZstdDecompressor().stream_reader(bytes(blob)) as reader:
+    with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
         while piece := reader.read(1 << 20):
             out += piece
             if len(out) > limit:
                 raise ValueError(f"they expand beyond {limit} bytes")
     return bytes(out)
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kvcodec-tables")
