@@ -26,7 +26,6 @@ import io
 import json
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -129,8 +128,8 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     groups, cpu = device_read.decoder_groups(reader, plan, table, np.arange(len(plan.records)))
     assert not cpu
     rows = np.concatenate(list(groups.values()))
-    with ThreadPoolExecutor(2) as pool:
-        staged = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), pool, [])
+    with device_read.Checksums(reader, plan, table, on_device=True) as checksums:
+        staged = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), checksums)
 
     def prepare():
         out = []

@@ -177,42 +177,34 @@ class DeviceTables:
     binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
 
     def __init__(self, file_tables: FileTables, device):
-        parsed = list(file_tables.tensors.items())
-        layers = 1 + max((layer for (layer, _), _ in parsed), default=-1)
+        flat = file_tables.flat_fields()
+        layers = 1 + max((layer for layer, _ in flat.keys), default=-1)
         # row 2 * layer + key/value: first channel, anchored channels, group, anchor bits, heads, head_dim
         self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
-        c = np.array([tt.heads * tt.head_dim for _, tt in parsed], dtype=np.int64)
-        n_tab = np.array([len(tt.sizes) for _, tt in parsed], dtype=np.int64)
-        chan_first, tab_first = np.cumsum(c) - c, np.cumsum(n_tab) - n_tab
-
-        def joined(field, dtype):
-            parts = [getattr(tt, field) for _, tt in parsed]
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-        sizes, los, codes = joined("sizes", np.int64), joined("los", np.int64), joined("codes", np.uint8)
-        steps, anchored = joined("steps", np.float32), joined("anchored", bool)
-        tensor = np.repeat(np.arange(len(parsed)), c)  # of each channel
-        rows = np.array([2 * layer + TENSORS.index(name) for (layer, name), _ in parsed], dtype=np.int64)
-        n_anchored = np.add.reduceat(anchored, chan_first) if len(parsed) else np.zeros(0, np.int64)
-        self.by_tensor[rows] = np.stack([chan_first, n_anchored, [tt.group_size for _, tt in parsed],
-                                         [tt.anchor_bits for _, tt in parsed], [tt.heads for _, tt in parsed],
-                                         [tt.head_dim for _, tt in parsed]], 1).reshape(-1, 6)
+        chan_first, tab_first = flat.channel_first[:-1], flat.table_first[:-1]
+        c = np.diff(flat.channel_first)
+        sizes, anchored = flat.sizes, flat.anchored
+        tensor = np.repeat(np.arange(len(c)), c)  # of each channel
+        seen = np.r_[0, np.cumsum(anchored)]  # anchored channels before each channel
+        rows = np.array([2 * layer + TENSORS.index(name) for layer, name in flat.keys], dtype=np.int64)
+        self.by_tensor[rows] = np.column_stack([chan_first, seen[flat.channel_first[1:]] - seen[chan_first],
+                                                flat.head[:, 2], flat.head[:, 3], flat.head[:, 0], flat.head[:, 1]])
         # per channel: its main table, its delta table (-1 when direct), its ordinal among anchored ones
         mains = tab_first[tensor] + np.arange(len(tensor)) - chan_first[tensor]
-        seen = np.cumsum(anchored) - anchored
-        ordinals = np.where(anchored, seen - (seen[chan_first] if len(parsed) else 0)[tensor], 0)
+        ordinals = np.where(anchored, seen[:-1] - seen[chan_first][tensor], 0)
         deltas = np.where(anchored, tab_first[tensor] + c[tensor] + ordinals, -1)
         ends = np.cumsum(sizes)
-
-        def dev(x, dtype):
-            return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(device)
-        self.cdf = cumulative_with_ends(dev(codes, np.uint8), dev(sizes, np.int64))
-        self.table_offset = dev(ends - sizes + np.arange(len(sizes)), np.int64)
-        self.table_size = dev(sizes, np.int32)
-        self.table_lo = dev(los, np.int32)
-        self.chan_main = dev(mains, np.int64)
-        self.chan_delta = dev(deltas, np.int64)
-        self.chan_step = dev(steps, np.float32)
-        self.chan_ordinal = dev(ordinals, np.int64)
+        # two copies to the device: the integers, then the steps
+        ints = torch.from_numpy(np.concatenate([sizes, ends - sizes + np.arange(len(sizes)), flat.los, mains, deltas,
+                                                ordinals]).astype(np.int64)).to(device)
+        n_tab, n_chan = len(sizes), len(mains)
+        size_d, offset_d, lo_d = ints[:n_tab], ints[n_tab:2 * n_tab], ints[2 * n_tab:3 * n_tab]
+        self.chan_main, self.chan_delta, self.chan_ordinal = ints[3 * n_tab:].split(n_chan)
+        self.cdf = cumulative_with_ends(torch.from_numpy(flat.codes).to(device), size_d)
+        self.table_offset = offset_d
+        self.table_size = size_d.to(torch.int32)
+        self.table_lo = lo_d.to(torch.int32)
+        self.chan_step = torch.from_numpy(np.ascontiguousarray(flat.steps, dtype=np.float32)).to(device)
         table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
         self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
             if len(sizes) else np.zeros(0, dtype=np.int64)
@@ -222,7 +214,7 @@ def cumulative_with_ends(codes: torch.Tensor, sizes: torch.Tensor) -> torch.Tens
     """int32: every table's cumulative weights, each followed by 2**24, made on the codes' device
     from the stored count codes (the weights of `kvcodec.entropy.rans`, the same integers)."""
     weights = rans.weights_from_codes_on(codes, sizes, codes.device)
-    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=codes.device), sizes)
+    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=codes.device), sizes, output_size=codes.numel())
     before = torch.cumsum(weights, 0) - weights
     start = torch.cumsum(sizes, 0) - sizes
     cdf = torch.full((weights.numel() + sizes.numel(),), rans.TOTAL, dtype=torch.int64, device=codes.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -159,23 +160,26 @@ class Header:
 
 
 MAX_INT_DIGITS = 20  # a u64 has 20 digits; longer integers are refused before they are converted
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")  # only escapes can put surrogates in decoded text
 
 
 def parse_json(data: bytes):
     """The header's JSON, strictly (spec 3.2): RFC 8259 in UTF-8, no duplicate member names, no
     NaN or infinities, integers of at most 20 digits, strings of Unicode scalar values only."""
     def members(pairs):
-        obj = {}
-        for key, value in pairs:
-            _check(key not in obj, f"header has the member {key!r} twice")
-            obj[key] = value
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen = set()
+            twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise FormatError(f"header has the member {twice!r} twice")
         return obj
 
     def constant(name):
         raise FormatError(f"header holds {name}, which JSON does not have")
 
     def integer(text: str) -> int:
-        _check(len(text.lstrip("-")) <= MAX_INT_DIGITS, f"header holds an integer of more than {MAX_INT_DIGITS} digits")
+        if len(text) > MAX_INT_DIGITS and len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise FormatError(f"header holds an integer of more than {MAX_INT_DIGITS} digits")
         return int(text)
 
     def number(text: str) -> float:
@@ -184,9 +188,11 @@ def parse_json(data: bytes):
         return value
 
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=members, parse_constant=constant,
-                         parse_int=integer, parse_float=number)
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800 escapes) do not encode
+        text = data.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=members, parse_constant=constant, parse_int=integer,
+                         parse_float=number)
+        if _SURROGATE_ESCAPE.search(text):  # a lone one (\ud800 escapes) does not encode
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise FormatError("header holds a string that is not valid Unicode (a lone surrogate escape)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -204,6 +210,11 @@ def _is_int(v, lo: int, hi: int) -> bool:
 
 
 def _tensor(where: str, t) -> TensorSpec:
+    if type(t) is dict:  # the common case, checked at once
+        b, h, n, d, dtype = t.get("batch"), t.get("heads"), t.get("tokens"), t.get("head_dim"), t.get("dtype")
+        if (type(b) is int and type(h) is int and type(n) is int and type(d) is int and 1 <= b <= MAX_DIM
+                and 1 <= h <= MAX_DIM and 1 <= d <= MAX_DIM and 0 <= n <= MAX_TOKENS and dtype in DTYPES):
+            return TensorSpec(b, h, n, d, dtype)
     _check(isinstance(t, dict), f"header {where} is not an object")
     for k in ("batch", "heads", "head_dim"):
         _check(_is_int(t.get(k), 1, MAX_DIM), f"header {where}.{k} must be an integer from 1 to {MAX_DIM}")

@@ -89,7 +89,7 @@ def weights_from_codes_on(codes, sizes, device):
     sizes = torch.as_tensor(sizes, device=device).to(torch.int64)
     e = 5 + torch.div(k - 32, 16, rounding_mode="floor")
     counts = torch.where(k < 32, k, (16 + torch.remainder(k - 32, 16)) << (e - 4).clamp_min(0))
-    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes)
+    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=k.numel())
     ends = torch.cumsum(sizes, 0)
     start = ends - sizes
 

@@ -117,8 +117,25 @@ class FileTables:
 
     def __init__(self, tensors: dict[tuple[int, str], ChannelTables]):
         self.tensors = tensors
+        self.flat = None  # the fields back to back, when read from a blob (`_FlatTables`)
         self._weighed = threading.Lock()
         self._weights_ready = False
+
+    def flat_fields(self) -> "_FlatTables":
+        """Every tensor's fields back to back (as read from the blob; joined when fitted here)."""
+        if self.flat is None:
+            items = list(self.tensors.items())
+            head = np.array([(t.heads, t.head_dim, t.group_size, t.anchor_bits) for _, t in items], np.int64).reshape(-1, 4)
+            first = lambda x: np.r_[0, np.cumsum(x, dtype=np.int64)]  # noqa: E731
+
+            def joined(field, dtype):
+                parts = [getattr(t, field) for _, t in items]
+                return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+            self.flat = _FlatTables([k for k, _ in items], head, first([t.heads * t.head_dim for _, t in items]),
+                                    first([len(t.sizes) for _, t in items]), first([len(t.codes) for _, t in items]),
+                                    joined("steps", np.float32), joined("anchored", bool), joined("los", np.int64),
+                                    joined("sizes", np.int64), joined("codes", np.uint8))
+        return self.flat
 
     def with_weights(self) -> "FileTables":
         """Every tensor's weights made at once, tensors in parallel threads (numpy lets go of the
@@ -169,52 +186,91 @@ class FileTables:
 
     @classmethod
     def from_blob(cls, blob: bytes, codec: str) -> "FileTables":
-        """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
+        """Inverse of `to_blob`; CodecError naming `codec` for anything malformed. One pass finds
+        where each tensor's fields lie; they are then read and checked all at once."""
         try:
-            cursor = _Cursor(_inflate(blob))
-            fields = {}
-            for i in range(int(cursor.take("<u4", 1)[0])):
-                for name in TENSORS:
-                    head = cursor.take(TENSOR_HEAD, 1)[0]
-                    h, d, group_size, anchor_bits = (int(v) for v in head)
-                    c = h * d
-                    steps = cursor.take("<f4", c).astype(np.float32)
-                    modes = cursor.take(np.uint8, c)
-                    n_tables = c + int(np.count_nonzero(modes))
-                    los = cursor.take("<i4", n_tables).astype(np.int64)
-                    sizes = cursor.take("<u2", n_tables).astype(np.int64)
-                    if (not 1 <= group_size <= 1024 or anchor_bits > 8 or modes.max(initial=0) > 1
-                            or (group_size == 1 and modes.any()) or not np.all(np.isfinite(steps))
-                            or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2
-                            or sizes.max(initial=2) > rans.MAX_ALPHABET
-                            or np.abs(los).max(initial=0) + sizes.max(initial=0) >= MAX_SYMBOL):
-                        raise ValueError(f"layer {i} {name} has out-of-range fields")
-                    codes = cursor.take(np.uint8, int(sizes.sum()))
-                    fields[(i, name)] = (h, d, group_size, anchor_bits, steps, modes.astype(bool), los, sizes, codes)
-            cursor.finish()
-            tensors = {key: ChannelTables(*f) for key, f in fields.items()}
+            content = _inflate(blob)
+            flat = _FlatTables.parse(content)
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
-        return cls(tensors)
+        tables = cls({key: flat.tensor(k) for k, key in enumerate(flat.keys)})
+        tables.flat = flat
+        return tables
 
 
-class _Cursor:
-    """Reads arrays one after another from a buffer, never past its end."""
+@dataclass(frozen=True, eq=False)
+class _FlatTables:
+    """Every tensor's fields back to back, as the blob holds them: `keys` ((layer, name) in
+    order), per tensor `head` (heads, head_dim, group_size, anchor_bits) and its first channel,
+    table and code; per channel `steps` and `anchored`; per table `los` and `sizes`; `codes`."""
 
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+    keys: list
+    head: np.ndarray  # int64 [tensors, 4]
+    channel_first: np.ndarray  # int64 [tensors + 1]
+    table_first: np.ndarray
+    code_first: np.ndarray
+    steps: np.ndarray
+    anchored: np.ndarray
+    los: np.ndarray
+    sizes: np.ndarray
+    codes: np.ndarray
 
-    def take(self, dtype, count: int) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        if self.pos + dtype.itemsize * count > len(self.data):
+    @classmethod
+    def parse(cls, content: bytes) -> "_FlatTables":
+        if len(content) < 4:
             raise ValueError("they end early")
-        out = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
-        self.pos += dtype.itemsize * count
-        return out
+        n_layers = int(np.frombuffer(content, "<u4", 1)[0])
+        if n_layers > len(content) // 32:  # a tensor set takes at least 16 bytes
+            raise ValueError("they end early")
+        keys, heads, at = [], [], []  # at: offsets of steps, modes, los, sizes, codes
+        pos = 4
+        for i in range(n_layers):
+            for name in TENSORS:
+                if pos + 16 > len(content):
+                    raise ValueError("they end early")
+                h, d, g, k = (int(v) for v in np.frombuffer(content, "<u4", 4, pos))
+                c = h * d
+                modes = pos + 16 + 4 * c
+                if modes + c > len(content):
+                    raise ValueError("they end early")
+                t = c + int(np.count_nonzero(np.frombuffer(content, np.uint8, c, modes)))
+                sizes = modes + c + 4 * t
+                if sizes + 2 * t > len(content):
+                    raise ValueError("they end early")
+                codes = sizes + 2 * t
+                n = int(np.frombuffer(content, "<u2", t, sizes).sum(dtype=np.int64))
+                pos = codes + n
+                keys.append((i, name))
+                heads.append((h, d, g, k, c, t, n))
+                at.append((modes - 4 * c, modes, modes + c, sizes, codes))
+        if pos != len(content):
+            raise ValueError(f"{len(content) - pos} bytes left over" if pos < len(content) else "they end early")
+        head = np.array(heads, dtype=np.int64).reshape(-1, 7)
+        at = np.array(at, dtype=np.int64).reshape(-1, 5)
 
-    def finish(self) -> None:
-        if self.pos != len(self.data):
-            raise ValueError(f"{len(self.data) - self.pos} bytes left over")
+        def gather(column, dtype, counts):
+            parts = [np.frombuffer(content, dtype, int(n), int(o)) for o, n in zip(at[:, column], counts)]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+        c, t, n = head[:, 4], head[:, 5], head[:, 6]
+        steps = gather(0, "<f4", c).astype(np.float32)
+        modes = gather(1, np.uint8, c)
+        los = gather(2, "<i4", t).astype(np.int64)
+        sizes = gather(3, "<u2", t).astype(np.int64)
+        codes = gather(4, np.uint8, n)
+        group = np.repeat(head[:, 2], c)
+        if len(head) and ((head[:, 2] < 1).any() or (head[:, 2] > 1024).any() or (head[:, 3] > 8).any()):
+            raise ValueError("a tensor's group size or anchor bits are out of range")
+        if (modes.max(initial=0) > 1 or ((group == 1) & (modes != 0)).any() or not np.all(np.isfinite(steps))
+                or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2 or sizes.max(initial=2) > rans.MAX_ALPHABET
+                or (np.abs(los) + sizes).max(initial=0) >= MAX_SYMBOL):
+            raise ValueError("a table has out-of-range fields")
+        first = lambda x: np.r_[0, np.cumsum(x)]  # noqa: E731
+        return cls(keys, head[:, :4], first(c), first(t), first(n), steps, modes.astype(bool), los, sizes, codes)
+
+    def tensor(self, k: int) -> ChannelTables:
+        c, t, n = (slice(int(f[k]), int(f[k + 1])) for f in (self.channel_first, self.table_first, self.code_first))
+        h, d, g, bits = (int(v) for v in self.head[k])
+        return ChannelTables(h, d, g, bits, self.steps[c], self.anchored[c], self.los[t], self.sizes[t], self.codes[n])
 
 
 def _inflate(blob) -> bytes:
