@@ -7,8 +7,9 @@ A thread owns one (record, batch, channel): its main lane and, for an anchored c
 delta lane, decoded in lockstep (a group's first token from the main lane, the others from the
 delta lane). A program covers a few channels of several consecutive chunks of one (layer,
 key/value), so threads of a warp often share a table and its lookups hit the same cache lines.
-Symbols are found by binary search in the table's cumulative weights (spec section 9); the
-arithmetic is the CPU decoder's, operation for operation, so the output is bit-exact.
+Symbols are found by binary search in the table's cumulative weights (spec section 9), which
+`_cumulative_kernel` makes on the device from the stored count codes; the arithmetic is the CPU
+decoder's, operation for operation, so the output is bit-exact.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import triton.language as tl
 
 from kvcodec.cache import TENSORS
 from kvcodec.codecs.device import Check, Launch, where
-from kvcodec.entropy import rans
 from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
 from kvcodec.kernels import jobs as J
@@ -194,32 +194,81 @@ class DeviceTables:
         ordinals = np.where(anchored, seen[:-1] - seen[chan_first][tensor], 0)
         deltas = np.where(anchored, tab_first[tensor] + c[tensor] + ordinals, -1)
         ends = np.cumsum(sizes)
-        # two copies to the device: the integers, then the steps
-        ints = torch.from_numpy(np.concatenate([sizes, ends - sizes + np.arange(len(sizes)), flat.los, mains, deltas,
-                                                ordinals]).astype(np.int64)).to(device)
+        # three copies to the device, none waited for: the integers, the steps, the count codes
+        ints = J.to_device(np.concatenate([sizes, ends - sizes + np.arange(len(sizes)), flat.los, mains, deltas,
+                                           ordinals]).astype(np.int64), device)
         n_tab, n_chan = len(sizes), len(mains)
         size_d, offset_d, lo_d = ints[:n_tab], ints[n_tab:2 * n_tab], ints[2 * n_tab:3 * n_tab]
         self.chan_main, self.chan_delta, self.chan_ordinal = ints[3 * n_tab:].split(n_chan)
-        self.cdf = cumulative_with_ends(torch.from_numpy(flat.codes).to(device), size_d)
+        self.cdf = cumulative_with_ends(J.to_device(flat.codes, device), sizes)
         self.table_offset = offset_d
         self.table_size = size_d.to(torch.int32)
         self.table_lo = lo_d.to(torch.int32)
-        self.chan_step = torch.from_numpy(np.ascontiguousarray(flat.steps, dtype=np.float32)).to(device)
+        self.chan_step = J.to_device(np.ascontiguousarray(flat.steps, dtype=np.float32), device)
         table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
         self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
             if len(sizes) else np.zeros(0, dtype=np.int64)
 
 
-def cumulative_with_ends(codes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """int32: every table's cumulative weights, each followed by 2**24, made on the codes' device
-    from the stored count codes (the weights of `kvcodec.entropy.rans`, the same integers)."""
-    weights = rans.weights_from_codes_on(codes, sizes, codes.device)
-    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=codes.device), sizes, output_size=codes.numel())
-    before = torch.cumsum(weights, 0) - weights
-    start = torch.cumsum(sizes, 0) - sizes
-    cdf = torch.full((weights.numel() + sizes.numel(),), rans.TOTAL, dtype=torch.int64, device=codes.device)
-    cdf[torch.arange(weights.numel(), device=codes.device) + table] = before - before[start][table]
-    return cdf.to(torch.int32)
+@triton.jit
+def _cumulative_kernel(codes_ptr, tables_ptr, code_first_ptr, size_ptr, cdf_ptr, BN: tl.constexpr, BJ: tl.constexpr):
+    """One table's cumulative weights from its count codes (spec 8.5 and 9, `rans`): counts, each
+    symbol's share of 2**24, one more to the symbols of largest count (lowest index on ties)
+    while the sum falls short; then the running sum, and 2**24 after it."""
+    t = tl.load(tables_ptr + tl.program_id(0))
+    first = tl.load(code_first_ptr + t)
+    n = tl.load(size_ptr + t)
+    i = tl.arange(0, BN)
+    live = i < n
+    c = _counts(codes_ptr, first, i, live)
+    total = tl.sum(c, 0)
+    free = (1 << 24) - n
+    share = tl.where(total == 0, free // n, c * free // tl.maximum(total, 1))
+    w = tl.where(live, share + 1, 0)
+    left = (1 << 24) - tl.sum(w, 0)
+    rank = tl.zeros([BN], dtype=tl.int64)  # symbols before this one: larger count, or equal and lower index
+    for j0 in range(0, n, BJ):
+        j = j0 + tl.arange(0, BJ)
+        cj = _counts(codes_ptr, first, j, j < n)
+        before = (cj[None, :] > c[:, None]) | ((cj[None, :] == c[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((before & (j < n)[None, :]).to(tl.int64), 1)
+    w += (live & (rank < left)).to(tl.int64)
+    out = cdf_ptr + first + t  # each table's entries are followed by its end
+    tl.store(out + i, (tl.cumsum(w, 0) - w).to(tl.int32), mask=live)
+    tl.store(out + n, (1 << 24) + tl.zeros([], dtype=tl.int32))
+
+
+@triton.jit
+def _counts(codes_ptr, first, i, mask):
+    """Symbol counts from one-byte count codes: exact below 32, else 5 significant bits and an exponent."""
+    k = tl.load(codes_ptr + first + i, mask=mask, other=0).to(tl.int64)
+    high = tl.maximum(k - 32, 0)
+    count = tl.where(k < 32, k, (16 + high % 16) << tl.maximum(1 + high // 16, 0))
+    return tl.where(mask, count, 0)
+
+
+CUMULATIVE_CLASSES = (64, 512, 4096)  # alphabet sizes up to these share a launch
+
+
+def cumulative_with_ends(codes: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
+    """int32 on the codes' device: every table's cumulative weights, each followed by 2**24, made
+    from the stored count codes (`sizes`: the tables' alphabet sizes; the weights of
+    `kvcodec.entropy.rans`, the same integers). One program per table."""
+    device = codes.device
+    sizes = np.asarray(sizes, dtype=np.int64)
+    cdf = torch.empty(int(sizes.sum()) + len(sizes), dtype=torch.int32, device=device)
+    if not len(sizes):
+        return cdf
+    first = J.to_device(np.cumsum(sizes) - sizes, device)
+    sizes_d = J.to_device(sizes, device)
+    low = 0
+    for top in CUMULATIVE_CLASSES:
+        tables = np.flatnonzero((sizes > low) & (sizes <= top))
+        low = top
+        if len(tables):
+            _cumulative_kernel[(len(tables),)](codes, J.to_device(tables, device), first, sizes_d, cdf, BN=top,
+                                               BJ=min(top, 64), num_warps=4 if top <= 512 else 8)
+    return cdf
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}

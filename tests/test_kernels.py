@@ -398,5 +398,15 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
                           key_emphasis=0.0, group_size=6)
     for tt in kvcodec.open(data).context(0).tensors.values():
         want = np.insert(rans.cumulative_many(tt.flat_weights, tt.sizes), np.cumsum(tt.sizes), rans.TOTAL)
-        got = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), torch.tensor(tt.sizes, device=DEVICE))
+        got = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), tt.sizes)
         assert np.array_equal(got.cpu().numpy(), want)
+    rng = np.random.default_rng(3)  # every size class, ties, tables of zero counts, the largest codes
+    sizes = np.array([2, 3, 64, 65, 300, 512, 513, 4096, 7, 40])
+    codes = rng.integers(0, 256, int(sizes.sum())).astype(np.uint8)
+    codes[:2] = 0
+    codes[2:5] = 255
+    codes[5 + 64:5 + 64 + 65] = 31  # one table of equal counts
+    weights = rans.weights_from_counts_many(rans.codes_to_counts(codes), sizes, split=False)
+    want = np.insert(rans.cumulative_many(weights, sizes), np.cumsum(sizes), rans.TOTAL)
+    got = cumulative_with_ends(torch.tensor(codes, device=DEVICE), sizes)
+    assert np.array_equal(got.cpu().numpy(), want)

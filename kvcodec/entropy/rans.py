@@ -80,37 +80,6 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool 
     return np.split(weights, start[1:]) if split else weights
 
 
-def weights_from_codes_on(codes, sizes, device):
-    """`weights_from_counts_many(codes_to_counts(codes), sizes, split=False)` computed with torch
-    on `device` (a GPU restore prepares its tables there): the same integers."""
-    import torch
-
-    k = torch.as_tensor(codes, device=device).to(torch.int64)
-    sizes = torch.as_tensor(sizes, device=device).to(torch.int64)
-    e = 5 + torch.div(k - 32, 16, rounding_mode="floor")
-    counts = torch.where(k < 32, k, (16 + torch.remainder(k - 32, 16)) << (e - 4).clamp_min(0))
-    table = torch.repeat_interleave(torch.arange(sizes.numel(), device=device), sizes, output_size=k.numel())
-    ends = torch.cumsum(sizes, 0)
-    start = ends - sizes
-
-    def per_table(x):
-        sums = torch.cumsum(x, 0)
-        return sums[ends - 1] - torch.where(start > 0, sums[(start - 1).clamp_min(0)], 0)
-
-    totals, free = per_table(counts), TOTAL - sizes
-    share = torch.where(totals[table] == 0, torch.div(free, sizes, rounding_mode="floor")[table],
-                        torch.div(counts * free[table], totals.clamp_min(1)[table], rounding_mode="floor"))
-    weights = share + 1
-    left = TOTAL - per_table(weights)
-    key = (table << 20) | (((1 << 20) - 1) - counts)  # codes give counts below 2**20
-    ordered = torch.sort(key).values
-    threshold = torch.where(left > 0, ordered[start + left.clamp_min(1) - 1], -1)[table]
-    above, tied = key < threshold, key == threshold
-    seen = torch.cumsum(tied.to(torch.int64), 0)
-    tied_rank = seen - (seen[start] - tied[start].to(torch.int64))[table]
-    return weights + (above | (tied & (tied_rank <= (left - per_table(above.to(torch.int64)))[table]))).to(torch.int64)
-
-
 def cumulative_many(weights: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Each table's cumulative weights c[s] (c[0] = 0), for tables back to back in `weights`
     with alphabet `sizes`; same layout as `weights`."""
