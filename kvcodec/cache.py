@@ -103,13 +103,31 @@ class KVCache:
 
 def to_dynamic_cache(pairs, config=None, device=None):
     """A transformers `DynamicCache` from (key, value) pairs in layer order, taken one at a time
-    (a generator's layers are added as they come)."""
+    (a generator's layers are added as they come). Its plain layers hold the given tensors
+    (moved to `device`) as they are: `update` would copy each onto an empty tensor."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     for i, (key, value) in enumerate(pairs):
-        cache.update(key.to(device), value.to(device), i)
+        _add_layer(cache, i, key.to(device), value.to(device))
     return cache
+
+
+def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Layer `i` of `cache` set to (key, value): adopted by a plain `DynamicLayer` (after an empty
+    update creates it), through `update` for any other kind (a sliding window counts tokens)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # a transformers without cache layers
+        DynamicLayer = None
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is not None and layers is not None and (i >= len(layers) or type(layers[i]) is DynamicLayer):
+        cache.update(key[..., :0, :], value[..., :0, :], i)  # creates the layer, or initializes a config's
+        layer = layers[i] if i < len(layers) else None
+        if type(layer) is DynamicLayer and layer.keys.shape[-2] == 0 and layer.values.shape[-2] == 0:
+            layer.keys, layer.values = key, value
+            return
+    cache.update(key, value, i)
 
 
 def _end(lay: LayerKV) -> int:

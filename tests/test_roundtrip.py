@@ -154,6 +154,24 @@ def test_hf_dynamic_cache_roundtrip(small_cache):
     assert kvcodec.decode(kvcodec.encode(hf, "raw")).equal(small_cache)
 
 
+@pytest.mark.transformers
+def test_hf_caches_hold_the_tensors_and_sliding_layers_count_their_tokens(small_cache):
+    """Plain layers of the DynamicCache take the cache's tensors without copying them; layers of
+    another kind (a config's sliding-window layers) go through their own `update`."""
+    from transformers import MistralConfig
+
+    hf = small_cache.to_hf()
+    assert all(hf.layers[i].keys.data_ptr() == lay.key.data_ptr() for i, lay in enumerate(small_cache.layers))
+    keys, _ = hf.update(small_cache.layers[0].key[:, :, :1], small_cache.layers[0].value[:, :, :1], 0)
+    assert keys.shape[2] == small_cache.layers[0].key.shape[2] + 1  # generation grows it as before
+    n = len(small_cache.layers)
+    config = MistralConfig(num_hidden_layers=n, sliding_window=4, num_key_value_heads=small_cache.layers[0].key.shape[1])
+    windowed = small_cache.to_hf(config=config)
+    assert type(windowed.layers[0]).__name__ != "DynamicLayer"
+    assert windowed.get_seq_length() == small_cache.layers[0].key.shape[2]
+    assert kvcodec.KVCache.from_hf(hf).layers[1].key.equal(small_cache.layers[1].key)
+
+
 def test_read_rejects_bad_layer_and_step(small_cache):
     reader = kvcodec.open(kvcodec.encode(small_cache))
     with pytest.raises(IndexError):

@@ -28,6 +28,7 @@ from kvcodec.dtypes import itemsize, torch_dtype
 from kvcodec.errors import ChecksumError, CodecError
 
 BATCH_BYTES = 64 << 20  # compressed bytes staged per batch
+PINNED_BATCHES = 4  # batches a file in pinned memory is cut into (each at least BATCH_BYTES)
 CRC_THREADS = min(16, os.cpu_count() or 1)
 
 
@@ -48,10 +49,10 @@ def job_table(reader, plan) -> np.ndarray:
     return table
 
 
-def batches(lengths: np.ndarray) -> list[slice]:
-    """Consecutive records in groups of about BATCH_BYTES."""
+def batches(lengths: np.ndarray, size: int = BATCH_BYTES) -> list[slice]:
+    """Consecutive records in groups of about `size` bytes."""
     ends = np.cumsum(-(-lengths // dev.STAGE_ALIGN) * dev.STAGE_ALIGN)
-    cuts = np.searchsorted(ends, np.arange(BATCH_BYTES, int(ends[-1]) if len(ends) else 0, BATCH_BYTES), "right")
+    cuts = np.searchsorted(ends, np.arange(size, int(ends[-1]) if len(ends) else 0, size), "right")
     bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(lengths)}), len(lengths)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -85,10 +86,17 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     buffers = plan.allocate(device)
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     launches = []
+    all_groups, all_cpu = decoder_groups(reader, plan, table, np.arange(len(table)))
+    lengths = table[:, dev.LENGTH]
+    pinned = reader.source.tensor is not None and reader.source.tensor.is_pinned() and copy_stream is not None
+    # a pinned file is copied as it lies, so a few large batches (less host work per byte); other
+    # sources are read into staging buffers of BATCH_BYTES
+    size = max(BATCH_BYTES, -(-int(lengths.sum()) // PINNED_BATCHES)) if pinned else BATCH_BYTES
     with Checksums(reader, plan, table, on_device=checksums_on_device(device)) as checksums:
-        for part in batches(table[:, dev.LENGTH]):
-            rows = np.arange(part.start, part.stop)
-            groups, cpu = decoder_groups(reader, plan, table, rows)
+        for part in batches(lengths, size):
+            groups = {key: m[(m >= part.start) & (m < part.stop)] for key, m in all_groups.items()}
+            groups = {key: m for key, m in groups.items() if len(m)}
+            cpu = [row for row in all_cpu if part.start <= row < part.stop]
             staged_rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
             # the copy and the checksums start first: loading contexts (tables, weights) overlaps them
             staged = stage(reader, plan, table, staged_rows, device, copy_stream, checksums)
