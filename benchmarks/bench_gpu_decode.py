@@ -129,7 +129,8 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     assert not cpu
     rows = np.concatenate(list(groups.values()))
     with device_read.Checksums(reader, plan, table, on_device=True) as checksums:
-        staged = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), checksums)
+        staged, _ = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), checksums)
+    torch.cuda.synchronize()
 
     def prepare():
         out = []

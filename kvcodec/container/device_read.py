@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
@@ -92,14 +93,21 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     # a pinned file is copied as it lies, so a few large batches (less host work per byte); other
     # sources are read into staging buffers of BATCH_BYTES
     size = max(BATCH_BYTES, -(-int(lengths.sum()) // PINNED_BATCHES)) if pinned else BATCH_BYTES
+    parts = batches(lengths, size)
+    ahead = len(parts) if pinned else 1  # batches staged before the first decodes (copies overlap loading contexts)
     with Checksums(reader, plan, table, on_device=checksums_on_device(device)) as checksums:
-        for part in batches(lengths, size):
+        def staged_part(part):
             groups = {key: m[(m >= part.start) & (m < part.stop)] for key, m in all_groups.items()}
             groups = {key: m for key, m in groups.items() if len(m)}
             cpu = [row for row in all_cpu if part.start <= row < part.stop]
-            staged_rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
-            # the copy and the checksums start first: loading contexts (tables, weights) overlaps them
-            staged = stage(reader, plan, table, staged_rows, device, copy_stream, checksums)
+            rows = np.concatenate(list(groups.values())) if groups else np.zeros(0, np.int64)
+            return (part, groups, cpu) + stage(reader, plan, table, rows, device, copy_stream, checksums)
+
+        pending = deque(staged_part(part) for part in parts[:ahead])
+        for k in range(len(parts)):
+            part, groups, cpu, staged, ready = pending.popleft()
+            if ready is not None:
+                torch.cuda.current_stream(device).wait_event(ready)
             for (slot, dtype_code, _), members in groups.items():
                 codec, context = reader.codec(slot), reader.context(slot)
                 decoder = dev.decoder_for(codec)
@@ -115,6 +123,10 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
                 out[:, :, at:at + chunk.shape[2]].copy_(chunk, non_blocking=True)
             if progress:
                 progress(part.stop)
+            if k + ahead < len(parts):
+                pending.append(staged_part(parts[k + ahead]))
+        if copy_stream is not None:  # the checksums ran on the copy stream
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
     for launch, members, codec in launches:
         failure = dev.first_failure(launch.checks)
         if failure is not None:
@@ -204,8 +216,9 @@ def fill(source, host: np.ndarray, pieces) -> None:
 
 
 def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream, checksums: Checksums) -> torch.Tensor:
-    """Put the payloads of `rows` in one host buffer, setting their SRC column; have `checksums`
-    verify them; move the buffer to the device on `copy_stream`.
+    """Put the payloads of `rows` in one host buffer, setting their SRC column; move the buffer to
+    the device on `copy_stream` and have `checksums` verify them: (staged bytes, an event marking
+    both done, None without a copy stream).
 
     Records that lie together in the file move as one span. The span is taken as it is when the
     file is a pinned tensor, else copied into pinned memory (by torch, on several threads)."""
@@ -234,14 +247,20 @@ def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream
     else:
         host = torch.empty(size, dtype=torch.uint8, pin_memory=copy_stream is not None)
         fill(reader.source, host.numpy(), pieces)
-    view, staged = host.numpy(), host
-    if copy_stream is not None:
-        with torch.cuda.stream(copy_stream):
-            staged = host.to(device, non_blocking=True)
-        torch.cuda.current_stream(device).wait_stream(copy_stream)
-        staged.record_stream(torch.cuda.current_stream(device))
-    if checksums.on_device:
-        checksums.device(staged, view, rows)
-    else:
+    view = host.numpy()
+    if copy_stream is None:
+        if checksums.on_device:
+            checksums.device(host, view, rows)
+        else:
+            checksums.host(view, rows)
+        return host, None
+    with torch.cuda.stream(copy_stream):  # the copy, then its checksums, then an event decoding waits for
+        staged = host.to(device, non_blocking=True)
+        if checksums.on_device:
+            checksums.device(staged, view, rows)
+        ready = torch.cuda.Event()
+        ready.record(copy_stream)
+    if not checksums.on_device:
         checksums.host(view, rows)
-    return staged
+    staged.record_stream(torch.cuda.current_stream(device))
+    return staged, ready
