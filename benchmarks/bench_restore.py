@@ -44,6 +44,7 @@ import kvcodec  # noqa: E402
 
 CODECS = [("raw", {}), ("quant", {"bits": 4}), ("cachegen", {"quality": "medium"})]
 LINKS_GBIT = (1, 10, 100)
+EXACT_CHECK_BYTES = 200 << 20  # caches up to this size are also decoded on the CPU and compared
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -109,6 +110,11 @@ def main():
                 gbps = len(data) / h2d_ms / 1e6
                 bound_ms = 1.5 * h2d_ms + 1.0
                 restore_ms = median_ms(lambda: kvcodec.decode(src, device="cuda").to_hf(), args.repeat)
+                exact = None
+                if cache.nbytes <= EXACT_CHECK_BYTES:  # the GPU restore against the CPU decoder, bit for bit
+                    got, want = kvcodec.decode(src, device="cuda"), kvcodec.decode(data, decoder="cpu")
+                    exact = all(torch.equal(g.cpu(), w) for a, b in zip(got.layers, want.layers)
+                                for g, w in ((a.key, b.key), (a.value, b.value)))
                 path = os.path.join(workdir, f"{shape}-{tokens}-{name}.kvc")
                 Path(path).write_bytes(data)
                 file_pinned_ms = median_ms(read_pinned(path, len(data)), args.repeat)
@@ -124,7 +130,7 @@ def main():
                            bound_ms=bound_ms, restore_ms=restore_ms, within_bound=restore_ms <= bound_ms,
                            raw_load_ms=raw_ms, prefill_ms=prefill_ms, file_to_pinned_ms=file_pinned_ms,
                            open_to_hf_ms=open_ms, unpack_path_ms=unpack_ms,
-                           from_file_rate=file_pinned_ms / max(open_ms, unpack_ms))
+                           from_file_rate=file_pinned_ms / max(open_ms, unpack_ms), bit_exact=exact)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del src
@@ -146,12 +152,13 @@ def main():
     device = torch.cuda.get_device_name()
     print(f"\n{device}; torch {torch.__version__}")
     print(f"{'shape':10} {'tokens':>6} {'codec':10} {'ratio':>5} {'H2D ms':>7} {'bound ms':>8} {'restore ms':>10} "
-          f"{'met':>4} {'raw load':>8} {'prefill':>8} {'file->pin':>9} {'open.to_hf':>10} {'unpack':>7} {'rate':>5}")
+          f"{'met':>4} {'raw load':>8} {'prefill':>8} {'file->pin':>9} {'open.to_hf':>10} {'unpack':>7} {'rate':>5} "
+          f"{'exact':>5}")
     for r in rows:
         print(f"{r['shape']:10} {r['tokens']:>6} {r['codec']:10} {r['ratio']:5.2f} {r['h2d_ms']:7.2f} {r['bound_ms']:8.2f} "
               f"{r['restore_ms']:10.2f} {'yes' if r['within_bound'] else 'no':>4} {r['raw_load_ms']:8.2f} "
               f"{r['prefill_ms']:8.1f} {r['file_to_pinned_ms']:9.2f} {r['open_to_hf_ms']:10.2f} "
-              f"{r['unpack_path_ms']:7.2f} {r['from_file_rate']:5.2f}")
+              f"{r['unpack_path_ms']:7.2f} {r['from_file_rate']:5.2f} {str(r['bit_exact']):>5}")
     print(f"\n{'shape':10} {'tokens':>6} {'codec':10} {'Gbit/s':>6} {'fetch ms':>9} {'seq. TTFT':>9} "
           f"{'overlap TTFT':>12} {'raw TTFT':>9} {'prefill TTFT':>12}")
     for t in ttft:

@@ -7,10 +7,9 @@ A thread owns one (record, batch, channel): its main lane and, for an anchored c
 delta lane, decoded in lockstep (a group's first token from the main lane, the others from the
 delta lane). A program covers a few channels of several consecutive chunks of one (layer,
 key/value), so threads of a warp often share a table and its lookups hit the same cache lines.
-A symbol is found from its table's buckets (the symbols 64 equal slices of the 2**24 slots start
-in), then, where a bucket holds several, by binary search in the cumulative weights (spec section
-9); `_cumulative_kernel` makes both on the device from the stored count codes. The arithmetic is
-the CPU decoder's, operation for operation, so the output is bit-exact.
+Symbols are found by binary search in the table's cumulative weights (spec section 9), which
+`_cumulative_kernel` makes on the device from the stored count codes; the arithmetic is the CPU
+decoder's, operation for operation, so the output is bit-exact.
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ from kvcodec.kernels.rounding import to_output_dtype
 CODED, SINKS, CHAN_BASE, CHANNELS, ANCHORED, GROUP, ANCHOR_BITS, LANE_BASE, COUNTS_AT, N_LANES, LANE_WORDS = \
     J.extra_columns(11)
 BOUNDS_BLOCK = 1024  # lane lengths a program of the bounds kernel sums at a time
-BUCKET_BITS = tl.constexpr(6)  # each table's 2**24 slots in 64 buckets: the symbols a bucket starts and ends in
-BUCKETS = tl.constexpr(1 << 6)
 LANES_PER_PROGRAM = 64  # these three: the best of a sweep on an H100 (BENCHMARKS.md)
 MAX_CHUNKS_PER_PROGRAM = 4
 NUM_WARPS = 2
@@ -84,14 +81,15 @@ def _bounds_kernel(words_ptr, table_ptr, start_ptr, end_ptr, bad_ptr, NCOL: tl.c
 
 
 @triton.jit
-def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, bucket_ptr, tab_off_ptr, tab_lo_ptr, chan_main_ptr,
+def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, tab_off_ptr, tab_lo_ptr, tab_size_ptr, chan_main_ptr,
                   chan_delta_ptr, chan_step_ptr, chan_ord_ptr, lane_start_ptr, lane_end_ptr, table_ptr,
                   prog_ptr, err_ptr, NCOL: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
     pid = tl.program_id(0)
-    r0 = tl.load(prog_ptr + 4 * pid)
-    nr = tl.load(prog_ptr + 4 * pid + 1)
-    b = tl.load(prog_ptr + 4 * pid + 2)
-    c0 = tl.load(prog_ptr + 4 * pid + 3)
+    r0 = tl.load(prog_ptr + 5 * pid)
+    nr = tl.load(prog_ptr + 5 * pid + 1)
+    b = tl.load(prog_ptr + 5 * pid + 2)
+    c0 = tl.load(prog_ptr + 5 * pid + 3)
+    iters = tl.load(prog_ptr + 5 * pid + 4).to(tl.int32)
     first = table_ptr + r0 * NCOL  # records of one program share their (layer, key/value)
     batch = tl.load(first + J.BATCH)
     chan_base = tl.load(first + CHAN_BASE)
@@ -117,8 +115,10 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, bucket_ptr, tab_off_ptr, tab_lo_p
     delta_tab = tl.where(anchored, delta_tab, main_tab)
     step = tl.load(chan_step_ptr + chan_base + c, mask=cmask, other=1.0)
     m_off = tl.load(tab_off_ptr + main_tab)
+    m_size = tl.load(tab_size_ptr + main_tab)
     m_lo = tl.load(tab_lo_ptr + main_tab)
     d_off = tl.load(tab_off_ptr + delta_tab)
+    d_size = tl.load(tab_size_ptr + delta_tab)
     d_lo = tl.load(tab_lo_ptr + delta_tab)
 
     valid = cmask & rmask
@@ -142,19 +142,18 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, bucket_ptr, tab_off_ptr, tab_lo_p
         start = tl.where(use_main, ms, ds)
         off = tl.where(use_main, m_off, d_off)
         q = (x & 0xFFFFFF).to(tl.int32)
-        # the symbol: last cumulative weight <= q, between the symbols holding q's bucket's first
-        # slot and the next bucket's (usually the same one), by binary search while any is open
-        bucket = bucket_ptr + tl.where(use_main, main_tab, delta_tab) * (BUCKETS + 1) + (q >> (24 - BUCKET_BITS))
-        lo_i = tl.load(bucket, mask=active, other=0).to(tl.int32)
-        hi_i = tl.load(bucket + 1, mask=active, other=0).to(tl.int32)
-        while tl.max(tl.max(hi_i - lo_i, 1), 0) > 0:
-            still = hi_i > lo_i
-            mid = (lo_i + hi_i + 1) >> 1
-            go = tl.load(cdf_ptr + off + mid, mask=active & still, other=0) <= q
-            lo_i = tl.where(still & go, mid, lo_i)
-            hi_i = tl.where(still & ~go, mid - 1, hi_i)
-        left = tl.load(cdf_ptr + off + lo_i, mask=active, other=0)
-        right = tl.load(cdf_ptr + off + lo_i + 1, mask=active, other=1 << 24)
+        lo_i = tl.zeros([BC, BR], dtype=tl.int32)
+        hi_i = tl.where(use_main, m_size, d_size) + lo_i
+        left = lo_i
+        right = lo_i + (1 << 24)
+        for _ in range(iters):  # last cumulative weight <= q (iters: enough for this program's tables)
+            mid = (lo_i + hi_i) >> 1
+            cum = tl.load(cdf_ptr + off + mid, mask=active, other=0)
+            go = cum <= q
+            lo_i = tl.where(go, mid, lo_i)
+            hi_i = tl.where(go, hi_i, mid)
+            left = tl.where(go, cum, left)
+            right = tl.where(go, right, cum)
         xn = (right - left).to(tl.uint64) * (x >> 24) + (q - left).to(tl.uint64)
         refill = active & ((xn >> 32) == 0) & (p > start)
         xn = tl.where(refill, (xn << 32) | _load_word(words_ptr, p - 1, refill), xn)
@@ -174,8 +173,8 @@ def _lanes_kernel(words_ptr, out_ptr, cdf_ptr, bucket_ptr, tab_off_ptr, tab_lo_p
 
 class DeviceTables:
     """One file's tables on the device: every table's cumulative weights back to back (each
-    followed by 2**24) and buckets, and per channel of the file its tables, step and delta-lane
-    ordinal; `by_tensor` locates each (layer, key/value)'s channels."""
+    followed by 2**24), and per channel of the file its tables, step, delta-lane ordinal and the
+    binary-search steps its tables need; `by_tensor` locates each (layer, key/value)'s channels."""
 
     def __init__(self, file_tables: FileTables, device):
         flat = file_tables.flat_fields()
@@ -196,23 +195,26 @@ class DeviceTables:
         deltas = np.where(anchored, tab_first[tensor] + c[tensor] + ordinals, -1)
         ends = np.cumsum(sizes)
         # three copies to the device, none waited for: the integers, the steps, the count codes
-        ints = J.to_device(np.concatenate([ends - sizes + np.arange(len(sizes)), flat.los, mains, deltas,
+        ints = J.to_device(np.concatenate([sizes, ends - sizes + np.arange(len(sizes)), flat.los, mains, deltas,
                                            ordinals]).astype(np.int64), device)
         n_tab, n_chan = len(sizes), len(mains)
-        self.table_offset, lo_d = ints[:n_tab], ints[n_tab:2 * n_tab]
+        size_d, offset_d, lo_d = ints[:n_tab], ints[n_tab:2 * n_tab], ints[2 * n_tab:3 * n_tab]
+        self.chan_main, self.chan_delta, self.chan_ordinal = ints[3 * n_tab:].split(n_chan)
+        self.cdf = cumulative_with_ends(J.to_device(flat.codes, device), sizes)
+        self.table_offset = offset_d
+        self.table_size = size_d.to(torch.int32)
         self.table_lo = lo_d.to(torch.int32)
-        self.chan_main, self.chan_delta, self.chan_ordinal = ints[2 * n_tab:].split(n_chan)
-        self.cdf, self.buckets = cumulative_with_ends(J.to_device(flat.codes, device), sizes)
         self.chan_step = J.to_device(np.ascontiguousarray(flat.steps, dtype=np.float32), device)
+        table_steps = np.ceil(np.log2(np.maximum(sizes, 2))).astype(np.int64)
+        self.search_steps = np.maximum(table_steps[mains], np.where(deltas >= 0, table_steps[deltas], 0)) \
+            if len(sizes) else np.zeros(0, dtype=np.int64)
 
 
 @triton.jit
-def _cumulative_kernel(codes_ptr, tables_ptr, code_first_ptr, size_ptr, cdf_ptr, bucket_ptr, BN: tl.constexpr,
-                       BJ: tl.constexpr):
+def _cumulative_kernel(codes_ptr, tables_ptr, code_first_ptr, size_ptr, cdf_ptr, BN: tl.constexpr, BJ: tl.constexpr):
     """One table's cumulative weights from its count codes (spec 8.5 and 9, `rans`): counts, each
     symbol's share of 2**24, one more to the symbols of largest count (lowest index on ties)
-    while the sum falls short; then the running sum, and 2**24 after it; and its buckets: the
-    symbol holding each bucket's first slot, then the last symbol."""
+    while the sum falls short; then the running sum, and 2**24 after it."""
     t = tl.load(tables_ptr + tl.program_id(0))
     first = tl.load(code_first_ptr + t)
     n = tl.load(size_ptr + t)
@@ -232,13 +234,8 @@ def _cumulative_kernel(codes_ptr, tables_ptr, code_first_ptr, size_ptr, cdf_ptr,
         rank += tl.sum((before & (j < n)[None, :]).to(tl.int64), 1)
     w += (live & (rank < left)).to(tl.int64)
     out = cdf_ptr + first + t  # each table's entries are followed by its end
-    cum = tl.cumsum(w, 0) - w
-    tl.store(out + i, cum.to(tl.int32), mask=live)
+    tl.store(out + i, (tl.cumsum(w, 0) - w).to(tl.int32), mask=live)
     tl.store(out + n, (1 << 24) + tl.zeros([], dtype=tl.int32))
-    k = tl.arange(0, BUCKETS)
-    held = tl.sum(((cum[None, :] <= (k[:, None].to(tl.int64) << (24 - BUCKET_BITS))) & live[None, :]).to(tl.int32), 1)
-    tl.store(bucket_ptr + t * (BUCKETS + 1) + k, (held - 1).to(tl.int16))
-    tl.store(bucket_ptr + t * (BUCKETS + 1) + BUCKETS, (n - 1).to(tl.int16))
 
 
 @triton.jit
@@ -253,17 +250,15 @@ def _counts(codes_ptr, first, i, mask):
 CUMULATIVE_CLASSES = (64, 512, 4096)  # alphabet sizes up to these share a launch
 
 
-def cumulative_with_ends(codes: torch.Tensor, sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """On the codes' device: int32, every table's cumulative weights, each followed by 2**24,
-    made from the stored count codes (`sizes`: the tables' alphabet sizes; the weights of
-    `kvcodec.entropy.rans`, the same integers); int16 [tables, BUCKETS + 1], each table's
-    buckets. One program per table."""
+def cumulative_with_ends(codes: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
+    """int32 on the codes' device: every table's cumulative weights, each followed by 2**24, made
+    from the stored count codes (`sizes`: the tables' alphabet sizes; the weights of
+    `kvcodec.entropy.rans`, the same integers). One program per table."""
     device = codes.device
     sizes = np.asarray(sizes, dtype=np.int64)
     cdf = torch.empty(int(sizes.sum()) + len(sizes), dtype=torch.int32, device=device)
-    buckets = torch.empty((len(sizes), BUCKETS + 1), dtype=torch.int16, device=device)
     if not len(sizes):
-        return cdf, buckets
+        return cdf
     first = J.to_device(np.cumsum(sizes) - sizes, device)
     sizes_d = J.to_device(sizes, device)
     low = 0
@@ -271,9 +266,9 @@ def cumulative_with_ends(codes: torch.Tensor, sizes: np.ndarray) -> tuple[torch.
         tables = np.flatnonzero((sizes > low) & (sizes <= top))
         low = top
         if len(tables):
-            _cumulative_kernel[(len(tables),)](codes, J.to_device(tables, device), first, sizes_d, cdf, buckets,
-                                               BN=top, BJ=min(top, 64), num_warps=4 if top <= 512 else 8)
-    return cdf, buckets
+            _cumulative_kernel[(len(tables),)](codes, J.to_device(tables, device), first, sizes_d, cdf, BN=top,
+                                               BJ=min(top, 64), num_warps=4 if top <= 512 else 8)
+    return cdf
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}
@@ -287,23 +282,34 @@ def device_tables(file_tables: FileTables, device) -> DeviceTables:
     return per_device[device]
 
 
-def _programs(table: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """int64 [programs, 4]: (first job, jobs, batch index, first channel), and the block's
-    channels and chunks. A program's jobs are consecutive chunks of one (layer, key/value)."""
+def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """int64 [programs, 5]: (first job, jobs, batch index, first channel, binary-search steps
+    its channels' tables need), and the block's channels and chunks. A program's jobs are
+    consecutive chunks of one (layer, key/value); `search_steps` is per channel of the file."""
     same = np.r_[False, table[1:, CHAN_BASE] == table[:-1, CHAN_BASE]]
     runs = np.flatnonzero(~same)
     run_len = np.diff(np.r_[runs, len(table)])
     br = min(MAX_CHUNKS_PER_PROGRAM, J.block(int(run_len.max())))
     bc = max(1, LANES_PER_PROGRAM // br)
-    batch, channels = table[runs, J.BATCH], table[runs, CHANNELS]
+    batch, channels, base = (table[runs, col] for col in (J.BATCH, CHANNELS, CHAN_BASE))
     n_r, n_cb = -(-run_len // br), -(-channels // bc)  # chunk groups and channel blocks per run
-    per_run = batch * n_cb * n_r
-    run = np.repeat(np.arange(len(runs)), per_run)  # programs, per run ordered by (batch, channel block, chunks)
-    local = np.arange(int(per_run.sum())) - (np.cumsum(per_run) - per_run)[run]
+
+    def within(counts):  # for items counted per run: each one's run, and its index within it
+        first = np.cumsum(counts) - counts
+        run = np.repeat(np.arange(len(counts)), counts)
+        return run, np.arange(int(counts.sum())) - first[run]
+
+    block_run, cb = within(n_cb)  # per channel block: the steps its tables need
+    lo = base[block_run] + cb * bc
+    width = np.minimum(bc, channels[block_run] - cb * bc)
+    gather = np.repeat(lo - (np.cumsum(width) - width), width) + np.arange(int(width.sum()))
+    steps = np.maximum.reduceat(search_steps[gather], np.cumsum(width) - width)
+    run, local = within(batch * n_cb * n_r)  # programs, per run ordered by (batch, channel block, chunks)
     r, c, b = local % n_r[run], (local // n_r[run]) % n_cb[run], local // (n_r[run] * n_cb[run])
     r0 = runs[run] + r * br
     nr = np.minimum(br, runs[run] + run_len[run] - r0)
-    return np.stack([r0, nr, b, c * bc], 1).astype(np.int64), bc, br
+    progs = np.stack([r0, nr, b, c * bc, steps[(np.cumsum(n_cb) - n_cb)[run] + c]], 1)
+    return progs.astype(np.int64), bc, br
 
 
 def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,
@@ -345,9 +351,9 @@ def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray,
     copy_sinks = raw.copy_elements(staged, out, table, sinks)
     if copy_sinks:
         steps.append(copy_sinks)
-    programs, bc, br = _programs(table)
+    programs, bc, br = _programs(table, tables.search_steps)
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
-    args = (words, out, tables.cdf, tables.buckets, tables.table_offset, tables.table_lo, tables.chan_main,
+    args = (words, out, tables.cdf, tables.table_offset, tables.table_lo, tables.table_size, tables.chan_main,
             tables.chan_delta, tables.chan_step, tables.chan_ordinal, lane_start, lane_end, table_d,
             J.to_device(programs, device), err)
 

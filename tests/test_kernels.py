@@ -398,7 +398,7 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
                           key_emphasis=0.0, group_size=6)
     for tt in kvcodec.open(data).context(0).tensors.values():
         want = np.insert(rans.cumulative_many(tt.flat_weights, tt.sizes), np.cumsum(tt.sizes), rans.TOTAL)
-        got, _ = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), tt.sizes)
+        got = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), tt.sizes)
         assert np.array_equal(got.cpu().numpy(), want)
     rng = np.random.default_rng(3)  # every size class, ties, tables of zero counts, the largest codes
     sizes = np.array([2, 3, 64, 65, 300, 512, 513, 4096, 7, 40])
@@ -408,9 +408,5 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
     codes[5 + 64:5 + 64 + 65] = 31  # one table of equal counts
     weights = rans.weights_from_counts_many(rans.codes_to_counts(codes), sizes, split=False)
     want = np.insert(rans.cumulative_many(weights, sizes), np.cumsum(sizes), rans.TOTAL)
-    got, buckets = cumulative_with_ends(torch.tensor(codes, device=DEVICE), sizes)
+    got = cumulative_with_ends(torch.tensor(codes, device=DEVICE), sizes)
     assert np.array_equal(got.cpu().numpy(), want)
-    for t, (lo, n) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):  # bucket k: the symbol holding slot k * 2**18
-        cdf = want[lo + t:lo + t + n]
-        held = np.searchsorted(cdf, np.arange(64) << 18, side="right") - 1
-        assert buckets[t].cpu().tolist() == held.tolist() + [n - 1]
