@@ -20,8 +20,9 @@ layers from its heads side by side; files chunked by 1024 tokens). Every figure 
   the target is >= 0.8 x that rate.
 - time to first token: the first decode step after the restore (measured), plus the fetch of the
   file over a 1, 10 or 100 Gbit/s link (computed: bytes / bandwidth), sequential (fetch, then
-  restore) and overlapped (`stream()`: fetch and decode at once, the restore's last layer group
-  after the last byte); raw fp16 over the link likewise; prefill needs no fetch.
+  restore) and overlapped (`stream()`: fetch and decode at once, so the last layer group's share
+  of the restore after the last byte, and never less than the whole restore); raw fp16 over the
+  link likewise; prefill needs no fetch.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def main():
                     groups = max(1, -(-r["file_bytes"] // (4 << 20)))  # stream() fetches >= 4 MiB per group
                     ttft.append(dict(shape=shape, tokens=tokens, codec=r["codec"], link_gbit=gbit, fetch_ms=fetch_ms,
                                      sequential_ms=fetch_ms + r["restore_ms"] + step_ms,
-                                     overlapped_ms=max(fetch_ms, r["restore_ms"]) + r["restore_ms"] / groups + step_ms,
+                                     overlapped_ms=max(fetch_ms + r["restore_ms"] / groups, r["restore_ms"]) + step_ms,
                                      raw_ms=raw_fetch_ms + r["raw_load_ms"] + step_ms,
                                      prefill_ms=r["prefill_ms"] + step_ms))
         del model
