@@ -29,32 +29,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(port: int):
+    """A Redis server on a loopback port: redis-server (the test command installs it), or where a
+    machine lacks it fakeredis's TCP server. Returns (what runs, a function stopping it)."""
+    if shutil.which("redis-server"):
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        return "redis-server", lambda: (server.terminate(), server.wait(10))
+    fakeredis = pytest.importorskip("fakeredis")
+    tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    threading.Thread(target=tcp.serve_forever, daemon=True).start()
+    return "fakeredis", lambda: (tcp.shutdown(), tcp.server_close())
+
+
 @pytest.fixture(scope="module")
 def redis_client():
     redis = pytest.importorskip("redis")
     port = free_port()
-    if shutil.which("redis-server"):
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                                  stdout=subprocess.DEVNULL)
-        stop = server.terminate
-    else:
-        fakeredis = pytest.importorskip("fakeredis")
-        tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-        threading.Thread(target=tcp.serve_forever, daemon=True).start()
-
-        def stop():
-            tcp.shutdown()
-            tcp.server_close()
+    kind, stop = start_redis(port)
     client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(100):
+    for _ in range(200):
         try:
             client.ping()
             break
         except redis.ConnectionError:
             time.sleep(0.05)
+    client.server_kind = kind
     yield client
     client.close()
     stop()
+
+
+def test_the_redis_tests_use_a_real_server_where_one_is_installed(redis_client):
+    info = redis_client.info("server")
+    if shutil.which("redis-server"):
+        assert redis_client.server_kind == "redis-server" and info["redis_version"].count(".") == 2
+        assert "redis_build_id" in info and info.get("executable", "").endswith("redis-server")
 
 
 def prompt_cache(ids: list[int], seed=0) -> kvcodec.KVCache:
@@ -107,6 +117,39 @@ def test_prefix_store_in_redis_deduplicates_and_restores_prefixes(redis_client):
     got, n = store.get(a)  # exactly a stored cache: its short last chunk too
     assert n == 100 and got.layers[0].value.equal(prompt_cache(a).layers[0].value)
     assert store.get([7] + a) == (None, 0)
+
+
+def test_redis_entries_keep_their_namespace_and_expiry_and_survive_damage(redis_client, caplog):
+    """Two stores in one server under different namespaces do not see each other's chunks; a
+    `ttl` sets an expiry on every entry; an entry damaged in the server ends the prefix before it
+    (a warning, no exception) and a large chunk (1 MiB and more) round-trips."""
+    redis_client.flushdb()
+    a = list(range(70))
+    left = kvcodec.PrefixStore(kvcodec.RedisBackend(redis_client, namespace="left:"), "m", "zstd", chunk_tokens=CHUNK)
+    right = kvcodec.PrefixStore(kvcodec.RedisBackend(redis_client, namespace="right:", ttl=60), "m", "zstd",
+                                chunk_tokens=CHUNK)
+    assert left.put(prompt_cache(a)) == 3
+    assert right.get(a) == (None, 0)
+    assert right.put(prompt_cache(a)) == 3
+    keys = sorted(k.decode() for k in redis_client.keys("*"))
+    assert len(keys) == 6 and all(k.startswith(("left:", "right:")) for k in keys)
+    assert all(redis_client.ttl(k) > 0 for k in keys if k.startswith("right:"))
+    assert all(redis_client.ttl(k) == -1 for k in keys if k.startswith("left:"))
+    assert_prefix(left, a, 70)
+    (_, _, key), = [c for c in left.chunks(a) if c[0] == 32]  # damage chunk [32, 64) in the server
+    data = bytearray(redis_client.get("left:" + key))
+    data[len(data) // 2] ^= 0x55
+    redis_client.set("left:" + key, bytes(data))
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        assert_prefix(left, a, 32)
+    assert "[32, 64)" in caplog.text
+    assert_prefix(right, a, 70)  # the other namespace is untouched
+    big = kvcodec.PrefixStore(kvcodec.RedisBackend(redis_client, namespace="big:"), "m", "raw", chunk_tokens=4096)
+    cache = synthetic_cache(layers=2, heads=8, tokens=1000, head_dim=64)
+    assert big.put(cache, [list(range(1000))]) == 1
+    got, n = big.get(list(range(1000)))
+    assert n == 1000 and got.layers[1].value.equal(cache.layers[1].value)
+    assert max(redis_client.strlen(k) for k in redis_client.keys("big:*")) > 1 << 20
 
 
 def test_lossy_prefixes_and_refusals():
