@@ -97,7 +97,8 @@ class KVCache:
         return cls(layers, metadata=dict(metadata or {}), layout="hf")
 
     def to_hf(self, config=None, device=None):
-        """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts."""
+        """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts. Its
+        layers hold this cache's tensors (moved to `device`), not copies."""
         return to_dynamic_cache(self, config, device)
 
 
