@@ -134,7 +134,7 @@ def main():
                            from_file_rate=file_pinned_ms / max(open_ms, unpack_ms), bit_exact=exact)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del src
+                src = None  # the pinned copy freed before the next file
                 os.unlink(path)
                 torch.cuda.empty_cache()
             for r in rows[-len(CODECS):]:
