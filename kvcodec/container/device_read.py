@@ -1,13 +1,14 @@
 """Reading a file's records onto a device with the codecs' device decoders (`kvcodec.kernels`
 for the built-in ones), through the reader's public seam only.
 
-Payloads are gathered into pinned host memory batch by batch and copied to the device on a side
-stream, so one batch's copy overlaps the previous batch's decode; each codec's records in a batch
-decode in one launch, straight into the output tensors (views of one buffer per dtype, laid out
-by the reader's `ReadPlan`). On a CUDA device the payloads' checksums are computed there too
-(`codecs.device.checksum_kernel`), elsewhere on host threads; checksum mismatches and corruption
-the kernels detect are read back once at the end, before anything is returned: decoding never
-waits for the host.
+Payloads are copied to the device batch by batch on a side stream, each batch's checksums
+computed there right after its copy (`codecs.device.checksum_kernel`; on host threads off a
+GPU), and each batch's decode waits only for its own batch. A file in pinned memory is copied as
+it lies, in at most PINNED_BATCHES batches all queued at once; other sources are read into
+pinned staging buffers of BATCH_BYTES, one batch ahead of its decode. Each codec's records in a
+batch decode in one launch, straight into the output tensors (views of one buffer per dtype,
+laid out by the reader's `ReadPlan`). Checksum mismatches and corruption the kernels detect are
+read back once at the end, before anything is returned: decoding never waits for the host.
 Records whose codec has no device decoder (or that it declines) decode on the CPU and are
 copied into place.
 """
