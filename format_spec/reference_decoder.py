@@ -355,6 +355,7 @@ def inflate_tables(blob: bytes) -> bytes:
     """Section 8.5: the framed form (a directory in a skippable frame, then its frames), or one frame."""
     limit = min(256 << 20, (1 << 20) + 4096 * len(blob))
     if blob[:4] != (0x184D2A5B).to_bytes(4, "little"):
+        need(zstandard.get_frame_parameters(blob).has_checksum, "8.5", "a tables frame without a checksum")
         raw = zstandard.ZstdDecompressor().decompress(blob)
         need(len(raw) <= limit, "8.5", "tables expand past their bound")
         return raw
@@ -368,7 +369,10 @@ def inflate_tables(blob: bytes) -> bytes:
         frame = blob[pos:pos + n]
         declared = zstandard.frame_content_size(frame)
         need(0 <= declared and sum(map(len, parts)) + declared <= limit, "8.5", "a tables frame's size")
-        parts.append(zstandard.ZstdDecompressor().decompress(frame))
+        need(zstandard.get_frame_parameters(frame).has_checksum, "8.5", "a tables frame without a checksum")
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        parts.append(inflater.decompress(frame))
+        need(inflater.eof and not inflater.unused_data, "8.5", "a directory entry that is not exactly one frame")
         need(len(parts[-1]) == declared, "8.5", "a tables frame differs from its declared size")
         pos += n
     return b"".join(parts)
@@ -380,9 +384,11 @@ def parse_tables(blob: bytes) -> dict:
     except zstandard.ZstdError as exc:
         raise Reject("8.5", f"tables do not inflate ({exc})") from None
     (n_layers,), pos, out = struct.unpack_from("<I", raw), 4, {}
+    need(n_layers <= 4096, "8.5", "tables of more than 4096 layers")
     for layer in range(n_layers):
         for name in ("key", "value"):
             h, d, g, k = struct.unpack_from("<IIII", raw, pos)
+            need(h >= 1 and d >= 1 and 1 <= g <= 1024 and k <= 8, "8.5", "a tensor table set's fields")
             c = h * d
             pos += 16
             steps = np.frombuffer(raw, "<f4", c, pos)

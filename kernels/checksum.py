@@ -109,9 +109,7 @@ def _power_table(kind: str, count: int, device) -> torch.Tensor:
             size = max(count, 64 if have is None else 2 * len(have))
             base = _x_to_the_power_of_two(9 if kind == "low" else 19)  # x^512: one segment; x^(512 * 1024)
             _host[kind] = have = _powers(base, size).astype(np.uint32).view(np.int32)
-            for key in [k for k in _device if k[0] == kind]:
-                del _device[key]
-        key = (kind, str(device))
+        key = (kind, str(device), len(have))  # a grown table is a new tensor: queued kernels keep the old one
         if key not in _device:
             _device[key] = torch.from_numpy(have).to(device)
         return _device[key]

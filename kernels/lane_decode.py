@@ -199,7 +199,8 @@ class DeviceTables:
                                            ordinals]).astype(np.int64), device)
         n_tab, n_chan = len(sizes), len(mains)
         size_d, offset_d, lo_d = ints[:n_tab], ints[n_tab:2 * n_tab], ints[2 * n_tab:3 * n_tab]
-        self.chan_main, self.chan_delta, self.chan_ordinal = ints[3 * n_tab:].split(n_chan)
+        self.chan_main, self.chan_delta, self.chan_ordinal = (ints[3 * n_tab + k * n_chan:3 * n_tab + (k + 1) * n_chan]
+                                                              for k in range(3))
         self.cdf = cumulative_with_ends(J.to_device(flat.codes, device), sizes)
         self.table_offset = offset_d
         self.table_size = size_d.to(torch.int32)

@@ -9,6 +9,7 @@ import torch
 from kvcodec.dtypes import dtype_name
 from kvcodec.errors import InputError
 
+MAX_LAYERS = 4096  # layers a cache (and a file) may have
 TENSORS = ("key", "value")  # the two tensors of a layer, in the order files and codecs use
 
 

@@ -191,9 +191,42 @@ def test_framed_tables_inflate_in_parallel_and_refuse_bad_directories():
                 framed(frame[:len(frame) // 2], frame[len(frame) // 2:]), tables.DIRECTORY_MAGIC + bytes(4)):
         with pytest.raises(CodecError, match="tables are corrupt"):
             codec.load_context([bad])
-    big = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(8 << 20))  # 8 MiB of zeros, tiny blob
+    big = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(bytes(8 << 20))  # tiny blob
     with pytest.raises(CodecError, match="expand beyond"):
         codec.load_context([framed(big)])
+    unchecked = zstandard.ZstdCompressor(write_checksum=False, write_content_size=True).compress(content)
+    half = len(content) // 2
+    two = (zstandard.ZstdCompressor(write_checksum=True).compress(content[:half])
+           + zstandard.ZstdCompressor(write_checksum=True).compress(content[half:]))
+    for bad, why in ((framed(frame + b"junk"), "exactly one frame"), (framed(two), "exactly one frame"),
+                     (framed(unchecked), "no content checksum"), (unchecked, "no content checksum")):
+        with pytest.raises(CodecError, match=why):
+            codec.load_context([bad])
+
+
+def tables_content(sets, n_layers=None) -> bytes:
+    """A tables blob's content: `sets` of (H, D, G, k) with one-symbol-step tables of 2 symbols."""
+    parts = [np.uint32(len(sets) // 2 if n_layers is None else n_layers).tobytes()]
+    for h, d, g, k in sets:
+        c = h * d
+        parts += [np.array([h, d, g, k], "<u4").tobytes(), np.ones(c, "<f4").tobytes(), bytes(c),
+                  np.zeros(c, "<i4").tobytes(), np.full(c, 2, "<u2").tobytes(), bytes([1, 1]) * c]
+    return b"".join(parts)
+
+
+def test_hostile_table_contents_are_refused_at_once():
+    """A tiny blob claiming a million layers, tensors without channels, or out-of-range group
+    sizes is refused by the check of its first tensor set (the layer bound is the header's, 4096)."""
+    import zstandard
+
+    codec = kvcodec.get_codec("cachegen")
+    pack = zstandard.ZstdCompressor(write_checksum=True).compress
+    cases = [tables_content([(0, 0, 0, 0)] * 2, n_layers=1_000_000), tables_content([(0, 4, 1, 0)] * 2),
+             tables_content([(2, 4, 0, 0)] * 2), tables_content([(2, 4, 2000, 0)] * 2), tables_content([(2, 4, 1, 9)] * 2)]
+    for content, why in zip(cases, ["1000000 layers"] + ["out-of-range fields"] * 4):
+        with pytest.raises(CodecError, match=f"tables are corrupt .*{why}"):  # refused by the first check
+            codec.load_context([pack(content)])
+    assert len(codec.load_context([pack(tables_content([(2, 4, 1, 0)] * 2))]).tensors) == 2  # the same shape, valid
 
 
 def test_every_damaged_byte_of_a_lane_or_table_gives_a_clean_result():

@@ -89,3 +89,17 @@ def test_a_failed_write_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypa
     with pytest.raises(kvcodec.InputError, match="cannot write .*y.kvc: No space left on device"):
         kvcodec.pack(cache, tmp_path / "y.kvc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.kvc"]
+
+
+@pytest.mark.parametrize("dtype", [[], {}, 1, None])
+def test_a_header_dtype_of_another_json_type_is_a_format_error(dtype):
+    import json
+
+    from kvcodec.container import format as fmt
+    from kvcodec.errors import FormatError
+
+    tensor = {"batch": 1, "heads": 1, "tokens": 2, "head_dim": 4, "dtype": dtype}
+    header = {"layers": [{"key": tensor, "value": dict(tensor, dtype="float16")}], "codecs": [{"id": 1, "name": "raw",
+              "config": {}}], "chunk_tokens": 8, "layout": "legacy", "metadata": {}}
+    with pytest.raises(FormatError, match="dtype must be one of"):
+        fmt.Header.from_bytes(json.dumps(header).encode())

@@ -126,6 +126,29 @@ def test_streamed_layers_decode_in_groups_as_whole_reads_do(monkeypatch):
         assert all(torch.equal(hf.layers[i].keys.cpu(), want.layers[i].key) for i in range(3))
 
 
+def test_tables_without_tensors_are_refused_by_both_decoders():
+    """A cachegen file whose (checksummed, well-formed) tables cover no tensor at all: a CodecError
+    from the kernels as from the CPU decoder, not an internal error."""
+    from kvcodec.container import format as fmt
+    from kvcodec.container.writer import KVCWriter
+    from kvcodec.entropy.tables import FileTables
+    from kvcodec.errors import CodecError
+
+    cache = synthetic_cache(layers=1, heads=2, tokens=20, head_dim=16, dtype=torch.float16)
+    reader = kvcodec.open(kvcodec.encode(cache, "cachegen", chunk_tokens=16))
+    out = io.BytesIO()
+    writer = KVCWriter(out, reader.header)
+    writer.add_blob(0, 0, FileTables({}).to_blob(0))  # the tables of no layer
+    for i, r in enumerate(reader.records):
+        shape = tuple(int(r[f]) for f in ("batch", "heads", "tokens", "head_dim"))
+        writer.add_record(int(r["layer"]), int(r["tensor"]), int(r["token_start"]), shape,
+                          fmt.record_dtype_name(int(r["dtype"])), int(r["codec_slot"]), bytes(reader.payload(i)))
+    writer.finish()
+    for decode in (kernel_cache, cpu_cache):
+        with pytest.raises(CodecError, match="do not cover"):
+            decode(out.getvalue())
+
+
 def test_per_chunk_presets_mix():
     data = kvcodec.encode(smooth_cache(torch.float16), "quant", chunk_tokens=CHUNK, target_ratio=3.0 if ON_GPU else 1.3)
     assert len(kvcodec.open(data).info()["codecs"]) > 1

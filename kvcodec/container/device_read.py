@@ -31,6 +31,7 @@ from kvcodec.errors import ChecksumError, CodecError
 
 BATCH_BYTES = 64 << 20  # compressed bytes staged per batch
 PINNED_BATCHES = 4  # batches a file in pinned memory is cut into (each at least BATCH_BYTES)
+AHEAD_BYTES = 1 << 30  # staged on the device ahead of decoding at most
 CRC_THREADS = min(16, os.cpu_count() or 1)
 
 
@@ -95,7 +96,8 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     # sources are read into staging buffers of BATCH_BYTES
     size = max(BATCH_BYTES, -(-int(lengths.sum()) // PINNED_BATCHES)) if pinned else BATCH_BYTES
     parts = batches(lengths, size)
-    ahead = len(parts) if pinned else 1  # batches staged before the first decodes (copies overlap loading contexts)
+    # batches staged before the first decodes (their copies overlap loading contexts), up to AHEAD_BYTES
+    ahead = max(1, min(len(parts), AHEAD_BYTES // size)) if pinned else 1
     with Checksums(reader, plan, table, on_device=checksums_on_device(device)) as checksums:
         def staged_part(part):
             groups = {key: m[(m >= part.start) & (m < part.stop)] for key, m in all_groups.items()}

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kvcodec.cache import TENSORS
+from kvcodec.cache import MAX_LAYERS, TENSORS
 from kvcodec.dtypes import CODE_TO_NAME, DTYPES
 from kvcodec.errors import ChecksumError, FormatError
 
@@ -26,7 +26,6 @@ PREAMBLE = struct.Struct("<8sHHII8sI")  # magic, major, minor, header_length, fl
 TRAILER = struct.Struct("<QQII8s")  # index_offset, index_length, reserved, crc, end magic
 INDEX_HEAD = struct.Struct("<4sIIII12s")
 MAX_HEADER = 16 << 20
-MAX_LAYERS = 4096
 MAX_CODECS = 256
 MAX_DIM = 65536
 MAX_TOKENS = 2**31 - 1
@@ -213,13 +212,15 @@ def _tensor(where: str, t) -> TensorSpec:
     if type(t) is dict:  # the common case, checked at once
         b, h, n, d, dtype = t.get("batch"), t.get("heads"), t.get("tokens"), t.get("head_dim"), t.get("dtype")
         if (type(b) is int and type(h) is int and type(n) is int and type(d) is int and 1 <= b <= MAX_DIM
-                and 1 <= h <= MAX_DIM and 1 <= d <= MAX_DIM and 0 <= n <= MAX_TOKENS and dtype in DTYPES):
+                and 1 <= h <= MAX_DIM and 1 <= d <= MAX_DIM and 0 <= n <= MAX_TOKENS and type(dtype) is str
+                and dtype in DTYPES):
             return TensorSpec(b, h, n, d, dtype)
     _check(isinstance(t, dict), f"header {where} is not an object")
     for k in ("batch", "heads", "head_dim"):
         _check(_is_int(t.get(k), 1, MAX_DIM), f"header {where}.{k} must be an integer from 1 to {MAX_DIM}")
     _check(_is_int(t.get("tokens"), 0, MAX_TOKENS), f"header {where}.tokens is out of range")
-    _check(t.get("dtype") in DTYPES, f"header {where}.dtype must be one of {', '.join(DTYPES)}")
+    _check(isinstance(t.get("dtype"), str) and t["dtype"] in DTYPES, f"header {where}.dtype must be one of "
+           f"{', '.join(DTYPES)}")
     return TensorSpec(t["batch"], t["heads"], t["tokens"], t["head_dim"], t["dtype"])
 
 

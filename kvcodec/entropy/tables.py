@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvcodec.cache import TENSORS
+from kvcodec.cache import MAX_LAYERS, TENSORS
 from kvcodec.entropy import rans
 from kvcodec.entropy.quantizer import entropy_bits, quantize
 from kvcodec.errors import CodecError
@@ -220,6 +220,8 @@ class _FlatTables:
         if len(content) < 4:
             raise ValueError("they end early")
         n_layers = int(np.frombuffer(content, "<u4", 1)[0])
+        if n_layers > MAX_LAYERS:
+            raise ValueError(f"they claim {n_layers} layers (at most {MAX_LAYERS})")
         if n_layers > len(content) // 32:  # a tensor set takes at least 16 bytes
             raise ValueError("they end early")
         keys, heads, at = [], [], []  # at: offsets of steps, modes, los, sizes, codes
@@ -229,6 +231,8 @@ class _FlatTables:
                 if pos + 16 > len(content):
                     raise ValueError("they end early")
                 h, d, g, k = (int(v) for v in np.frombuffer(content, "<u4", 4, pos))
+                if not (1 <= h and 1 <= d and 1 <= g <= 1024 and k <= 8):
+                    raise ValueError(f"layer {i} {name} has out-of-range fields")
                 c = h * d
                 modes = pos + 16 + 4 * c
                 if modes + c > len(content):
@@ -258,8 +262,6 @@ class _FlatTables:
         sizes = gather(3, "<u2", t).astype(np.int64)
         codes = gather(4, np.uint8, n)
         group = np.repeat(head[:, 2], c)
-        if len(head) and ((head[:, 2] < 1).any() or (head[:, 2] > 1024).any() or (head[:, 3] > 8).any()):
-            raise ValueError("a tensor's group size or anchor bits are out of range")
         if (modes.max(initial=0) > 1 or ((group == 1) & (modes != 0)).any() or not np.all(np.isfinite(steps))
                 or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2 or sizes.max(initial=2) > rans.MAX_ALPHABET
                 or (np.abs(los) + sizes).max(initial=0) >= MAX_SYMBOL):
@@ -285,12 +287,23 @@ def _inflate(blob) -> bytes:
     sizes = [zstandard.frame_content_size(f) for f in frames]
     if any(n < 0 for n in sizes):
         raise ValueError("a frame does not declare its size")
+    if not all(zstandard.get_frame_parameters(f).has_checksum for f in frames):
+        raise ValueError("a frame has no content checksum")
     if sum(sizes) > limit:
         raise ValueError(f"they expand beyond {limit} bytes")
-    parts = list(_pool().map(lambda f: zstandard.ZstdDecompressor().decompress(f), frames))
+    parts = list(_pool().map(_one_frame, frames))
     if [len(p) for p in parts] != sizes:
         raise ValueError("a frame's content differs from its declared size")
     return b"".join(parts)
+
+
+def _one_frame(frame: bytes) -> bytes:
+    """The content of `frame`, which must be exactly one whole zstd frame."""
+    inflater = zstandard.ZstdDecompressor().decompressobj()
+    out = inflater.decompress(frame)
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("a directory entry is not exactly one frame")
+    return out
 
 
 def _frames(blob: bytes) -> list[bytes]:
@@ -308,6 +321,8 @@ def _frames(blob: bytes) -> list[bytes]:
 
 
 def _inflate_stream(blob: bytes, limit: int) -> bytes:
+    if not zstandard.get_frame_parameters(blob).has_checksum:
+        raise ValueError("the frame has no content checksum")
     out = bytearray()
     with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
         while piece := reader.read(1 << 20):
