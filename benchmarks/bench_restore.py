@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -49,16 +47,7 @@ EXACT_CHECK_BYTES = 200 << 20  # caches up to this size are also decoded on the 
 
 
 def median_ms(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return gpu.cuda_time(fn, repeat) * 1e3
 
 
 def read_pinned(path: str, size: int):

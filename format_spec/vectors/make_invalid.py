@@ -64,28 +64,28 @@ def with_index(data: bytes, edit) -> bytes:
     return data[:offset] + index + fmt.pack_trailer(offset, index)
 
 
-def with_payload(data: bytes, record: int, payload: bytes) -> bytes:
-    """Record `record`'s payload replaced by one of the same length, its crc resealed."""
-    offset, records, _ = index_of(data)
-    at, n = int(records["offset"][record]), int(records["length"][record])
-    assert len(payload) == n
-    data = data[:at] + payload + data[at + n:]
-
-    def edit(r, b):
-        r["crc32"][record] = zlib.crc32(payload)
-    return with_index(data, edit)
-
-
-def with_blob(data: bytes, blob: int, content: bytes) -> bytes:
-    """Blob `blob` replaced by bytes of the same length, its crc resealed."""
-    _, _, blobs = index_of(data)
-    at, n = int(blobs["offset"][blob]), int(blobs["length"][blob])
+def with_bytes(data: bytes, table: str, i: int, content: bytes) -> bytes:
+    """Entry `i` of the index's `table` ("records" or "blobs") given other bytes of the same
+    length, its crc resealed."""
+    _, records, blobs = index_of(data)
+    entries = records if table == "records" else blobs
+    at, n = int(entries["offset"][i]), int(entries["length"][i])
     assert len(content) == n
     data = data[:at] + content + data[at + n:]
 
     def edit(r, b):
-        b["crc32"][blob] = zlib.crc32(content)
+        (r if table == "records" else b)["crc32"][i] = zlib.crc32(content)
     return with_index(data, edit)
+
+
+def with_payload(data: bytes, record: int, payload: bytes) -> bytes:
+    """Record `record`'s payload replaced by one of the same length, its crc resealed."""
+    return with_bytes(data, "records", record, payload)
+
+
+def with_blob(data: bytes, blob: int, content: bytes) -> bytes:
+    """Blob `blob` replaced by bytes of the same length, its crc resealed."""
+    return with_bytes(data, "blobs", blob, content)
 
 
 def reseal_preamble(out: bytearray) -> bytes:
