@@ -172,6 +172,13 @@ class Checksums:
         if bad is not None:
             raise ChecksumError(f"record of {dev.where(self.table[bad])} checksum mismatch: the file is corrupt")
 
+    def check(self, staged: torch.Tensor, view: np.ndarray, rows: np.ndarray):
+        """Check `rows`: in `staged` on its device, or in the host buffer `view`."""
+        if self.on_device:
+            self.device(staged, view, rows)
+        else:
+            self.host(view, rows)
+
     def device(self, staged: torch.Tensor, view: np.ndarray, rows: np.ndarray):
         """Check `rows` in `staged` on its device (the few payloads too short for it on the host)."""
         short = self.table[rows, dev.LENGTH] < dev.checksum_kernel().MIN_LENGTH
@@ -218,13 +225,14 @@ def fill(source, host: np.ndarray, pieces) -> None:
     list(_readers().map(lambda part: source.read_into(part[0], host[part[1]:part[1] + part[2]]), parts))
 
 
-def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream, checksums: Checksums) -> torch.Tensor:
+def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream,
+          checksums: Checksums) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """Put the payloads of `rows` in one host buffer, setting their SRC column; move the buffer to
     the device on `copy_stream` and have `checksums` verify them: (staged bytes, an event marking
     both done, None without a copy stream).
 
     Records that lie together in the file move as one span. The span is taken as it is when the
-    file is a pinned tensor, else copied into pinned memory (by torch, on several threads)."""
+    file is a pinned tensor, else read into pinned memory (`fill`, on several threads)."""
     rec = reader.records
     idx = plan.records[rows]
     lengths = rec["length"][idx].astype(np.int64)
@@ -252,18 +260,12 @@ def stage(reader, plan, table: np.ndarray, rows: np.ndarray, device, copy_stream
         fill(reader.source, host.numpy(), pieces)
     view = host.numpy()
     if copy_stream is None:
-        if checksums.on_device:
-            checksums.device(host, view, rows)
-        else:
-            checksums.host(view, rows)
+        checksums.check(host, view, rows)
         return host, None
     with torch.cuda.stream(copy_stream):  # the copy, then its checksums, then an event decoding waits for
         staged = host.to(device, non_blocking=True)
-        if checksums.on_device:
-            checksums.device(staged, view, rows)
+        checksums.check(staged, view, rows)
         ready = torch.cuda.Event()
         ready.record(copy_stream)
-    if not checksums.on_device:
-        checksums.host(view, rows)
     staged.record_stream(torch.cuda.current_stream(device))
     return staged, ready

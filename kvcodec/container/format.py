@@ -336,10 +336,12 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
         key = records["layer"].astype(np.int64) * 2 + records["tensor"]
         spec = expect[key]
         fields = np.stack([records[f].astype(np.int64) for f in ("dtype", "batch", "heads", "head_dim")], 1)
+        def place(at: int) -> tuple[int, str]:
+            return int(records["layer"][at]), TENSORS[int(records["tensor"][at])]
         wrong = np.flatnonzero(np.any(fields != spec[:, :4], axis=1))
         if wrong.size:
-            layer, tensor = int(records["layer"][wrong[0]]), int(records["tensor"][wrong[0]])
-            raise FormatError(f"records of layer {layer} {TENSORS[tensor]} disagree with the header's shape or dtype")
+            layer, name = place(wrong[0])
+            raise FormatError(f"records of layer {layer} {name} disagree with the header's shape or dtype")
         order = np.concatenate(list(groups.values()))  # by (layer, tensor), then token start
         k, starts = key[order], records["token_start"][order].astype(np.int64)
         ends = starts + records["tokens"][order]
@@ -347,10 +349,9 @@ def validate_index(header: Header, records: np.ndarray, blobs: np.ndarray, data_
         last = np.r_[k[1:] != k[:-1], True]
         broken = (first & (starts != 0)) | (~first & (starts != np.r_[0, ends[:-1]])) | (last & (ends != spec[order, 4]))
         if broken.any():
-            at = order[np.flatnonzero(broken)[0]]
-            layer, tensor = int(records["layer"][at]), int(records["tensor"][at])
-            raise FormatError(f"records of layer {layer} {TENSORS[tensor]} do not tile its "
-                              f"{getattr(header.layers[layer], TENSORS[tensor]).tokens} tokens")
+            layer, name = place(order[np.flatnonzero(broken)[0]])
+            raise FormatError(f"records of layer {layer} {name} do not tile its "
+                              f"{getattr(header.layers[layer], name).tokens} tokens")
     for layer, spec in enumerate(header.layers):
         for tensor in (0, 1):
             if getattr(spec, TENSORS[tensor]).tokens and (layer, tensor) not in groups:

@@ -52,9 +52,12 @@ class ByteSource:
         self._buf, self._file = None, src
         self.size = src.seek(0, io.SEEK_END)
 
-    def read(self, offset: int, length: int) -> bytes | memoryview:
+    def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        self._check_range(offset, length)
         if self._buf is not None:
             return self._buf[offset:offset + length]
         if self.remote is not None:
@@ -83,8 +86,7 @@ class ByteSource:
         if self._fd is None:
             out[:] = self.read(offset, length)
             return
-        if offset < 0 or offset + length > self.size:
-            raise FormatError("a read reaches past the end of the file: it is truncated or corrupt")
+        self._check_range(offset, length)
         done = 0
         while done < length:
             n = os.preadv(self._fd, [out[done:]], offset + done)

@@ -126,13 +126,12 @@ class FileTables:
         if self.flat is None:
             items = list(self.tensors.items())
             head = np.array([(t.heads, t.head_dim, t.group_size, t.anchor_bits) for _, t in items], np.int64).reshape(-1, 4)
-            first = lambda x: np.r_[0, np.cumsum(x, dtype=np.int64)]  # noqa: E731
 
             def joined(field, dtype):
                 parts = [getattr(t, field) for _, t in items]
                 return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-            self.flat = _FlatTables([k for k, _ in items], head, first([t.heads * t.head_dim for _, t in items]),
-                                    first([len(t.sizes) for _, t in items]), first([len(t.codes) for _, t in items]),
+            self.flat = _FlatTables([k for k, _ in items], head, _starts([t.heads * t.head_dim for _, t in items]),
+                                    _starts([len(t.sizes) for _, t in items]), _starts([len(t.codes) for _, t in items]),
                                     joined("steps", np.float32), joined("anchored", bool), joined("los", np.int64),
                                     joined("sizes", np.int64), joined("codes", np.uint8))
         return self.flat
@@ -143,8 +142,7 @@ class FileTables:
         with self._weighed:
             if not self._weights_ready:
                 todo = [tt for tt in self.tensors.values() if "flat_weights" not in tt.__dict__]
-                with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                    weights = list(pool.map(lambda tt: weights_of(tt.codes, tt.sizes), todo))
+                weights = list(_pool().map(lambda tt: weights_of(tt.codes, tt.sizes), todo))
                 for tt, w in zip(todo, weights):
                     tt.__dict__["flat_weights"] = w  # what the cached property would store
                 self._weights_ready = True
@@ -196,6 +194,11 @@ class FileTables:
         tables = cls({key: flat.tensor(k) for k, key in enumerate(flat.keys)})
         tables.flat = flat
         return tables
+
+
+def _starts(counts) -> np.ndarray:
+    """int64 [n + 1]: where each of n runs of `counts` items starts, then their total."""
+    return np.r_[0, np.cumsum(counts, dtype=np.int64)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,8 +269,7 @@ class _FlatTables:
                 or steps.min(initial=1) <= 0 or sizes.min(initial=2) < 2 or sizes.max(initial=2) > rans.MAX_ALPHABET
                 or (np.abs(los) + sizes).max(initial=0) >= MAX_SYMBOL):
             raise ValueError("a table has out-of-range fields")
-        first = lambda x: np.r_[0, np.cumsum(x)]  # noqa: E731
-        return cls(keys, head[:, :4], first(c), first(t), first(n), steps, modes.astype(bool), los, sizes, codes)
+        return cls(keys, head[:, :4], _starts(c), _starts(t), _starts(n), steps, modes.astype(bool), los, sizes, codes)
 
     def tensor(self, k: int) -> ChannelTables:
         c, t, n = (slice(int(f[k]), int(f[k + 1])) for f in (self.channel_first, self.table_first, self.code_first))
