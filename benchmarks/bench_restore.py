@@ -41,7 +41,9 @@ import bench_gpu_decode as gpu  # noqa: E402
 
 import kvcodec  # noqa: E402
 
-CODECS = [("raw", {}), ("quant", {"bits": 4}), ("cachegen", {"quality": "medium"})]
+# (label, codec, options); "cachegen-l1" is cachegen's lane format 1, what files held before format 2
+CODECS = [("raw", "raw", {}), ("quant", "quant", {"bits": 4}), ("cachegen", "cachegen", {"quality": "medium"}),
+          ("cachegen-l1", "cachegen", {"quality": "medium", "lanes": 1})]
 LINKS_GBIT = (1, 10, 100)
 EXACT_CHECK_BYTES = 200 << 20  # caches up to this size are also decoded on the CPU and compared
 
@@ -87,14 +89,14 @@ def main():
     for shape in args.shapes.split(","):
         base = gpu.base_cache(shape, real, 2 * gpu.CHUNK)
         model = None if args.no_prefill else gpu.random_model(shape)
-        files = {name: kvcodec.encode(base, name, chunk_tokens=gpu.CHUNK, **opts) for name, opts in CODECS}
+        files = {label: kvcodec.encode(base, name, chunk_tokens=gpu.CHUNK, **opts) for label, name, opts in CODECS}
         for tokens in (int(t) for t in args.tokens.split(",")):
             cache = gpu.base_cache(shape, real, tokens)
             raw_ms = gpu.raw_load_time(cache, args.repeat) * 1e3
             prefill_ms = gpu.prefill_time(model, tokens, 3) * 1e3 if model is not None else float("nan")
             step_ms = float("nan")
-            for name, opts in CODECS:
-                data = gpu.replicated_file(files[name], tokens)
+            for label, name, opts in CODECS:
+                data = gpu.replicated_file(files[label], tokens)
                 src = gpu.pinned(data)
                 h2d_ms = median_ms(lambda: src.to("cuda", non_blocking=True), args.repeat)
                 gbps = len(data) / h2d_ms / 1e6
@@ -105,7 +107,7 @@ def main():
                     got, want = kvcodec.decode(src, device="cuda"), kvcodec.decode(data, decoder="cpu")
                     exact = all(torch.equal(g.cpu(), w) for a, b in zip(got.layers, want.layers)
                                 for g, w in ((a.key, b.key), (a.value, b.value)))
-                path = os.path.join(workdir, f"{shape}-{tokens}-{name}.kvc")
+                path = os.path.join(workdir, f"{shape}-{tokens}-{label}.kvc")
                 Path(path).write_bytes(data)
                 file_pinned_ms = median_ms(read_pinned(path, len(data)), args.repeat)
                 open_ms = median_ms(lambda: kvcodec.open(path).to_hf(device="cuda"), args.repeat)
@@ -115,7 +117,7 @@ def main():
                         step_ms = first_step_ms(model, kvcodec.decode(src, device="cuda").to_hf(), tokens, args.repeat)
                     except Exception as exc:  # keep the other figures
                         print(f"# first decode step failed: {type(exc).__name__}: {exc}", flush=True)
-                row = dict(shape=shape, tokens=tokens, codec=name, options=opts, fp16_bytes=cache.nbytes,
+                row = dict(shape=shape, tokens=tokens, codec=label, options=opts, fp16_bytes=cache.nbytes,
                            file_bytes=len(data), ratio=cache.nbytes / len(data), h2d_ms=h2d_ms, h2d_gbps=gbps,
                            bound_ms=bound_ms, restore_ms=restore_ms, within_bound=restore_ms <= bound_ms,
                            raw_load_ms=raw_ms, prefill_ms=prefill_ms, file_to_pinned_ms=file_pinned_ms,
@@ -141,18 +143,18 @@ def main():
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     print(f"\n{device}; torch {torch.__version__}")
-    print(f"{'shape':10} {'tokens':>6} {'codec':10} {'ratio':>5} {'H2D ms':>7} {'bound ms':>8} {'restore ms':>10} "
+    print(f"{'shape':10} {'tokens':>6} {'codec':11} {'ratio':>5} {'H2D ms':>7} {'bound ms':>8} {'restore ms':>10} "
           f"{'met':>4} {'raw load':>8} {'prefill':>8} {'file->pin':>9} {'open.to_hf':>10} {'unpack':>7} {'rate':>5} "
           f"{'exact':>5}")
     for r in rows:
-        print(f"{r['shape']:10} {r['tokens']:>6} {r['codec']:10} {r['ratio']:5.2f} {r['h2d_ms']:7.2f} {r['bound_ms']:8.2f} "
+        print(f"{r['shape']:10} {r['tokens']:>6} {r['codec']:11} {r['ratio']:5.2f} {r['h2d_ms']:7.2f} {r['bound_ms']:8.2f} "
               f"{r['restore_ms']:10.2f} {'yes' if r['within_bound'] else 'no':>4} {r['raw_load_ms']:8.2f} "
               f"{r['prefill_ms']:8.1f} {r['file_to_pinned_ms']:9.2f} {r['open_to_hf_ms']:10.2f} "
               f"{r['unpack_path_ms']:7.2f} {r['from_file_rate']:5.2f} {str(r['bit_exact']):>5}")
-    print(f"\n{'shape':10} {'tokens':>6} {'codec':10} {'Gbit/s':>6} {'fetch ms':>9} {'seq. TTFT':>9} "
+    print(f"\n{'shape':10} {'tokens':>6} {'codec':11} {'Gbit/s':>6} {'fetch ms':>9} {'seq. TTFT':>9} "
           f"{'overlap TTFT':>12} {'raw TTFT':>9} {'prefill TTFT':>12}")
     for t in ttft:
-        print(f"{t['shape']:10} {t['tokens']:>6} {t['codec']:10} {t['link_gbit']:>6} {t['fetch_ms']:9.1f} "
+        print(f"{t['shape']:10} {t['tokens']:>6} {t['codec']:11} {t['link_gbit']:>6} {t['fetch_ms']:9.1f} "
               f"{t['sequential_ms']:9.1f} {t['overlapped_ms']:12.1f} {t['raw_ms']:9.1f} {t['prefill_ms']:12.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -119,7 +119,9 @@ def check_config(codec: dict, blobs: int) -> None:
                  "value_step": (step, False), "key_emphasis": (number(0, 2), False),
                  "value_emphasis": (number(0, 2), False), "shallow_layers": (number(0, 1), False),
                  "sinks": (lambda v: is_int(v, 0, 1024), False), "group_size": (lambda v: is_int(v, 1, 1024), False),
-                 "anchor_bits": (lambda v: is_int(v, 0, 8), False)})
+                 "anchor_bits": (lambda v: is_int(v, 0, 8), False), "lanes": (lambda v: v in (1, 2) and type(v) is int,
+                                                                               True),
+                 "tables": (lambda v: is_int(v, 1, 256), True)})
     elif cid == 6:
         flag = lambda v: type(v) is bool  # noqa: E731
         exactly({"weights": (lambda v: type(v) is str and re.fullmatch("sha256:[0-9a-f]{64}", v) is not None, False),
@@ -431,6 +433,8 @@ def decode_lane(words: list[int], table, count: int) -> list[int]:
 
 def cachegen(config, context, payload, layer, tensor, start, shape, dtype, as_values=False):
     """The record's bit patterns (or, `as_values`, its float32 values before `to_dtype`)."""
+    if config.get("lanes", 1) == 2:
+        return cachegen_format2(config, context, payload, layer, tensor, start, shape, dtype)
     b, h, n_tok, d = shape
     hh, dd, g, k, steps, modes, tables = parse_tables(context[0])[(layer, tensor)]
     assert (hh, dd) == (h, d)
@@ -470,6 +474,103 @@ def cachegen(config, context, payload, layer, tensor, start, shape, dtype, as_va
 
 
 # -- section 8.6: ae ---------------------------------------------------------------------------
+
+# -- section 8.5 (lane format 2) and 10: shared tables and 16-bit-word rANS lanes ------------------
+
+def precision(n: int) -> int:
+    return min((n - 1).bit_length() + 3, 14)
+
+
+def parse_tables2(blob: bytes) -> dict:
+    try:
+        params = zstandard.get_frame_parameters(blob)
+        need(params.has_checksum, "8.5", "a tables frame without a checksum")
+        need(0 <= params.content_size <= min(256 << 20, (1 << 20) + 4096 * len(blob)), "8.5", "the tables' size")
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        raw = inflater.decompress(blob)
+    except zstandard.ZstdError as exc:
+        raise Reject("8.5", f"tables do not inflate ({exc})") from None
+    need(inflater.eof and not inflater.unused_data and len(raw) == params.content_size, "8.5", "one whole frame")
+    need(len(raw) >= 4, "8.5", "tables end early")
+    (n_layers,), pos, out, slots = struct.unpack_from("<I", raw), 4, {}, 0
+    need(n_layers <= 4096, "8.5", "tables of more than 4096 layers")
+
+    def take(fmt, count):
+        nonlocal pos
+        size = struct.calcsize(f"<{count}{fmt}")
+        need(pos + size <= len(raw), "8.5", "tables end early")
+        values = struct.unpack_from(f"<{count}{fmt}", raw, pos)
+        pos += size
+        return values
+    for layer in range(n_layers):
+        for name in ("key", "value"):
+            h, d, g, k, t = take("I", 5)
+            need(h >= 1 and d >= 1 and 1 <= g <= 1024 and k <= 8 and 1 <= t <= 65534, "8.5", "a tensor set's fields")
+            c = h * d
+            steps = np.array(take("f", c), dtype=np.float32)
+            main, delta, los, sizes = take("H", c), take("H", c), take("i", t), take("H", t)
+            need(all(np.isfinite(steps)) and min(steps) > 0, "8.5", "steps finite and positive")
+            need(max(main) < t and all(x == 0xFFFF or (x < t and g > 1) for x in delta), "8.5", "table indices")
+            tables = []
+            for lo, n in zip(los, sizes):
+                need(2 <= n <= 4096 and abs(lo) + n < 2 ** 20, "8.5", "a table's range")
+                w = take("H", n)
+                need(min(w) >= 1 and sum(w) == 1 << precision(n), "10", "weights >= 1 summing to 2**P")
+                tables.append((lo, w, [sum(w[:i]) for i in range(n)], precision(n)))
+                slots += 1 << precision(n)
+            need(slots <= 1 << 25, "8.5", "the tables' lookup slots")
+            out[(layer, name)] = (h, d, g, k, steps, main, delta, tables)
+    need(pos == len(raw), "8.5", "bytes after the last tensor set")
+    return out
+
+
+def decode_lane2(words: list[int], symbols: list) -> list[int]:
+    """Section 10, step by step: `symbols` is the table of each symbol in turn."""
+    if not symbols:
+        need(not words, "10", "a lane of no symbols has no words")
+        return []
+    need(len(words) >= 2, "10", "a lane holds its state")
+    x, m, out = (words[0] << 16) | words[1], 2, []
+    for lo, w, c, p in symbols:
+        q = x % (1 << p)
+        s = max(i for i in range(len(c)) if c[i] <= q)
+        x = w[s] * (x >> p) + q - c[s]
+        if x < 1 << 16:
+            need(m < len(words), "10", "the lane ends early")
+            x, m = (x << 16) | words[m], m + 1
+        out.append(lo + s)
+    need(x == 1 << 16 and m == len(words), "10", "the lane does not end where its symbols do")
+    return out
+
+
+def cachegen_format2(config, context, payload, layer, tensor, start, shape, dtype):
+    b, h, n_tok, d = shape
+    hh, dd, g, k, steps, main, delta, tables = parse_tables2(context[0])[(layer, tensor)]
+    need((hh, dd) == (h, d), "8.5", "tables of the record's shape")
+    size = ITEMSIZE[dtype]
+    s = max(0, min(config["sinks"] - start, n_tok))
+    n = n_tok - s
+    c = h * d
+    out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    sink_bytes = b * h * s * d * size
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
+    need(len(payload) >= sink_bytes + 4 * b * c, "8.5", "the payload holds its lane lengths")
+    lengths = struct.unpack_from(f"<{b * c}I", payload, sink_bytes)
+    pos = sink_bytes + 4 * b * c
+    need(len(payload) == pos + 2 * sum(lengths), "8.5", "the payload's length")
+    for bi in range(b):
+        for ch in range(c):
+            length = lengths[bi * c + ch]
+            words = list(struct.unpack_from(f"<{length}H", payload, pos))
+            pos += 2 * length
+            anchored = delta[ch] != 0xFFFF
+            use = [tables[main[ch]] if i % g == 0 or not anchored else tables[delta[ch]] for i in range(n)]
+            v = decode_lane2(words, use)
+            u = v if not anchored else [v[i - i % g] * 2.0 ** -k + (0 if i % g == 0 else v[i]) for i in range(n)]
+            y = (np.array(u, dtype=np.float32) * steps[ch]).astype(np.float32)
+            out[bi, ch // d, s:, ch % d] = to_dtype(y, dtype)
+    return out
+
 
 def read_safetensors(blob: bytes) -> tuple[dict, dict]:
     """(float32 tensors by name, metadata) of a safetensors file."""

@@ -1,5 +1,6 @@
 """cachegen's device decoder and encoder: its exact sink tokens, then its lanes, decoded and
-encoded by the shared lane kernels (`lane_decode`, `lane_encode`)."""
+encoded by the lane kernels of its lane format (`shared_lane_decode`, `shared_lane_encode` for
+format 2; `lane_decode`, `lane_encode` for format 1)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import torch
 
 from kvcodec.codecs.cachegen import sink_counts
 from kvcodec.codecs.device import Launch
+from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import FileTables
 from kvcodec.kernels import jobs as J
 from kvcodec.kernels.lane_decode import prepare_lanes
 from kvcodec.kernels.lane_encode import encode_lanes
+from kvcodec.kernels import shared_lane_encode
+from kvcodec.kernels.shared_lane_decode import prepare_shared_lanes
 
 
 def _sinks(codec, table: np.ndarray) -> np.ndarray:
@@ -19,17 +23,33 @@ def _sinks(codec, table: np.ndarray) -> np.ndarray:
 
 
 def supports(codec, context, table: np.ndarray, itemsize: int) -> np.ndarray:
-    """Lanes are read as 32-bit words: the exact sink tokens before them must fill whole words."""
+    """Lane lengths are read as 32-bit words: the exact sink tokens before them must fill whole words."""
     whole_words = (table[:, J.BATCH] * table[:, J.HEADS] * _sinks(codec, table) * table[:, J.HEAD_DIM] * itemsize) % 4 == 0
     return whole_words & J.fits_grid(table)
 
 
-def prepare(codec, context: FileTables, table: np.ndarray, staged: torch.Tensor, out: torch.Tensor) -> Launch:
+def prepare(codec, context: FileTables | SharedTables, table: np.ndarray, staged: torch.Tensor,
+            out: torch.Tensor) -> Launch:
+    if isinstance(context, SharedTables):
+        return prepare_shared_lanes(context, table, _sinks(codec, table), staged, out, codec.name)
     return prepare_lanes(context, table, _sinks(codec, table), staged, out, codec.name)
+
+
+def encode_many(codec, chunks, infos, context) -> list[bytes]:
+    """cachegen's payloads of chunks on the GPU: their sink tokens' bytes, then their lanes."""
+    if not isinstance(context, SharedTables):
+        return [encode(codec, chunk, info, context) for chunk, info in zip(chunks, infos)]
+    sinks = [codec.sink_count(info) for info in infos]
+    bodies = shared_lane_encode.encode_many([c.detach()[:, :, s:].to(torch.float32) for c, s in zip(chunks, sinks)],
+                                            [codec.coded(info, context) for info in infos], context.flat())
+    return [c.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body
+            for c, s, body in zip(chunks, sinks, bodies)]
 
 
 def encode(codec, chunk: torch.Tensor, info, context) -> bytes:
     """cachegen's payload of a chunk on the GPU: its sink tokens' bytes, then its lanes."""
+    if isinstance(context, SharedTables):
+        return encode_many(codec, [chunk], [info], context)[0]
     tt = context.for_chunk(info, codec.name)
     s = codec.sink_count(info)
     body = encode_lanes(chunk.detach()[:, :, s:].to(torch.float32), tt, f"cachegen: layer {info.layer} {info.tensor}")

@@ -57,17 +57,19 @@ def _initial_state(words_ptr, start, end, mask):
 
 
 @triton.jit
-def _bounds_kernel(words_ptr, table_ptr, start_ptr, end_ptr, bad_ptr, NCOL: tl.constexpr, BL: tl.constexpr):
-    """Each job's lane boundaries (word offsets in the staged buffer) from the lane lengths its
-    payload stores: lanes follow one another from the word after the lengths, clipped to the
-    payload; flags the job when the lengths do not add up to its lane words."""
+def _bounds_kernel(words_ptr, table_ptr, start_ptr, end_ptr, bad_ptr, NCOL: tl.constexpr, BL: tl.constexpr,
+                   UNIT: tl.constexpr = 1):
+    """Each job's lane boundaries (offsets in the staged buffer, in lane words of 4 / UNIT bytes)
+    from the lane lengths its payload stores (32-bit, at 32-bit word COUNTS_AT): lanes follow one
+    another from the word after the lengths, clipped to the payload; flags the job when the
+    lengths do not add up to its lane words."""
     job = tl.program_id(0)
     row = table_ptr + job * NCOL
     counts_at = tl.load(row + COUNTS_AT)
     n_lanes = tl.load(row + N_LANES)
     expected = tl.load(row + LANE_WORDS)
     lane_base = tl.load(row + LANE_BASE)
-    first = counts_at + n_lanes  # the first lane's first word
+    first = (counts_at + n_lanes) * UNIT  # the first lane's first word
     total = tl.zeros([], dtype=tl.int64)
     for b0 in range(0, n_lanes, BL):
         i = b0 + tl.arange(0, BL)

@@ -169,10 +169,10 @@ def test_framed_tables_inflate_in_parallel_and_refuse_bad_directories():
     from kvcodec.entropy import tables
 
     cache = synthetic_cache(layers=3, tokens=30, dtype=torch.float16)
-    data = kvcodec.encode(cache, "cachegen", chunk_tokens=16)
+    data = kvcodec.encode(cache, "cachegen", chunk_tokens=16, lanes=1)
     reader = kvcodec.open(data)
     blob = bytes(reader.context_blobs(0)[0])
-    codec = kvcodec.get_codec("cachegen")
+    codec = kvcodec.get_codec("cachegen", lanes=1)
     content = tables._inflate(blob)
     one_frame = zstandard.ZstdCompressor(write_checksum=True).compress(content)
     assert blob[:4] == tables.DIRECTORY_MAGIC and tables._inflate(one_frame) == content
@@ -219,7 +219,7 @@ def test_hostile_table_contents_are_refused_at_once():
     sizes is refused by the check of its first tensor set (the layer bound is the header's, 4096)."""
     import zstandard
 
-    codec = kvcodec.get_codec("cachegen")
+    codec = kvcodec.get_codec("cachegen", lanes=1)
     pack = zstandard.ZstdCompressor(write_checksum=True).compress
     cases = [tables_content([(0, 0, 0, 0)] * 2, n_layers=1_000_000), tables_content([(0, 4, 1, 0)] * 2),
              tables_content([(2, 4, 0, 0)] * 2), tables_content([(2, 4, 2000, 0)] * 2), tables_content([(2, 4, 1, 9)] * 2)]

@@ -33,6 +33,8 @@ CODECS = [
     ("quant", {"bits": 8, "group_size": 7}),
     ("cachegen", {}),
     ("cachegen", {"sinks": 3, "group_size": 3, "anchor_bits": 2, "key_emphasis": 0.0}),
+    ("cachegen", {"lanes": 1}),
+    ("cachegen", {"lanes": 1, "sinks": 3, "group_size": 3, "anchor_bits": 2, "key_emphasis": 0.0}),
 ]
 
 
@@ -126,19 +128,21 @@ def test_streamed_layers_decode_in_groups_as_whole_reads_do(monkeypatch):
         assert all(torch.equal(hf.layers[i].keys.cpu(), want.layers[i].key) for i in range(3))
 
 
-def test_tables_without_tensors_are_refused_by_both_decoders():
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_tables_without_tensors_are_refused_by_both_decoders(lanes):
     """A cachegen file whose (checksummed, well-formed) tables cover no tensor at all: a CodecError
     from the kernels as from the CPU decoder, not an internal error."""
     from kvcodec.container import format as fmt
     from kvcodec.container.writer import KVCWriter
+    from kvcodec.entropy.shared_tables import SharedTables
     from kvcodec.entropy.tables import FileTables
     from kvcodec.errors import CodecError
 
     cache = synthetic_cache(layers=1, heads=2, tokens=20, head_dim=16, dtype=torch.float16)
-    reader = kvcodec.open(kvcodec.encode(cache, "cachegen", chunk_tokens=16))
+    reader = kvcodec.open(kvcodec.encode(cache, "cachegen", chunk_tokens=16, lanes=lanes))
     out = io.BytesIO()
     writer = KVCWriter(out, reader.header)
-    writer.add_blob(0, 0, FileTables({}).to_blob(0))  # the tables of no layer
+    writer.add_blob(0, 0, (FileTables if lanes == 1 else SharedTables)({}).to_blob(0))  # the tables of no layer
     for i, r in enumerate(reader.records):
         shape = tuple(int(r[f]) for f in ("batch", "heads", "tokens", "head_dim"))
         writer.add_record(int(r["layer"]), int(r["tensor"]), int(r["token_start"]), shape,
@@ -265,7 +269,8 @@ def test_tensor_sources_decode_alike():
         kvcodec.open(source.view(torch.int16) if source.numel() % 2 == 0 else source.float())
 
 
-@pytest.mark.parametrize("options", [{}, {"sinks": 3, "group_size": 6, "anchor_bits": 2, "key_emphasis": 0.0}])
+@pytest.mark.parametrize("options", [{}, {"sinks": 3, "group_size": 6, "anchor_bits": 2, "key_emphasis": 0.0},
+                                     {"lanes": 1}, {"lanes": 1, "sinks": 3, "group_size": 6, "key_emphasis": 0.0}])
 def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
     """The GPU chunk encoder (run here on the kernels' device) against the CPU encoder."""
     from kvcodec.kernels import cachegen
@@ -274,10 +279,12 @@ def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
     codec = kvcodec.get_codec("cachegen", **options)
     chunks = cut(cache, max(CHUNK, 128))
     context = codec.load_context(codec.fit(chunks))
-    assert not options or any(t.anchored.any() for t in context.tensors.values())
+    assert "group_size" not in options or any(t.anchored.any() for t in context.tensors.values())
     for info, chunk in chunks:
         want = codec.encode(chunk, info, context)
         assert cachegen.encode(codec, chunk.to(DEVICE), info, context) == want
+    infos, tensors = [info for info, _ in chunks], [chunk.to(DEVICE) for _, chunk in chunks]
+    assert device.encode_chunks(codec, tensors, infos, context) == codec.encode_many(tensors, infos, context)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
@@ -418,7 +425,7 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
     from kvcodec.kernels.lane_decode import cumulative_with_ends
 
     data = kvcodec.encode(smooth_cache(torch.float16, tokens=max(TOKENS, 250)), "cachegen", chunk_tokens=CHUNK,
-                          key_emphasis=0.0, group_size=6)
+                          key_emphasis=0.0, group_size=6, lanes=1)
     for tt in kvcodec.open(data).context(0).tensors.values():
         want = np.insert(rans.cumulative_many(tt.flat_weights, tt.sizes), np.cumsum(tt.sizes), rans.TOTAL)
         got = cumulative_with_ends(torch.tensor(tt.codes, device=DEVICE), tt.sizes)

@@ -91,14 +91,17 @@ def test_kvc_capture_then_pack(tmp_path, real_model):
     assert bad.exit_code == 1 and "fewer than" in bad.output and not (tmp_path / "d.pt").exists()
 
 
-def test_cachegen_lanes_cost_within_two_percent_of_the_symbols_entropy(real_model):
-    """Bits in the lanes versus the empirical entropy of the symbols each table codes, over
-    the file (a 1024-token SmolLM2 cache, one chunk: lanes of 1020 symbols)."""
+@pytest.mark.parametrize("lanes, bound", [(1, 1.02), (2, 1.06)])
+def test_cachegen_lanes_cost_near_the_symbols_entropy(real_model, lanes, bound):
+    """Bits in the lanes versus the empirical entropy of each channel's symbols (main, and
+    deltas of anchored channels), over the file (a 1024-token SmolLM2 cache, one chunk: lanes
+    of 1020 symbols): within 2% with per-channel tables (lane format 1), within 6% with a few
+    shared low-precision tables per tensor (format 2; measured +3.8%, BENCHMARKS.md)."""
     from kvcodec.codecs.base import ChunkInfo
     from kvcodec.entropy.quantizer import entropy_bits, quantize
 
     cache = capture.capture("prose", tokens=1024)
-    codec = kvcodec.get_codec("cachegen")
+    codec = kvcodec.get_codec("cachegen", lanes=lanes)
     reader = kvcodec.open(kvcodec.encode(cache, codec))
     ctx = reader.context(0)
     symbols, lane_bits = {}, 0
@@ -116,8 +119,8 @@ def test_cachegen_lanes_cost_within_two_percent_of_the_symbols_entropy(real_mode
             if tt.anchored[c]:
                 symbols.setdefault(key + ("delta",), []).append(deltas[:, a].ravel())
                 a += 1
-        lanes = direct.shape[0] * (direct.shape[1] + int(tt.anchored.sum()))
-        lane_bits += 8 * (rec.length - s * x[:, :, :1].numel() * x.element_size() - 4 * lanes)
+        n_lanes = direct.shape[0] * (direct.shape[1] + (int(tt.anchored.sum()) if lanes == 1 else 0))
+        lane_bits += 8 * (rec.length - s * x[:, :, :1].numel() * x.element_size() - 4 * n_lanes)
     entropy = sum(float(entropy_bits(np.concatenate(v)[None])[0]) for v in symbols.values())
     assert entropy > 0
-    assert 1.0 <= lane_bits / entropy < 1.02
+    assert 1.0 <= lane_bits / entropy < bound

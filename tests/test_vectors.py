@@ -14,7 +14,7 @@ import zstandard
 import kvcodec
 from kvcodec import cachefiles
 
-from reference_decoder import parse_tables, read_kvc, read_positions
+from reference_decoder import parse_tables, parse_tables2, read_kvc, read_positions
 
 VECTORS = Path(__file__).parent.parent / "format_spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
@@ -30,16 +30,23 @@ def test_there_is_a_vector_for_every_builtin_codec():
     assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen", "ae"}
     cachegen = [read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"]
     assert any(len(v["header"]["codecs"]) > 1 for v in cachegen)  # per-chunk presets
-    tables = [parse_tables(blob) for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF]
-    assert any(any(t[5]) for sets in tables for t in sets.values())  # an anchored channel
+    blobs = {lanes: [blob for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF
+                     and v["header"]["codecs"][owner]["config"].get("lanes", 1) == lanes] for lanes in (1, 2)}
+    tables = [parse_tables(blob) for blob in blobs[1]]
+    assert any(any(t[5]) for sets in tables for t in sets.values())  # an anchored channel, lane format 1
+    shared = [parse_tables2(blob) for blob in blobs[2]]
+    assert any(min(t[6]) != 0xFFFF for sets in shared for t in sets.values())  # and lane format 2
+    assert any(len(t[7]) > 1 for sets in shared for t in sets.values())  # channels choosing among shared tables
     assert {MANIFEST[n]["config"].get("bits") for n in NAMES if MANIFEST[n]["codec"] == "quant"} == {2, 3, 4, 8}
     pruned = read_kvc((VECTORS / "raw-f16-pruned.kvc").read_bytes())
     rows = [blob for (owner, ordinal), blob in pruned["blobs"].items() if owner == 0xFFFF and ordinal > 0]
     second_row = [blob[5 + 12 * int.from_bytes(blob[1:5], "little")] for blob in rows]  # row 0 holds runs
     assert {blob[0] for blob in rows} == {0} and set(second_row) == {1}  # both position forms
     assert pruned["header"]["length"] == 420
-    framed = {n: blob[:4] == (0x184D2A5B).to_bytes(4, "little") for n in NAMES if MANIFEST[n]["codec"] == "cachegen"
-              for (owner, _), blob in read_kvc((VECTORS / f"{n}.kvc").read_bytes())["blobs"].items() if owner != 0xFFFF}
+    files = {n: read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"}
+    framed = {n: blob[:4] == (0x184D2A5B).to_bytes(4, "little") for n, v in files.items()
+              for (owner, _), blob in v["blobs"].items()
+              if owner != 0xFFFF and v["header"]["codecs"][owner]["config"].get("lanes", 1) == 1}
     assert {"legacy" in MANIFEST[n] for n, f in framed.items() if not f} == {True} and any(framed.values())
 
 

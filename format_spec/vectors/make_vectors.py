@@ -46,6 +46,12 @@ VECTORS = {
                                                            dtype=torch.float16)),
     "ae-bf16-entropy": ("ae", {"entropy": True, "step": 0.2}, 8, dict(layers=2, heads=2, tokens=21, dims=(8, 8),
                                                                         dtype=torch.bfloat16)),
+    # cachegen's lane format 2 (the vectors above were written in lane format 1)
+    "cachegen2-f16-anchors": ("cachegen", {"key_emphasis": 0.0, "group_size": 6, "anchor_bits": 2, "tables": 3}, 128,
+                              dict(layers=2, heads=2, tokens=250, dims=(16, 8), dtype=torch.float16, drift=True)),
+    "cachegen2-bf16-ladder": ("cachegen", {"target_ratio": 2.0, "sinks": 2, "tables": 2}, 64,
+                              dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16,
+                                   drift=True)),
 }
 
 

@@ -12,9 +12,14 @@ The quantizer, tables and lanes are `kvcodec.entropy`'s; this module is the code
   codes every token directly, or codes the group's first token finely and the others as
   deltas to it; `fit` picks per channel whichever costs fewer bits. On SmolLM2 only some key
   channels (slow rotary frequencies) gain from deltas.
-- Tables: one per (layer, key/value, head, channel), plus one for the deltas of an anchored
-  channel, fitted on the whole cache and stored once per file.
-- Payload: the sink tokens' raw bytes, then the lanes of the other tokens (`entropy.lanes`).
+- Tables, fitted on the whole cache and stored once per file. Lane format 2 (what new files
+  use): per (layer, key/value) a few tables shared by its channels (`tables` of them for main
+  symbols, as many for deltas), 32-bit rANS read by direct lookup (`entropy.shared_tables`,
+  `entropy.shared_lanes`), one lane per channel; built so that a GPU decodes at memory speed.
+  Lane format 1 (files written before it): one table per channel and one per anchored
+  channel's deltas, 64-bit rANS, a second lane per anchored channel (`entropy.tables`,
+  `entropy.lanes`).
+- Payload: the sink tokens' raw bytes, then the lanes of the other tokens.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import torch
 from kvcodec.cache import TENSORS
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
-from kvcodec.entropy import lanes, tables
+from kvcodec.entropy import lanes, shared_lanes, shared_tables, tables
 from kvcodec.entropy.quantizer import channel_steps
+from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
 
@@ -51,10 +57,11 @@ class CacheGenCodec(Codec):
     max_expansion = 4096.0  # float32 output from lanes of at least 1/128 bit per symbol
     device_decoder = "kvcodec.kernels.cachegen"
     device_encoder = "kvcodec.kernels.cachegen"
+    optional_in_header = frozenset({"lanes", "tables"})  # files before lane format 2 lack them: format 1
 
     def __init__(self, quality: str = "medium", key_step: float | None = None, value_step: float | None = None,
                  key_emphasis: float = 1.0, value_emphasis: float = 0.5, shallow_layers: float = 0.1,
-                 sinks: int = 4, group_size: int = 10, anchor_bits: int = 1):
+                 sinks: int = 4, group_size: int = 10, anchor_bits: int = 1, lanes: int = 2, tables: int = 16):
         if quality not in PRESETS:
             raise ValueError(f"quality must be one of {', '.join(PRESETS)}, not {quality!r}")
         for name, v, lo, hi in (("key_step", key_step, 1e-4, 100), ("value_step", value_step, 1e-4, 100),
@@ -63,13 +70,19 @@ class CacheGenCodec(Codec):
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi):
                 raise ValueError(f"{name} must be a number from {lo:g} to {hi:g}, not {v!r}")
         for name, v, lo, hi in (("sinks", sinks, 0, 1024), ("group_size", group_size, 1, 1024),
-                                ("anchor_bits", anchor_bits, 0, 8)):
+                                ("anchor_bits", anchor_bits, 0, 8), ("lanes", lanes, 1, 2), ("tables", tables, 1, 256)):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
         self.quality, self.key_step, self.value_step = quality, key_step, value_step
         self.key_emphasis, self.value_emphasis = key_emphasis, value_emphasis
         self.shallow_layers, self.sinks = shallow_layers, sinks
         self.group_size, self.anchor_bits = group_size, anchor_bits
+        self.lanes, self.tables = lanes, tables
+
+    @classmethod
+    def from_header(cls, config: dict) -> "CacheGenCodec":
+        """A header without `lanes` was written in lane format 1."""
+        return super().from_header({"lanes": 1, **config})
 
     @classmethod
     def presets(cls) -> list[dict]:
@@ -99,35 +112,69 @@ class CacheGenCodec(Codec):
                           for info, chunk in chunks.of(i, name)] or [torch.zeros(chunks.shape(i, name))]
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
                 steps = channel_steps(torch.cat(bodies, 2), self.relative_step(i, chunks.num_layers, name), emphasis)
-                fitted[(i, name)] = tables.fit(bodies, steps, self.group_size, self.anchor_bits,
-                                               f"cachegen: layer {i} {name}")
-        return [FileTables(fitted).to_blob(chunks.num_layers)]
+                where = f"cachegen: layer {i} {name}"
+                fitted[(i, name)] = (tables.fit(bodies, steps, self.group_size, self.anchor_bits, where)
+                                     if self.lanes == 1 else
+                                     shared_tables.fit(bodies, steps, self.group_size, self.anchor_bits, self.tables,
+                                                       where))
+        return [(FileTables if self.lanes == 1 else SharedTables)(fitted).to_blob(chunks.num_layers)]
 
-    def load_context(self, blobs) -> FileTables:
+    def load_context(self, blobs) -> FileTables | SharedTables:
         if len(blobs) != 1:
             raise CodecError("cachegen needs exactly one context blob (its tables)")
-        return FileTables.from_blob(blobs[0], self.name)
+        return (FileTables if self.lanes == 1 else SharedTables).from_blob(blobs[0], self.name)
 
     # -- chunks ------------------------------------------------------------------------------
-    def encode(self, chunk, info, context: FileTables):
-        tt = context.for_chunk(info, self.name)
-        x = chunk.detach().to("cpu")
-        s = self.sink_count(info)
-        body = lanes.encode(x[:, :, s:].to(torch.float32), tt, f"cachegen: layer {info.layer} {info.tensor}")
-        return x[:, :, :s].contiguous().view(torch.uint8).numpy().tobytes() + body
-
-    def decode(self, payload, info, context: FileTables):
-        tt = context.for_chunk(info, self.name)
+    def coded(self, info, context: SharedTables) -> shared_lanes.Coded:
+        """What lane format 2 codes of a chunk: its coded tokens' shape, tables and name."""
         b, h, t, d = info.shape
-        s = self.sink_count(info)
-        sink_bytes = b * h * s * d * info.dtype.itemsize
-        where = f"cachegen payload of layer {info.layer} {info.tensor}"
-        if len(payload) < sink_bytes:
-            raise CodecError(f"{where} is truncated")
-        u = lanes.decode(memoryview(payload)[sink_bytes:], tt, (b, h, t - s, d), where)
-        out = torch.empty(info.shape, dtype=info.dtype)
-        out[:, :, s:] = to_dtype(torch.from_numpy(u).reshape(b, h, d, t - s).permute(0, 1, 3, 2), info.dtype)
-        if s:
-            sink = np.frombuffer(payload, dtype=np.uint8, count=sink_bytes).copy()
-            out[:, :, :s] = torch.from_numpy(sink).view(info.dtype).reshape(b, h, s, d)
+        return shared_lanes.Coded(context.for_chunk(info, self.name), context.first_table[(info.layer, info.tensor)],
+                                  (b, h, t - self.sink_count(info), d), f"cachegen payload of {info.where}")
+
+    def encode(self, chunk, info, context):
+        return self.encode_many([chunk], [info], context)[0]
+
+    def encode_many(self, chunks, infos, context) -> list[bytes]:
+        xs = [chunk.detach().to("cpu") for chunk in chunks]
+        sinks = [self.sink_count(info) for info in infos]
+        if self.lanes == 1:
+            bodies = [lanes.encode(x[:, :, s:].to(torch.float32), context.for_chunk(info, self.name),
+                                   f"cachegen: layer {info.layer} {info.tensor}") for x, s, info in zip(xs, sinks, infos)]
+        else:
+            bodies = shared_lanes.encode_many([x[:, :, s:].to(torch.float32) for x, s in zip(xs, sinks)],
+                                              [self.coded(info, context) for info in infos], context.flat())
+        return [x[:, :, :s].contiguous().view(torch.uint8).numpy().tobytes() + body
+                for x, s, body in zip(xs, sinks, bodies)]
+
+    def decode(self, payload, info, context):
+        return self.decode_many([payload], [info], context)[0]
+
+    def decode_many(self, payloads, infos, context) -> list[torch.Tensor]:
+        sink_bytes = []
+        for payload, info in zip(payloads, infos):
+            b, h, t, d = info.shape
+            sink_bytes.append(b * h * self.sink_count(info) * d * info.dtype.itemsize)
+            if len(payload) < sink_bytes[-1]:
+                raise CodecError(f"cachegen payload of {info.where} is truncated")
+        bodies = [memoryview(p)[n:] for p, n in zip(payloads, sink_bytes)]
+        if self.lanes == 1:
+            coded = []
+            for body, info in zip(bodies, infos):
+                b, h, t, d = info.shape
+                n = t - self.sink_count(info)
+                u = lanes.decode(body, context.for_chunk(info, self.name), (b, h, n, d),
+                                 f"cachegen payload of layer {info.layer} {info.tensor}")
+                coded.append(u.reshape(b, h, d, n).transpose(0, 1, 3, 2))
+        else:
+            coded = shared_lanes.decode_many(bodies, [self.coded(info, context) for info in infos], context.lookup())
+        out = []
+        for payload, info, n_sink, u in zip(payloads, infos, sink_bytes, coded):
+            b, h, t, d = info.shape
+            s = self.sink_count(info)
+            x = torch.empty(info.shape, dtype=info.dtype)
+            x[:, :, s:] = to_dtype(torch.from_numpy(u), info.dtype)
+            if s:
+                sink = np.frombuffer(payload, dtype=np.uint8, count=n_sink).copy()
+                x[:, :, :s] = torch.from_numpy(sink).view(info.dtype).reshape(b, h, s, d)
+            out.append(x)
         return out

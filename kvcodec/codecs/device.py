@@ -10,7 +10,8 @@ A device decoder is a module (or object) with two functions:
   the offsets in column SRC) into `out` (one flat tensor of the output dtype).
 
 A device encoder has `encode(codec, chunk, info, context) -> bytes`, the same bytes as
-`codec.encode`. A codec names them in its class attributes `device_decoder` and
+`codec.encode`, and may have `encode_many(codec, chunks, infos, context)` (as
+`codec.encode_many`). A codec names them in its class attributes `device_decoder` and
 `device_encoder`; `context` is what the codec's `load_context` returned.
 
 The job table is int64, one row per record, the columns below (kernels read them by these
@@ -147,6 +148,15 @@ def encoder_for(codec: Codec):
 def encode_chunk(codec: Codec, chunk: torch.Tensor, info: ChunkInfo, context) -> bytes:
     """`codec.encode`, run by the codec's device encoder when the chunk lies on a CUDA device
     and Triton is installed (the same bytes either way)."""
-    if chunk.is_cuda and codec.device_encoder is not None and triton_available():
-        return encoder_for(codec).encode(codec, chunk, info, context)
-    return codec.encode(chunk, info, context)
+    return encode_chunks(codec, [chunk], [info], context)[0]
+
+
+def encode_chunks(codec: Codec, chunks, infos, context) -> list[bytes]:
+    """`codec.encode_many`, or the codec's device encoder chunk by chunk when the chunks lie on a
+    CUDA device and Triton is installed (the same bytes either way)."""
+    if chunks and chunks[0].is_cuda and codec.device_encoder is not None and triton_available():
+        encoder = encoder_for(codec)
+        if hasattr(encoder, "encode_many"):
+            return encoder.encode_many(codec, chunks, infos, context)
+        return [encoder.encode(codec, chunk, info, context) for chunk, info in zip(chunks, infos)]
+    return codec.encode_many(chunks, infos, context)

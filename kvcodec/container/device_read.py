@@ -185,7 +185,11 @@ class Checksums:
         self.host(view, rows[short])
         rows = rows[~short]
         if len(rows):
-            self.pending.append((rows, dev.checksum_kernel().mismatches(staged, self.table[rows], self.expected[rows])))
+            flags = dev.checksum_kernel().mismatches(staged, self.table[rows], self.expected[rows])
+            done = torch.cuda.Event() if flags.is_cuda else None
+            if done is not None:
+                done.record()  # on the stream the checksums were launched on (the copy stream)
+            self.pending.append((rows, flags, done))
 
     def __enter__(self):
         return self
@@ -197,7 +201,9 @@ class Checksums:
             return False
         for item in self.pending:
             if isinstance(item, tuple):
-                rows, flags = item
+                rows, flags, done = item
+                if done is not None:  # whichever stream the caller is on
+                    torch.cuda.current_stream(flags.device).wait_event(done)
                 bad = torch.nonzero(flags).reshape(-1)
                 self._raise_for(int(rows[int(bad[0])]) if bad.numel() else None)
             else:

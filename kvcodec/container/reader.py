@@ -29,6 +29,7 @@ from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from kvcodec.registry import codec_class
 
 STREAM_FETCH_BYTES = 4 << 20  # least bytes a streamed restore fetches per request
+DECODE_BATCH = 1 << 24  # most elements the CPU path hands a codec's `decode_many` at once
 
 
 @dataclass(frozen=True)
@@ -205,17 +206,38 @@ class KVCReader:
 
     def decode_record(self, i: int, device=None) -> torch.Tensor:
         """Record `i` decoded by its codec (onto `device` with the codec's `decode_to`)."""
-        info = self.record_info(i)
-        slot = int(self.records["codec_slot"][i])
-        codec = self.codec(slot)
-        self.check_expansion([i])
-        payload, context = self.payload(i), self.context(slot)
         if device is None:
-            out = _reported(codec, info.where, codec.decode, payload, info, context)
-        else:
-            out = _reported(codec, info.where, codec.decode_to, payload, info, context, device)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != info.shape or out.dtype != info.dtype:
-            raise CodecError(f"codec {codec.name!r} decoded {info.where} to the wrong shape or dtype")
+            return self.decode_records([i])[0]
+        info, codec = self.record_info(i), self.codec(int(self.records["codec_slot"][i]))
+        self.check_expansion([i])
+        out = _reported(codec, info.where, codec.decode_to, self.payload(i), info,
+                        self.context(int(self.records["codec_slot"][i])), device)
+        return _checked_output(codec, info, out)
+
+    def decode_records(self, indices) -> list[torch.Tensor]:
+        """Records decoded on the CPU, consecutive ones of a codec slot together (`decode_many`:
+        lane coders step them all at once), at most DECODE_BATCH elements at a time."""
+        indices = [int(i) for i in indices]
+        self.check_expansion(indices)
+        out: list[torch.Tensor] = []
+        r = self.records
+        size = (r["batch"].astype(np.int64) * r["heads"] * r["tokens"] * r["head_dim"])
+        start = 0
+        while start < len(indices):
+            slot, stop, total = int(r["codec_slot"][indices[start]]), start, 0
+            while stop < len(indices) and int(r["codec_slot"][indices[stop]]) == slot and (
+                    stop == start or total + int(size[indices[stop]]) <= DECODE_BATCH):
+                total += int(size[indices[stop]])
+                stop += 1
+            codec, batch = self.codec(slot), indices[start:stop]
+            infos = [self.record_info(i) for i in batch]
+            where = infos[0].where if len(infos) == 1 else f"{infos[0].where} .. {infos[-1].where}"
+            decoded = _reported(codec, where, codec.decode_many, [self.payload(i) for i in batch], infos,
+                                self.context(slot))
+            if not isinstance(decoded, list) or len(decoded) != len(batch):
+                raise CodecError(f"codec {codec.name!r} decoded {where} to the wrong number of chunks")
+            out += [_checked_output(codec, info, x) for info, x in zip(infos, decoded)]
+            start = stop
         return out
 
     def check_expansion(self, indices) -> None:
@@ -248,6 +270,19 @@ class KVCReader:
                                     r["length"].tolist() + b["length"].tolist())))
         return int(r["offset"].min()), int((r["offset"] + r["length"]).max())
 
+    def _layer_groups(self, limit: int, per_record: np.ndarray) -> list[list[int]]:
+        """Consecutive layers in groups whose records' `per_record` sizes reach `limit` (the last
+        may hold less; at least one layer each)."""
+        groups: list[list[int]] = []
+        size = limit
+        for i in range(self.num_layers):
+            if size >= limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += int(per_record[self._layer_records(i)].sum())
+        return groups
+
     def _layer_records(self, layer: int) -> list[int]:
         return [i for t in (0, 1) for i in self._groups.get((layer, t), [])]
 
@@ -271,16 +306,18 @@ class KVCReader:
             raise IndexError(f"layer {layer} is out of range (the file has {self.num_layers})")
         return layer % self.num_layers
 
-    def _read_tensor(self, layer: int, t: int, start: int, stop: int, device) -> torch.Tensor:
-        """One tensor's tokens [start, stop), decoding record by record with the codecs."""
-        plan = self.plan([(layer, t, start, stop)])
+    def _read_tensors(self, wanted, device) -> list[torch.Tensor]:
+        """Tensors `wanted` ((layer, tensor index, start, stop) each), decoded by the codecs: on
+        the CPU in batches (`decode_records`), else record by record onto `device`."""
+        plan = self.plan(wanted)
         self.check_expansion(plan.records)  # before allocating the output
         buffers = plan.allocate(device)
-        out = plan.view(buffers, 0)
-        for i, at in zip(plan.records.tolist(), plan.token_offset.tolist()):
-            chunk = self.decode_record(i, out.device)
-            out[:, :, at:at + chunk.shape[2]] = chunk
-        return plan.result(buffers, 0)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        chunks = self.decode_records(plan.records) if on_cpu else (self.decode_record(int(i), device)
+                                                                     for i in plan.records)
+        for chunk, k, at in zip(chunks, plan.output_of.tolist(), plan.token_offset.tolist()):
+            plan.view(buffers, k)[:, :, at:at + chunk.shape[2]] = chunk
+        return [plan.result(buffers, k) for k in range(len(wanted))]
 
     def read(self, layer: int, tokens: slice | None = None, device=None,
              decoder: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +335,8 @@ class KVCReader:
         if device_seam.use_kernels(device, decoder):
             k, v = device_read.read_tensors(self, wanted, device)
             return k, v
-        return (self._read_tensor(layer, 0, start, stop, device), self._read_tensor(layer, 1, start, stop, device))
+        k, v = self._read_tensors(wanted, device)
+        return k, v
 
     def positions(self, layer: int) -> torch.Tensor | None:
         layer = self._check_layer(layer)
@@ -328,10 +366,15 @@ class KVCReader:
             pairs = self._read_layers(range(self.num_layers), device, progress)
         else:
             pairs = []
-            for i in range(self.num_layers):
-                pairs.append(self.read(i, device=device, decoder="cpu"))
+            r = self.records
+            for group in self._layer_groups(DECODE_BATCH, r["batch"].astype(np.int64) * r["heads"] * r["tokens"]
+                                            * r["head_dim"]):
+                tensors = self._read_tensors([(i, t, 0, self.header.layers[i].key.tokens) for i in group for t in (0, 1)],
+                                             device)
+                pairs += list(zip(tensors[0::2], tensors[1::2]))
                 if progress:
-                    progress(i + 1)
+                    for i in group:
+                        progress(i + 1)
         layers = [LayerKV(k, v, self.positions(i)) for i, (k, v) in enumerate(pairs)]
         selection = self.header.selection
         return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout, self.header.length,
@@ -354,14 +397,7 @@ class KVCReader:
         overlaps transfer and decoding. Fetched bytes are dropped once decoded."""
         if not isinstance(ahead, int) or ahead < 1:
             raise ValueError(f"ahead must be a positive integer, not {ahead!r}")
-        groups: list[list[int]] = []
-        size = STREAM_FETCH_BYTES
-        for i in range(self.num_layers):
-            if size >= STREAM_FETCH_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += int(self.records["length"][self._layer_records(i)].sum())
+        groups = self._layer_groups(STREAM_FETCH_BYTES, self.records["length"].astype(np.int64))
 
         def fetch(group):
             return self._prefetch([r for i in group for r in self._layer_records(i)])
@@ -407,6 +443,12 @@ class KVCReader:
                           lambda i=i: f"record of {self.record_info(i).where}")
         for b in self.blobs:
             self._checked(int(b["offset"]), int(b["length"]), int(b["crc32"]), f"blob {int(b['ordinal'])}")
+
+
+def _checked_output(codec: Codec, info: ChunkInfo, out) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != info.shape or out.dtype != info.dtype:
+        raise CodecError(f"codec {codec.name!r} decoded {info.where} to the wrong shape or dtype")
+    return out
 
 
 def _reported(codec: Codec, where: str, call, *args):

@@ -40,7 +40,22 @@ class Encoding:
         return device.encode_chunk(self.codecs[slot], chunk, info, self.contexts[slot])
 
     def payload(self, info: ChunkInfo, chunk: torch.Tensor) -> tuple[int, bytes]:
+        """(slot, payload) of one chunk; subclasses choosing per chunk override this."""
         return 0, self.encode(0, info, chunk)
+
+    @property
+    def batched(self) -> bool:
+        """Whether chunks are encoded several at a time: when every chunk goes to slot 0 and its
+        codec codes many chunks at once faster (it overrides `Codec.encode_many`). Otherwise a
+        chunk's payload reaches the file before the next chunk is encoded."""
+        return type(self).payload is Encoding.payload and type(self.codecs[0]).encode_many is not Codec.encode_many
+
+    def payloads(self, items: list[tuple[ChunkInfo, torch.Tensor]]) -> list[tuple[int, bytes]]:
+        """(slot, payload) of each chunk: slot 0's codec encoding them together when `batched`."""
+        if not self.batched:
+            return [self.payload(info, chunk) for info, chunk in items]
+        infos, chunks = [info for info, _ in items], [chunk for _, chunk in items]
+        return [(0, p) for p in device.encode_chunks(self.codecs[0], chunks, infos, self.contexts[0])]
 
 
 def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -53,11 +68,30 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
         for ordinal, blob in enumerate(blobs):
             writer.add_blob(slot, ordinal, blob)
     writer.add_cache_blobs(cache)
-    for i, layer in enumerate(chunks.layers):
-        for info, chunk in layer:
-            slot, payload = encoding.payload(info, chunk)
-            writer.add_record(i, TENSORS.index(info.tensor), info.token_start, info.shape, dtype_name(info.dtype),
-                              slot, payload)
+    for group in _layer_groups(chunks) if encoding.batched else [[i] for i in range(chunks.num_layers)]:
+        items = [item for i in group for item in chunks.layers[i]]
+        batches = [items] if encoding.batched else [[item] for item in items]
+        for batch in batches:
+            for (info, _), (slot, payload) in zip(batch, encoding.payloads(batch)):
+                writer.add_record(info.layer, TENSORS.index(info.tensor), info.token_start, info.shape,
+                                  dtype_name(info.dtype), slot, payload)
         if progress:
-            progress(i + 1)
+            for i in group:
+                progress(i + 1)
     return writer.finish()
+
+
+ENCODE_BATCH = 1 << 24  # elements of chunks encoded together (a few layers; their payloads are held until written)
+
+
+def _layer_groups(chunks: Chunks) -> list[list[int]]:
+    """Consecutive layers in groups of about ENCODE_BATCH elements, at least one layer each."""
+    groups: list[list[int]] = []
+    size = ENCODE_BATCH
+    for i, layer in enumerate(chunks.layers):
+        if size >= ENCODE_BATCH:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += sum(info.numel for info, _ in layer)
+    return groups

@@ -43,10 +43,11 @@ def weights_from_counts(counts: np.ndarray) -> np.ndarray:
     return weights
 
 
-def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool = True):
+def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool = True, total=TOTAL):
     """`weights_from_counts` of many tables at once: `counts` holds them back to back,
     `sizes` their alphabet sizes. Same results, vectorized (files hold thousands of tables);
-    a list of arrays, or with `split=False` the weights back to back in one array."""
+    a list of arrays, or with `split=False` the weights back to back in one array. `total`
+    (one, or one per table) is what each table's weights sum to, by the same rule."""
     counts, sizes = np.asarray(counts, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
     if sizes.size == 0:
         return [] if split else np.zeros(0, dtype=np.int64)
@@ -54,12 +55,14 @@ def weights_from_counts_many(counts: np.ndarray, sizes: np.ndarray, split: bool 
         raise CodecError(f"alphabets of 2 to {MAX_ALPHABET} symbols are supported")
     table = np.repeat(np.arange(sizes.size), sizes)
     start = np.cumsum(sizes) - sizes
-    totals = np.add.reduceat(counts, start)
-    free = TOTAL - sizes
+    totals, target = np.add.reduceat(counts, start), np.broadcast_to(np.asarray(total, dtype=np.int64), sizes.shape)
+    if np.any(target < sizes):
+        raise CodecError("a table's total is below its alphabet size")
+    free = target - sizes
     safe_total = np.maximum(totals, 1)
     share = np.where(totals[table] == 0, (free // sizes)[table], counts * free[table] // safe_total[table])
     weights = share + 1
-    left = TOTAL - np.add.reduceat(weights, start)  # below the table's size: each floor loses < 1
+    left = target - np.add.reduceat(weights, start)  # below the table's size: each floor loses < 1
     # per table the `left` symbols of largest count get one more, lowest index first on ties
     if counts.max() < 1 << 20:  # always so for counts rebuilt from their codes
         # no ranking of every symbol: one sort of (table, count) finds each table's threshold key;

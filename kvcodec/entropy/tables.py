@@ -63,7 +63,7 @@ class ChannelTables:
         return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
 
 
-def _table_counts(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor, anchored: torch.Tensor):
+def table_counts(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor, anchored: torch.Tensor):
     """First value, alphabet size and symbol counts of every table of one (layer, key/value):
     per channel its direct or (anchored) anchor symbols, then the anchored channels' deltas.
     Counted on the symbols' device; returns numpy int64 arrays (counts back to back)."""
@@ -83,11 +83,11 @@ def _table_counts(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Ten
     return lo.cpu().numpy(), sizes.cpu().numpy(), counts.cpu().numpy()
 
 
-def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, where: str) -> ChannelTables:
-    """The tables of one (layer, key/value) from the coded tokens of its chunks (`bodies`, each
-    [B, H, n, D] float32 on any device: the same tables wherever they lie), and the channel
-    modes: a channel is anchored where anchors and deltas cost fewer bits than direct symbols,
-    counting the second table and the delta lanes' overhead."""
+def channel_symbols(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, extra_bits):
+    """Direct, anchor and delta symbols of every channel over the chunks `bodies` ([H*D, tokens
+    of all chunks] each, on the bodies' device), and which channels are anchored: those whose
+    anchors and deltas cost fewer bits than their direct symbols, counting `extra_bits(spans)`
+    (numpy, per channel from its deltas' span) for what anchoring adds to a file."""
     b, h, _, d = bodies[0].shape
     c_all = h * d
     parts = [quantize(body, torch.from_numpy(steps), torch.arange(c_all), group_size, anchor_bits) for body in bodies]
@@ -96,11 +96,21 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
     anchored = np.zeros(c_all, dtype=bool)
     if group_size > 1 and deltas.numel():
         spans = (deltas.max(dim=1).values - deltas.min(dim=1).values).cpu().numpy()
-        table_bits = 8 * (spans + 7)  # a second table's bytes
-        lane_bits = len(parts) * b * (32 + 48)  # a delta lane's length and final state per chunk
-        cost = entropy_bits(anchors) + entropy_bits(deltas) + table_bits + lane_bits
+        cost = entropy_bits(anchors) + entropy_bits(deltas) + extra_bits(spans)
         anchored = cost < entropy_bits(direct)
-    los, sizes, counts = _table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
+    return direct, anchors, deltas, anchored
+
+
+def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, where: str) -> ChannelTables:
+    """The tables of one (layer, key/value) from the coded tokens of its chunks (`bodies`, each
+    [B, H, n, D] float32 on any device: the same tables wherever they lie), and the channel
+    modes: a channel is anchored where anchors and deltas cost fewer bits than direct symbols,
+    counting the second table and the delta lanes' overhead."""
+    b, h, _, d = bodies[0].shape
+    lane_bits = len(bodies) * b * (32 + 48)  # a delta lane's length and final state per chunk
+    direct, anchors, deltas, anchored = channel_symbols(bodies, steps, group_size, anchor_bits,
+                                                        lambda spans: 8 * (spans + 7) + lane_bits)
+    los, sizes, counts = table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
     if sizes.max() > rans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
         raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
     return ChannelTables(h, d, group_size, anchor_bits, steps, anchored, los.astype(np.int64), sizes.astype(np.int64),

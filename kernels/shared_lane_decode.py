@@ -1,0 +1,205 @@
+"""GPU decode of cachegen's lane format 2 (`kvcodec.entropy.shared_lanes`): one thread per
+lane, i.e. per (record, batch entry, channel), each symbol one lookup in its table's slots
+(`rans32.Lookup`, built on the device) and at most one 16-bit read, dequantized, converted and
+stored straight into the output. Threads of a program are consecutive channels of one record,
+so their stores at a token are contiguous. Integer steps are `rans32.decode_lanes`'s and
+the float steps `shared_lanes`'s, so the output is bit-exact. With few lanes the word a
+renormalization would read is loaded beside the lookup, so a step waits for one load.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvcodec.cache import TENSORS
+from kvcodec.codecs.device import Check, Launch, where
+from kvcodec.entropy.shared_tables import SharedTables
+from kvcodec.errors import CodecError
+from kvcodec.kernels import jobs as J
+from kvcodec.kernels import raw
+from kvcodec.kernels.lane_decode import (ANCHOR_BITS, ANCHORED, BOUNDS_BLOCK, CHAN_BASE, CHANNELS, CODED,
+                                         COUNTS_AT, GROUP, LANE_BASE, LANE_WORDS, N_LANES, SINKS, _bounds_kernel)
+from kvcodec.kernels.rounding import to_output_dtype
+
+# the job columns are `lane_decode`'s (its `_bounds_kernel` reads them); ANCHORED is unused here
+# Measured on an H200 (BENCHMARKS.md): with fewer lanes than the GPU holds threads each step waits
+# on its loads, and reading the next word beside the lookup halves that wait (+30% at 1K tokens);
+# with more, the loads' cache traffic bounds the kernel and reading the word only when it is
+# needed wins (+40-90% from 8K tokens).
+PREFETCH_BELOW_LANES = 1 << 18
+LANES_PER_PROGRAM = {True: 128, False: 256}  # by PREFETCH; the best of 64/128/256 there
+STATE_LOW = tl.constexpr(1 << 16)
+
+
+@triton.jit
+def _word(words_ptr, p, mask):
+    """The 16-bit word at `p`, zero-extended."""
+    return tl.load(words_ptr + p, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr, chan_main_ptr, chan_other_ptr,
+                         chan_step_ptr, lane_start_ptr, lane_end_ptr, table_ptr, prog_ptr, err_ptr,
+                         NCOL: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PREFETCH: tl.constexpr = False):
+    pid = tl.program_id(0)
+    job = tl.load(prog_ptr + 2 * pid)
+    lane0 = tl.load(prog_ptr + 2 * pid + 1)
+    row = table_ptr + job * NCOL
+    coded = tl.load(row + CODED).to(tl.int32)
+    channels = tl.load(row + CHANNELS)
+    n_lanes = tl.load(row + N_LANES)
+    group = tl.load(row + GROUP).to(tl.int32)
+    chan_base = tl.load(row + CHAN_BASE)
+    anchor_scale = ((127 - tl.load(row + ANCHOR_BITS)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-k
+    base = tl.load(row + J.DST) + tl.load(row + SINKS) * D
+
+    i = lane0 + tl.arange(0, BL)
+    valid = i < n_lanes
+    b = i // channels
+    c = i % channels
+    main_t = tl.load(chan_main_ptr + chan_base + c, mask=valid, other=0)
+    other_t = tl.load(chan_other_ptr + chan_base + c, mask=valid, other=0)
+    anchored = other_t != main_t
+    step = tl.load(chan_step_ptr + chan_base + c, mask=valid, other=1.0)
+    m_off = tl.load(lut_off_ptr + main_t)
+    o_off = tl.load(lut_off_ptr + other_t)
+    m_prec = tl.load(lut_prec_ptr + main_t).to(tl.uint32)
+    o_prec = tl.load(lut_prec_ptr + other_t).to(tl.uint32)
+    one = tl.full([BL], 1, tl.uint32)
+    m_mask = (one << m_prec) - 1
+    o_mask = (one << o_prec) - 1
+
+    lane = tl.load(row + LANE_BASE) + i
+    start = tl.load(lane_start_ptr + lane, mask=valid, other=0)
+    end = tl.load(lane_end_ptr + lane, mask=valid, other=0)
+    has = valid & (end - start >= 2)
+    hi = _word(words_ptr, start, has)
+    lo = _word(words_ptr, start + 1, has)
+    x = (hi << 16) | lo
+    p = start + 2
+    out = out_ptr + base + b * tl.load(row + J.STRIDE_B) + (c // D) * tl.load(row + J.STRIDE_H) + c % D
+    a = tl.zeros([BL], dtype=tl.float32)
+    for t in range(0, coded):
+        is_anchor = (t % group) == 0
+        off = tl.where(is_anchor, m_off, o_off)
+        prec = tl.where(is_anchor, m_prec, o_prec)
+        mask = tl.where(is_anchor, m_mask, o_mask)
+        e = tl.load(lut_ptr + off + (x & mask), mask=valid, other=0)
+        if PREFETCH:
+            nxt = _word(words_ptr, p, valid & (p < end))  # read beside the lookup
+        ew = (e & 0xFFFFFFFF).to(tl.uint32)
+        x = (ew >> 16) * (x >> prec) + (ew & 0xFFFF)
+        low = x < STATE_LOW
+        if not PREFETCH:
+            nxt = _word(words_ptr, p, valid & low & (p < end))
+        x = tl.where(low, (x << 16) | nxt, x)
+        p += low.to(tl.int64)
+        v = (e >> 32).to(tl.int32).to(tl.float32)
+        a = tl.where(is_anchor, v * anchor_scale, a)
+        u = tl.where(anchored, tl.where(is_anchor, a, a + v), v)
+        tl.store(out + t * D, to_output_dtype(u * step, out_ptr), mask=valid)
+    ok = (coded == 0) | ((p == end) & (x == STATE_LOW) & has)
+    ok = ok & ((coded != 0) | (end == start))
+    tl.store(err_ptr + pid, tl.max(tl.where(valid & ~ok, 1, 0)))
+
+
+class DeviceSharedTables:
+    """One file's lane-format-2 tables on the device: the lookup (`rans32.Lookup`), per channel
+    of the file its main table, its table at non-anchor tokens (its delta table, or its main
+    table again when direct) and its step; `by_tensor` locates each (layer, key/value)'s
+    channels."""
+
+    def __init__(self, tables: SharedTables, device):
+        self.lookup = tables.lookup(device)
+        keys = list(tables.tensors)
+        layers = 1 + max((layer for layer, _ in keys), default=-1)
+        # row 2 * layer + key/value: first channel, group, anchor bits, heads, head_dim
+        self.by_tensor = np.full((2 * layers, 5), -1, dtype=np.int64)
+        mains, others, steps, first = [], [], [], 0
+        for key, tt in tables.tensors.items():
+            t0 = tables.first_table[key]
+            self.by_tensor[2 * key[0] + TENSORS.index(key[1])] = (first, tt.group_size, tt.anchor_bits, tt.heads,
+                                                                   tt.head_dim)
+            mains.append(t0 + tt.main)
+            others.append(np.where(tt.anchored, t0 + tt.delta, t0 + tt.main))
+            steps.append(tt.steps)
+            first += len(tt.main)
+        ints = J.to_device(np.concatenate(mains + others).astype(np.int64) if mains else np.zeros(0, np.int64), device)
+        self.chan_main, self.chan_other = ints[:first], ints[first:]
+        self.chan_step = J.to_device(np.concatenate(steps).astype(np.float32) if steps else np.zeros(0, np.float32),
+                                     device)
+
+
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SharedTables -> {device: DeviceSharedTables}
+
+
+def device_tables(tables: SharedTables, device) -> DeviceSharedTables:
+    """A file's tables on `device`, made once per device for as long as the file's context lives."""
+    per_device = _ON_DEVICE.setdefault(tables, {})
+    if device not in per_device:
+        per_device[device] = DeviceSharedTables(tables, device)
+    return per_device[device]
+
+
+def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,
+                         out: torch.Tensor, codec: str) -> Launch:
+    """Launches decoding each job's payload: `sinks[job]` exact tokens, then its lanes."""
+    device = out.device
+    dev = device_tables(tables, device)
+    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
+    known = key < len(dev.by_tensor)
+    entry = np.vstack([dev.by_tensor, np.full((1, 5), -1)])[np.where(known, key, -1)]
+    covered = (entry[:, 3] == table[:, J.HEADS]) & (entry[:, 4] == table[:, J.HEAD_DIM])
+    if not np.all(covered):
+        bad = table[np.flatnonzero(~covered)[0]]
+        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
+                         f"{int(bad[J.HEAD_DIM])}")
+    batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
+    channels = heads * head_dim
+    n_lanes = batch * channels
+    sink_bytes = batch * heads * sinks * head_dim * out.element_size()
+    lane_bytes = table[:, J.LENGTH] - sink_bytes - 4 * n_lanes
+    broken = np.flatnonzero((lane_bytes < 0) | (lane_bytes % 2 != 0))
+    if broken.size:
+        raise CodecError(f"{codec} payload of {where(table[broken[0]])} is truncated or has the wrong length")
+    columns = {CODED: table[:, J.TOKENS] - sinks, SINKS: sinks, CHAN_BASE: entry[:, 0], CHANNELS: channels,
+               ANCHORED: 0, GROUP: entry[:, 1], ANCHOR_BITS: entry[:, 2], LANE_BASE: np.cumsum(n_lanes) - n_lanes,
+               COUNTS_AT: (table[:, J.SRC] + sink_bytes) // 4, N_LANES: n_lanes, LANE_WORDS: lane_bytes // 2}
+    table = J.with_columns(table, *(np.broadcast_to(columns[k], len(table)) for k in sorted(columns)))
+    table_d = J.to_device(table, device)
+    total_lanes = int(n_lanes.sum())
+    lengths_bad = torch.empty(len(table), dtype=torch.int32, device=device)
+    lane_end = torch.empty(total_lanes, dtype=torch.int64, device=device)
+    lane_start = torch.empty_like(lane_end)
+
+    def lane_bounds():
+        _bounds_kernel[(len(table),)](staged.view(torch.int32), table_d, lane_start, lane_end, lengths_bad,
+                                      NCOL=table.shape[1], BL=BOUNDS_BLOCK, UNIT=2)
+    steps = [lane_bounds]
+    copy_sinks = raw.copy_elements(staged, out, table, sinks)
+    if copy_sinks:
+        steps.append(copy_sinks)
+    prefetch = total_lanes < PREFETCH_BELOW_LANES
+    block = LANES_PER_PROGRAM[prefetch]
+    per_job = -(-n_lanes // block)
+    job = np.repeat(np.arange(len(table)), per_job)
+    first = (np.arange(int(per_job.sum())) - np.repeat(np.cumsum(per_job) - per_job, per_job)) * block
+    programs = np.stack([job, first], 1).astype(np.int64)
+    err = torch.zeros(len(programs), dtype=torch.int32, device=device)
+    words = staged.view(torch.int16)
+    lookup = dev.lookup
+    args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_other, dev.chan_step,
+            lane_start, lane_end, table_d, J.to_device(programs, device), err)
+
+    def lanes():
+        _shared_lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BL=block,
+                                               num_warps=block // 32, PREFETCH=prefetch)
+    if len(programs):
+        steps.append(lanes)
+    return Launch(steps, [Check(lengths_bad, np.arange(len(table)), "its lane lengths do not add up to its size"),
+                          Check(err, job, "an entropy-coded lane does not end where its symbols do")])
