@@ -502,25 +502,36 @@ def parse_tables2(blob: bytes) -> dict:
         values = struct.unpack_from(f"<{count}{fmt}", raw, pos)
         pos += size
         return values
-    for layer in range(n_layers):
-        for name in ("key", "value"):
-            h, d, g, k, t = take("I", 5)
-            need(h >= 1 and d >= 1 and 1 <= g <= 1024 and k <= 8 and 1 <= t <= 65534, "8.5", "a tensor set's fields")
-            c = h * d
-            steps = np.array(take("f", c), dtype=np.float32)
-            main, delta, los, sizes = take("H", c), take("H", c), take("i", t), take("H", t)
-            need(all(np.isfinite(steps)) and min(steps) > 0, "8.5", "steps finite and positive")
-            need(max(main) < t and all(x == 0xFFFF or (x < t and g > 1) for x in delta), "8.5", "table indices")
-            tables = []
-            for lo, n in zip(los, sizes):
-                need(2 <= n <= 4096 and abs(lo) + n < 2 ** 20, "8.5", "a table's range")
-                w = take("H", n)
-                need(min(w) >= 1 and sum(w) == 1 << precision(n), "10", "weights >= 1 summing to 2**P")
-                tables.append((lo, w, [sum(w[:i]) for i in range(n)], precision(n)))
-                slots += 1 << precision(n)
-            need(slots <= 1 << 25, "8.5", "the tables' lookup slots")
-            out[(layer, name)] = (h, d, g, k, steps, main, delta, tables)
-    need(pos == len(raw), "8.5", "bytes after the last tensor set")
+    heads = [take("I", 5) for _ in range(2 * n_layers)]
+    for h, d, g, k, t in heads:
+        need(h >= 1 and d >= 1 and 1 <= g <= 1024 and k <= 8 and 1 <= t <= 65534, "8.5", "a tensor set's fields")
+    counts = [h * d for h, d, *_ in heads]
+    steps = take("f", sum(counts))
+    main, delta = take("H", sum(counts)), take("H", sum(counts))
+    los, sizes = take("i", sum(h[4] for h in heads)), take("H", sum(h[4] for h in heads))
+    c0 = t0 = 0
+    for j, (h, d, g, k, t) in enumerate(heads):
+        c = h * d
+        st = np.array(steps[c0:c0 + c], dtype=np.float32)
+        mn, dl = main[c0:c0 + c], delta[c0:c0 + c]
+        need(all(np.isfinite(st)) and min(st) > 0, "8.5", "steps finite and positive")
+        need(max(mn) < t and all(x == 0xFFFF or (x < t and g > 1) for x in dl), "8.5", "table indices")
+        tables = []
+        for lo, n in zip(los[t0:t0 + t], sizes[t0:t0 + t]):
+            need(2 <= n <= 4096 and abs(lo) + n < 2 ** 20, "8.5", "a table's range")
+            tables.append((lo, n))
+        out[(j // 2, ("key", "value")[j % 2])] = (h, d, g, k, st, mn, dl, tables)
+        c0, t0 = c0 + c, t0 + t
+    for key, (h, d, g, k, st, mn, dl, tables) in out.items():  # the weights, set after set
+        full = []
+        for lo, n in tables:
+            w = take("H", n)
+            need(min(w) >= 1 and sum(w) == 1 << precision(n), "10", "weights >= 1 summing to 2**P")
+            full.append((lo, w, [sum(w[:i]) for i in range(n)], precision(n)))
+            slots += 1 << precision(n)
+        out[key] = (h, d, g, k, st, mn, dl, full)
+    need(slots <= 1 << 25, "8.5", "the tables' lookup slots")
+    need(pos == len(raw), "8.5", "bytes after the last field")
     return out
 
 

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvcodec.cache import TENSORS
 from kvcodec.codecs.device import Check, Launch, where
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.errors import CodecError
@@ -116,23 +115,18 @@ class DeviceSharedTables:
 
     def __init__(self, tables: SharedTables, device):
         self.lookup = tables.lookup(device)
-        keys = list(tables.tensors)
-        layers = 1 + max((layer for layer, _ in keys), default=-1)
+        f = tables.fields
+        layers = 1 + int(f.head[:, 0].max(initial=-1))
         # row 2 * layer + key/value: first channel, group, anchor bits, heads, head_dim
         self.by_tensor = np.full((2 * layers, 5), -1, dtype=np.int64)
-        mains, others, steps, first = [], [], [], 0
-        for key, tt in tables.tensors.items():
-            t0 = tables.first_table[key]
-            self.by_tensor[2 * key[0] + TENSORS.index(key[1])] = (first, tt.group_size, tt.anchor_bits, tt.heads,
-                                                                   tt.head_dim)
-            mains.append(t0 + tt.main)
-            others.append(np.where(tt.anchored, t0 + tt.delta, t0 + tt.main))
-            steps.append(tt.steps)
-            first += len(tt.main)
-        ints = J.to_device(np.concatenate(mains + others).astype(np.int64) if mains else np.zeros(0, np.int64), device)
-        self.chan_main, self.chan_other = ints[:first], ints[first:]
-        self.chan_step = J.to_device(np.concatenate(steps).astype(np.float32) if steps else np.zeros(0, np.float32),
-                                     device)
+        channel_first, table_first = f.channel_first, f.table_first
+        self.by_tensor[2 * f.head[:, 0] + f.head[:, 1]] = np.column_stack([channel_first[:-1], f.head[:, 4:6],
+                                                                           f.head[:, 2:4]])
+        first = np.repeat(table_first[:-1], np.diff(channel_first))  # each channel's set's first table
+        main = first + f.main
+        ints = J.to_device(np.concatenate([main, np.where(f.delta >= 0, first + f.delta, main)]), device)
+        self.chan_main, self.chan_other = ints[:len(main)], ints[len(main):]
+        self.chan_step = J.to_device(np.ascontiguousarray(f.steps, dtype=np.float32), device)
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SharedTables -> {device: DeviceSharedTables}

@@ -110,15 +110,15 @@ def test_tables_group_channels_and_cover_every_value():
     rans32.check_tables(weights, t_sizes)
 
 
-def shared_blob(sets, n_layers=None, weights=None):
+def shared_blob(sets, n_layers=None, weights=None, extra=b""):
     """A lane-format-2 tables blob of `sets` (H, D, G, k, T) with T two-symbol tables each."""
-    parts = [np.uint32(len(sets) // 2 if n_layers is None else n_layers).tobytes()]
-    for h, d, g, k, t in sets:
-        c = h * d
-        w = [8, 8] if weights is None else weights
-        parts += [struct.pack("<5I", h, d, g, k, t), np.ones(c, "<f4").tobytes(), np.zeros(c, "<u2").tobytes(),
-                  np.full(c, 0xFFFF, "<u2").tobytes(), np.zeros(t, "<i4").tobytes(), np.full(t, 2, "<u2").tobytes(),
-                  np.array(w * t, "<u2").tobytes()]
+    w = [8, 8] if weights is None else weights
+    c = [h * d for h, d, _, _, _ in sets]
+    t = sum(s[4] for s in sets)
+    parts = [np.uint32(len(sets) // 2 if n_layers is None else n_layers).tobytes(),
+             np.array(sets, "<u4").tobytes(), np.ones(sum(c), "<f4").tobytes(), np.zeros(sum(c), "<u2").tobytes(),
+             np.full(sum(c), 0xFFFF, "<u2").tobytes(), np.zeros(t, "<i4").tobytes(), np.full(t, 2, "<u2").tobytes(),
+             np.array(w * t, "<u2").tobytes(), extra]
     return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(b"".join(parts))
 
 
@@ -127,11 +127,12 @@ def test_hostile_tables_are_refused():
     assert len(codec.load_context([shared_blob([(2, 4, 1, 0, 1)] * 2)]).tensors) == 2  # the valid shape
     unchecked = zstandard.ZstdCompressor(write_checksum=False).compress(b"\0" * 8)
     for blob, why in ((shared_blob([(2, 4, 1, 0, 1)] * 2, n_layers=1_000_000), "layers"),
+                      (shared_blob([(2, 4, 1, 0, 1)] * 2, n_layers=4096), "end early"),
                       (shared_blob([(0, 4, 1, 0, 1)] * 2), "out-of-range"),
                       (shared_blob([(2, 4, 1, 0, 0)] * 2), "out-of-range"),
                       (shared_blob([(2, 4, 1, 0, 1)] * 2, weights=[9, 8]), "malformed"),  # sums to 17, not 16
                       (shared_blob([(2, 4, 1, 0, 1)] * 2, weights=[0, 16]), "malformed"),
-                      (shared_blob([(2, 4, 1, 0, 1)] * 3, n_layers=1), "left over"),
+                      (shared_blob([(2, 4, 1, 0, 1)] * 2, extra=b"\0\0"), "left over"),
                       (shared_blob([(2, 4, 1, 0, 1)] * 2)[:-3], "one frame"),
                       (unchecked, "checksum")):
         with pytest.raises(CodecError, match=f"tables are corrupt.*{why}"):

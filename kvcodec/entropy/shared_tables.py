@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,8 +30,6 @@ NO_TABLE = 0xFFFF  # a direct channel's delta table
 COST_ONE = 1024  # a bit, in the fixed point of grouping costs
 OUTSIDE = 64 * COST_ONE  # a symbol outside a group's table: joining that group is never cheapest
 MAX_LOOKUP_SLOTS = 1 << 25  # a file's tables' lookup slots a reader accepts (256 MiB of lookup tables)
-HEAD = np.dtype([("heads", "<u4"), ("head_dim", "<u4"), ("group_size", "<u4"), ("anchor_bits", "<u4"),
-                 ("tables", "<u4")])
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,8 +167,8 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
 
 @dataclass(frozen=True, eq=False)
 class FlatTables:
-    """Every table of a file back to back, as the CPU encoder reads them: per table its first
-    value, alphabet size, precision and first symbol in `weights`; per symbol w[s] and c[s]."""
+    """Every table of a file back to back, as the coders read them: per table its first value,
+    alphabet size, precision and first symbol in `weights`; per symbol w[s] and c[s]."""
 
     los: np.ndarray
     sizes: np.ndarray
@@ -179,15 +178,64 @@ class FlatTables:
     cumulative: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class Fields:
+    """A file's tables as the blob holds them: per tensor set `head` (layer, key/value index,
+    H, D, G, k, T), then every set's per-channel and per-table fields back to back."""
+
+    head: np.ndarray  # int64 [sets, 7]
+    steps: np.ndarray  # float32 [channels of all sets]
+    main: np.ndarray  # int64, table index within its set
+    delta: np.ndarray  # int64, -1 for a direct channel
+    los: np.ndarray  # int64 [tables of all sets]
+    sizes: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def channel_first(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.head[:, 2] * self.head[:, 3])]
+
+    @property
+    def table_first(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.head[:, 6])]
+
+    @classmethod
+    def of(cls, tensors: dict[tuple[int, str], TensorTables]) -> "Fields":
+        items = list(tensors.items())
+        head = np.array([(layer, TENSORS.index(name), t.heads, t.head_dim, t.group_size, t.anchor_bits, len(t.sizes))
+                         for (layer, name), t in items], dtype=np.int64).reshape(-1, 7)
+
+        def joined(field, dtype):
+            return np.concatenate([getattr(t, field) for _, t in items]).astype(dtype) if items else np.zeros(0, dtype)
+        return cls(head, joined("steps", np.float32), joined("main", np.int64), joined("delta", np.int64),
+                   joined("los", np.int64), joined("sizes", np.int64), joined("weights", np.int64))
+
+    def tensors(self) -> dict[tuple[int, str], TensorTables]:
+        cf, tf = self.channel_first, self.table_first
+        wf = np.r_[0, np.cumsum(self.sizes)][tf]
+        return {(int(h[0]), TENSORS[int(h[1])]): TensorTables(
+            int(h[2]), int(h[3]), int(h[4]), int(h[5]), self.steps[cf[j]:cf[j + 1]], self.main[cf[j]:cf[j + 1]],
+            self.delta[cf[j]:cf[j + 1]], self.los[tf[j]:tf[j + 1]], self.sizes[tf[j]:tf[j + 1]],
+            self.weights[wf[j]:wf[j + 1]]) for j, h in enumerate(self.head)}
+
+
 class SharedTables:
     """Every (layer, key/value)'s tables of one file: a codec's loaded context."""
 
-    def __init__(self, tensors: dict[tuple[int, str], TensorTables]):
-        self.tensors = tensors
-        counts = [len(t.sizes) for t in tensors.values()]
-        self.first_table = dict(zip(tensors, np.cumsum([0] + counts[:-1]).tolist()))  # in `flat`'s order
+    def __init__(self, tensors: dict[tuple[int, str], TensorTables] | None = None, fields: Fields | None = None):
+        """From the tensors' tables, or from the blob's `fields` (the tensors then made on first
+        use: a GPU restore reads only the fields)."""
+        if tensors is not None:
+            self.__dict__["tensors"] = tensors
+        self.fields = Fields.of(tensors) if fields is None else fields
+        keys = [(int(layer), TENSORS[int(t)]) for layer, t in self.fields.head[:, :2]]
+        self.first_table = dict(zip(keys, self.fields.table_first[:-1].tolist()))  # in `flat`'s order
         self._lookups = {}
         self._flat = None
+
+    @cached_property
+    def tensors(self) -> dict[tuple[int, str], TensorTables]:
+        return self.fields.tensors()
 
     def for_chunk(self, info, codec: str) -> TensorTables:
         """The tables of the (layer, key/value) of `info` (a `ChunkInfo`), checked to fit its shape."""
@@ -200,11 +248,9 @@ class SharedTables:
     def flat(self) -> FlatTables:
         """The file's tables back to back (built once), in the order of `lookup`'s tables."""
         if self._flat is None:
-            items = list(self.tensors.values())
-            los, sizes, weights = (np.concatenate([getattr(t, f) for t in items]) if items else np.zeros(0, np.int64)
-                                   for f in ("los", "sizes", "weights"))
-            self._flat = FlatTables(los, sizes, rans32.precision_of(sizes), np.cumsum(sizes) - sizes, weights,
-                                    rans.cumulative_many(weights, sizes))
+            f = self.fields
+            self._flat = FlatTables(f.los, f.sizes, rans32.precision_of(f.sizes), np.cumsum(f.sizes) - f.sizes,
+                                    f.weights, rans.cumulative_many(f.weights, f.sizes))
         return self._flat
 
     def lookup(self, device=None) -> rans32.Lookup:
@@ -212,34 +258,30 @@ class SharedTables:
         numpy arrays) once per device; tables in the order of `flat`."""
         key = None if device is None else str(torch.device(device))
         if key not in self._lookups:
-            flat = self.flat()
-            lookup = rans32.Lookup.build(*(torch.from_numpy(a).to(device or "cpu")
-                                           for a in (flat.weights, flat.sizes, flat.los)))
+            f = self.fields
+            lookup = rans32.Lookup.build(*(torch.from_numpy(a).to(device or "cpu") for a in (f.weights, f.sizes, f.los)))
             self._lookups[key] = lookup.numpy() if device is None else lookup
         return self._lookups[key]
 
     def to_blob(self, num_layers: int) -> bytes:
-        """The stored form (spec 8.5, lane format 2): one zstd frame of every layer's key then
-        value tables."""
-        parts = [np.uint32(num_layers).tobytes()]
-        for i in range(num_layers):
-            for name in TENSORS:
-                tt = self.tensors[(i, name)]
-                parts += [np.array([(tt.heads, tt.head_dim, tt.group_size, tt.anchor_bits, len(tt.sizes))],
-                                   HEAD).tobytes(),
-                          tt.steps.astype("<f4").tobytes(), tt.main.astype("<u2").tobytes(),
-                          np.where(tt.delta < 0, NO_TABLE, tt.delta).astype("<u2").tobytes(),
-                          tt.los.astype("<i4").tobytes(), tt.sizes.astype("<u2").tobytes(),
-                          tt.weights.astype("<u2").tobytes()]
+        """The stored form (spec 8.5, lane format 2): one zstd frame holding every layer's key then
+        value set heads, then each field of all sets back to back."""
+        fields = Fields.of({(i, name): self.tensors[(i, name)] for i in range(num_layers) for name in TENSORS})
+        parts = [np.uint32(num_layers).tobytes(), fields.head[:, 2:].astype("<u4").tobytes(),
+                 fields.steps.astype("<f4").tobytes(), fields.main.astype("<u2").tobytes(),
+                 np.where(fields.delta < 0, NO_TABLE, fields.delta).astype("<u2").tobytes(),
+                 fields.los.astype("<i4").tobytes(), fields.sizes.astype("<u2").tobytes(),
+                 fields.weights.astype("<u2").tobytes()]
         return zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True).compress(b"".join(parts))
 
     @classmethod
     def from_blob(cls, blob: bytes, codec: str) -> "SharedTables":
         """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
         try:
-            return cls(_parse(_inflate(bytes(blob))))
+            fields = _parse(_inflate(bytes(blob)))
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
+        return cls(fields=fields)
 
 
 def _inflate(blob: bytes) -> bytes:
@@ -256,59 +298,42 @@ def _inflate(blob: bytes) -> bytes:
     return out
 
 
-def _parse(content: bytes) -> dict:
-    """Every tensor set of the content: one pass finds where each set's fields lie, then they are
-    read and checked all at once (a file holds tens to thousands of sets)."""
+def _parse(content: bytes) -> Fields:
+    """The content's fields, read and checked all at once (no step per tensor set)."""
     if len(content) < 4:
         raise ValueError("they end early")
     n_layers = struct.unpack_from("<I", content)[0]
-    if n_layers > MAX_LAYERS or n_layers > len(content) // 40:  # a tensor set takes at least 20 bytes
-        raise ValueError(f"they claim {n_layers} layers")
-    heads, at, pos = [], [], 4
-    for i in range(n_layers):
-        for name in TENSORS:
-            if pos + HEAD.itemsize > len(content):
-                raise ValueError("they end early")
-            h, d, g, k, t = struct.unpack_from("<5I", content, pos)
-            if not (1 <= h and 1 <= d and 1 <= g <= 1024 and k <= 8 and 1 <= t < NO_TABLE):
-                raise ValueError(f"layer {i} {name} has out-of-range fields")
-            c = h * d
-            sizes = pos + HEAD.itemsize + 8 * c + 4 * t
-            if sizes + 2 * t > len(content):
-                raise ValueError("they end early")
-            n = int(np.frombuffer(content, "<u2", t, sizes).sum(dtype=np.int64))
-            heads.append((i, TENSORS.index(name), h, d, g, k, t, c, n))
-            at.append(pos + HEAD.itemsize)
-            pos = sizes + 2 * t + 2 * n
-    if pos != len(content):
-        raise ValueError(f"{len(content) - pos} bytes left over" if pos < len(content) else "they end early")
-    head = np.array(heads, dtype=np.int64).reshape(-1, 9)
-    start = np.array(at, dtype=np.int64)
-    c, t, n = head[:, 7], head[:, 6], head[:, 8]
-
-    def gather(dtype, offsets, counts):
-        parts = [np.frombuffer(content, dtype, int(k), int(o)) for o, k in zip(offsets, counts)]
-        return np.concatenate(parts).astype(np.float32 if dtype == "<f4" else np.int64) if parts else \
-            np.zeros(0, np.float32 if dtype == "<f4" else np.int64)
-    steps = gather("<f4", start, c)
-    main = gather("<u2", start + 4 * c, c)
-    delta = gather("<u2", start + 6 * c, c)
-    los = gather("<i4", start + 8 * c, t)
-    sizes = gather("<u2", start + 8 * c + 4 * t, t)
-    weights = gather("<u2", start + 8 * c + 6 * t, n)
-    tensor_of_channel = np.repeat(np.arange(len(head)), c)
+    sets = 2 * n_layers
+    if n_layers > MAX_LAYERS or 4 + 20 * sets > len(content):
+        raise ValueError(f"they claim {n_layers} layers" if n_layers > MAX_LAYERS else "they end early")
+    h, d, g, k, t = np.frombuffer(content, "<u4", 5 * sets, 4).astype(np.int64).reshape(sets, 5).T
+    if sets and not ((h >= 1).all() and (d >= 1).all() and (g >= 1).all() and (g <= 1024).all() and (k <= 8).all()
+                     and (t >= 1).all() and (t < NO_TABLE).all()):
+        raise ValueError("a tensor set has out-of-range fields")
+    c = h * d
+    n_c, n_t = int(c.sum()), int(t.sum())
+    pos = 4 + 20 * sets
+    if pos + 8 * n_c + 6 * n_t > len(content):
+        raise ValueError("they end early")
+    steps = np.frombuffer(content, "<f4", n_c, pos).astype(np.float32)
+    main = np.frombuffer(content, "<u2", n_c, pos + 4 * n_c).astype(np.int64)
+    delta = np.frombuffer(content, "<u2", n_c, pos + 6 * n_c).astype(np.int64)
+    los = np.frombuffer(content, "<i4", n_t, pos + 8 * n_c).astype(np.int64)
+    sizes = np.frombuffer(content, "<u2", n_t, pos + 8 * n_c + 4 * n_t).astype(np.int64)
+    n_w = int(sizes.sum())
+    end = pos + 8 * n_c + 6 * n_t + 2 * n_w
+    if end != len(content):
+        raise ValueError(f"{len(content) - end} bytes left over" if end < len(content) else "they end early")
+    weights = np.frombuffer(content, "<u2", n_w, end - 2 * n_w).astype(np.int64)
     if sizes.size and (sizes.min() < 2 or sizes.max() > rans32.MAX_ALPHABET or (np.abs(los) + sizes).max() >= MAX_SYMBOL):
         raise ValueError("a table is out of range")
     rans32.check_tables(weights, sizes)
     delta = np.where(delta == NO_TABLE, -1, delta)
-    if (not np.all(np.isfinite(steps)) or steps.min(initial=1) <= 0 or (main >= t[tensor_of_channel]).any()
-            or (delta >= t[tensor_of_channel]).any() or ((head[tensor_of_channel, 4] == 1) & (delta >= 0)).any()):
+    set_of = np.repeat(np.arange(sets), c)
+    if (not np.all(np.isfinite(steps)) or steps.min(initial=1) <= 0 or (main >= t[set_of]).any()
+            or (delta >= t[set_of]).any() or ((g[set_of] == 1) & (delta >= 0)).any()):
         raise ValueError("a tensor set has out-of-range fields")
     if int((1 << rans32.precision_of(sizes)).sum()) > MAX_LOOKUP_SLOTS:
         raise ValueError(f"their lookup tables pass {MAX_LOOKUP_SLOTS} slots")
-    cf, tf, nf = (np.r_[0, np.cumsum(x)] for x in (c, t, n))
-    return {(int(h[0]), TENSORS[int(h[1])]): TensorTables(int(h[2]), int(h[3]), int(h[4]), int(h[5]),
-                                                          steps[cf[j]:cf[j + 1]], main[cf[j]:cf[j + 1]],
-                                                          delta[cf[j]:cf[j + 1]], los[tf[j]:tf[j + 1]],
-                                                          sizes[tf[j]:tf[j + 1]], weights[nf[j]:nf[j + 1]])
-            for j, h in enumerate(head)}
+    head = np.column_stack([np.arange(sets) // 2, np.arange(sets) % 2, h, d, g, k, t]).astype(np.int64).reshape(-1, 7)
+    return Fields(head, steps, main, delta, los, sizes, weights)
