@@ -28,13 +28,18 @@ def chunk_errors(cache, back, chunk_tokens):
     return out
 
 
-@pytest.mark.parametrize("codec,ratio", [("cachegen", 3.0), ("cachegen", 4.0), ("quant", 3.0), ("quant", 5.0)])
-def test_target_ratio_is_met_closely_with_mixed_presets(cache, codec, ratio):
+@pytest.mark.parametrize("codec,ratio,mixed", [("cachegen", 3.0, False), ("cachegen", 4.0, True),
+                                               ("quant", 3.0, True), ("quant", 5.0, True)])
+def test_target_ratio_is_met_closely_with_mixed_presets(cache, codec, ratio, mixed):
+    """The ratio is met within 20 %, mixing presets where that pays: at 3.0 the cachegen preset
+    just above it (3.30 here) is used alone, since the first chunk moved to the next finer one
+    (2.96) would add that preset's tables blob (about 5 KB), more than the planner's budget
+    leaves once its bound on the file's overhead is taken."""
     data = kvcodec.encode(cache, codec, chunk_tokens=64, target_ratio=ratio)
     achieved = cache.nbytes / len(data)
     assert ratio <= achieved < ratio * 1.2
     reader = kvcodec.open(data)
-    assert len(reader.header.codecs) >= 2  # the budget is met by mixing presets
+    assert (len(reader.header.codecs) >= 2) == mixed  # the budget is met by mixing presets
     back = kvcodec.decode(data)
     assert all(e < 0.5 for e in chunk_errors(cache, back, 64))
 

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import zstandard
 import torch
 
 import kvcodec
@@ -111,17 +112,34 @@ class TwoFrames(Encoding):
 
 
 class PaddedLane(Encoding):
-    """cachegen (no sinks) with a zero word appended to every payload's first lane."""
+    """cachegen (no sinks) with a zero word appended to every payload's first lane (lane format 1:
+    32-bit words, one lane per channel and per anchored channel; format 2: 16-bit words, one lane
+    per channel)."""
 
     def payload(self, info, chunk):
         slot, data = super().payload(info, chunk)
-        tt = self.contexts[0].for_chunk(info, "cachegen")
-        lanes = info.shape[0] * (tt.heads * tt.head_dim + int(tt.anchored.sum()))
+        codec, tt = self.codecs[0], self.contexts[0].for_chunk(info, "cachegen")
+        word = 4 if codec.lanes == 1 else 2
+        lanes = info.shape[0] * (tt.heads * tt.head_dim + (int(tt.anchored.sum()) if codec.lanes == 1 else 0))
         counts = np.frombuffer(data, "<u4", lanes).copy()
-        first = 4 * int(counts[0])
+        first = word * int(counts[0])
         counts[0] += 1
         words = data[4 * lanes:]
-        return slot, counts.tobytes() + words[:first] + bytes(4) + words[first:]
+        return slot, counts.tobytes() + words[:first] + bytes(word) + words[first:]
+
+
+class UnevenWeights(Encoding):
+    """cachegen (lane format 2) whose tables blob has its last weight one too large (sealed by a
+    valid zstd frame), payloads coded with the right tables."""
+
+    @classmethod
+    def make(cls, chunks):
+        codec = kvcodec.get_codec("cachegen")
+        good = codec.fit(chunks)[0]
+        content = bytearray(zstandard.ZstdDecompressor().decompress(good))
+        content[-2:] = struct.pack("<H", struct.unpack_from("<H", content, len(content) - 2)[0] + 1)
+        bad = zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True).compress(bytes(content))
+        return cls([codec], [[bad]], [codec.load_context([good])])
 
 
 def written(encoding_cls, codec) -> bytes:
@@ -215,14 +233,16 @@ def vectors() -> dict[str, bytes]:
     out["8.1-raw-wrong-length"] = with_index(raw, shorter)
     out["8.2-zstd-two-frames"] = written(TwoFrames, kvcodec.get_codec("zstd"))
     out["8.4-quant-bits-out-of-range"] = with_header_text(quant, lambda t: t.replace('"bits":4', '"bits":5'))
-    cachegen = encoded("cachegen")
+    cachegen = encoded("cachegen", lanes=1)
     _, _, blobs = index_of(cachegen)
     assert int(blobs["owner"][0]) == 0  # the tables
     at = int(blobs["offset"][0])
     tables = bytearray(cachegen[at:at + int(blobs["length"][0])])
     tables[12:16] = struct.pack("<I", struct.unpack_from("<I", tables, 12)[0] + 1)  # the first frame's length
     out["8.5-cachegen-tables-directory-disagrees"] = with_blob(cachegen, 0, bytes(tables))
-    out["9-lane-not-canonical"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0))
+    out["9-lane-not-canonical"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0, lanes=1))
+    out["10-weights-do-not-sum"] = written(UnevenWeights, None)
+    out["10-lane-does-not-end"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0))
     return out
 
 

@@ -31,7 +31,8 @@ TIMEOUT_S = 20.0  # a case taking longer has hung
 MEMORY_PER_BYTE = 64
 MEMORY_BASE = 64 << 20
 SEED_CODECS = [("raw", {}), ("zstd", {}), ("shuffle-zstd", {}), ("quant", {"bits": 2}), ("quant", {"bits": 3}),
-               ("quant", {"bits": 8, "group_size": 5}), ("cachegen", {}), ("cachegen", {"sinks": 0, "group_size": 3})]
+               ("quant", {"bits": 8, "group_size": 5}), ("cachegen", {}), ("cachegen", {"sinks": 0, "group_size": 3}),
+               ("cachegen", {"lanes": 1}), ("cachegen", {"lanes": 1, "sinks": 0, "group_size": 3})]
 
 
 def small_cache(seed: int = 0, pruned: bool = False) -> KVCache:
