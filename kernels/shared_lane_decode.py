@@ -124,9 +124,13 @@ class DeviceSharedTables:
                                                                            f.head[:, 2:4]])
         first = np.repeat(table_first[:-1], np.diff(channel_first))  # each channel's set's first table
         main = first + f.main
-        ints = J.to_device(np.concatenate([main, np.where(f.delta >= 0, first + f.delta, main)]), device)
-        self.chan_main, self.chan_other = ints[:len(main)], ints[len(main):]
-        self.chan_step = J.to_device(np.ascontiguousarray(f.steps, dtype=np.float32), device)
+        n = len(main)
+        steps = np.zeros(n + n % 2, dtype=np.float32)  # as int64 words: one copy with the table indices
+        steps[:n] = f.steps
+        ints = J.to_device(np.concatenate([main, np.where(f.delta >= 0, first + f.delta, main), steps.view(np.int64)]),
+                           device)
+        self.chan_main, self.chan_other = ints[:n], ints[n:2 * n]
+        self.chan_step = ints[2 * n:].view(torch.float32)[:n]
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SharedTables -> {device: DeviceSharedTables}
@@ -165,8 +169,15 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
                ANCHORED: 0, GROUP: entry[:, 1], ANCHOR_BITS: entry[:, 2], LANE_BASE: np.cumsum(n_lanes) - n_lanes,
                COUNTS_AT: (table[:, J.SRC] + sink_bytes) // 4, N_LANES: n_lanes, LANE_WORDS: lane_bytes // 2}
     table = J.with_columns(table, *(np.broadcast_to(columns[k], len(table)) for k in sorted(columns)))
-    table_d = J.to_device(table, device)
     total_lanes = int(n_lanes.sum())
+    prefetch = total_lanes < PREFETCH_BELOW_LANES
+    block = LANES_PER_PROGRAM[prefetch]
+    per_job = -(-n_lanes // block)
+    job = np.repeat(np.arange(len(table)), per_job)
+    first = (np.arange(int(per_job.sum())) - np.repeat(np.cumsum(per_job) - per_job, per_job)) * block
+    programs = np.stack([job, first], 1).astype(np.int64)
+    both = J.to_device(np.concatenate([table.reshape(-1), programs.reshape(-1)]), device)  # one copy
+    table_d, programs_d = both[:table.size], both[table.size:]
     lengths_bad = torch.empty(len(table), dtype=torch.int32, device=device)
     lane_end = torch.empty(total_lanes, dtype=torch.int64, device=device)
     lane_start = torch.empty_like(lane_end)
@@ -178,17 +189,11 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
     copy_sinks = raw.copy_elements(staged, out, table, sinks)
     if copy_sinks:
         steps.append(copy_sinks)
-    prefetch = total_lanes < PREFETCH_BELOW_LANES
-    block = LANES_PER_PROGRAM[prefetch]
-    per_job = -(-n_lanes // block)
-    job = np.repeat(np.arange(len(table)), per_job)
-    first = (np.arange(int(per_job.sum())) - np.repeat(np.cumsum(per_job) - per_job, per_job)) * block
-    programs = np.stack([job, first], 1).astype(np.int64)
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
     words = staged.view(torch.int16)
     lookup = dev.lookup
     args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_other, dev.chan_step,
-            lane_start, lane_end, table_d, J.to_device(programs, device), err)
+            lane_start, lane_end, table_d, programs_d, err)
 
     def lanes():
         _shared_lanes_kernel[(len(programs),)](*args, NCOL=table.shape[1], D=head_dim, BL=block,

@@ -107,9 +107,16 @@ def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int
 def _split(group: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Groups renumbered 0, 1, ... in order, each cut where needed into runs (members by first
     value) whose value ranges span at most 4096 values, so that every group has a table."""
+    groups, members = np.unique(group, return_inverse=True)
+    lo = np.full(len(groups), first.max(), dtype=np.int64)
+    hi = np.zeros(len(groups), dtype=np.int64)
+    np.minimum.at(lo, members, first)
+    np.maximum.at(hi, members, last)
+    if (hi - lo < rans32.MAX_ALPHABET).all():  # the usual case: no group to cut
+        return members.astype(np.int64)
     out = np.empty(len(group), dtype=np.int64)
     t = 0
-    for g in np.unique(group):
+    for g in groups:
         members = np.flatnonzero(group == g)
         for run in _runs(members[np.lexsort((members, first[members]))], first, last):
             out[run] = t
