@@ -29,6 +29,7 @@ SWEEP = [
     ("raw", {}), ("zstd", {"level": 1}), ("zstd", {"level": 3}), ("shuffle-zstd", {"level": 3}),
     ("quant", {"bits": 8}), ("quant", {"bits": 4}), ("quant", {"bits": 3}), ("quant", {"bits": 2}),
     ("cachegen", {"quality": "high"}), ("cachegen", {"quality": "medium"}), ("cachegen", {"quality": "low"}),
+    ("cachegen", {"quality": "medium", "lanes": 1}),  # lane format 1, what cachegen files held before format 2
 ]
 
 

@@ -445,10 +445,12 @@ def cachegen(config, context, payload, layer, tensor, start, shape, dtype, as_va
     out = np.zeros(shape, dtype=BITS_DTYPE[size])
     values = np.zeros(shape, dtype=np.float32)
     sink_bytes = b * h * s * d * size
-    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
     n_lanes = b * (c + len(anchored))
+    need(len(payload) >= sink_bytes + 4 * n_lanes, "8.5", "the payload holds its lane lengths")
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
     lengths = struct.unpack_from(f"<{n_lanes}I", payload, sink_bytes)
     pos = sink_bytes + 4 * n_lanes
+    need(len(payload) == pos + 4 * sum(lengths), "8.5", "the payload's length")
     lanes = []
     for length in lengths:
         lanes.append(list(struct.unpack_from(f"<{length}I", payload, pos)))
@@ -497,6 +499,7 @@ def parse_tables2(blob: bytes) -> dict:
 
     def take(fmt, count):
         nonlocal pos
+        need(count <= len(raw), "8.5", "tables end early")
         size = struct.calcsize(f"<{count}{fmt}")
         need(pos + size <= len(raw), "8.5", "tables end early")
         values = struct.unpack_from(f"<{count}{fmt}", raw, pos)
@@ -504,7 +507,8 @@ def parse_tables2(blob: bytes) -> dict:
         return values
     heads = [take("I", 5) for _ in range(2 * n_layers)]
     for h, d, g, k, t in heads:
-        need(h >= 1 and d >= 1 and 1 <= g <= 1024 and k <= 8 and 1 <= t <= 65534, "8.5", "a tensor set's fields")
+        need(1 <= h <= 1 << 24 and 1 <= d <= 1 << 24 and 1 <= g <= 1024 and k <= 8 and 1 <= t <= 65534, "8.5",
+             "a tensor set's fields")
     counts = [h * d for h, d, *_ in heads]
     steps = take("f", sum(counts))
     main, delta = take("H", sum(counts)), take("H", sum(counts))
@@ -515,7 +519,8 @@ def parse_tables2(blob: bytes) -> dict:
         st = np.array(steps[c0:c0 + c], dtype=np.float32)
         mn, dl = main[c0:c0 + c], delta[c0:c0 + c]
         need(all(np.isfinite(st)) and min(st) > 0, "8.5", "steps finite and positive")
-        need(max(mn) < t and all(x == 0xFFFF or (x < t and g > 1) for x in dl), "8.5", "table indices")
+        need(max(mn) < t and all(x == 0xFFFF or (x < t and g > 1 and x != m) for x, m in zip(dl, mn)), "8.5",
+             "table indices")
         tables = []
         for lo, n in zip(los[t0:t0 + t], sizes[t0:t0 + t]):
             need(2 <= n <= 4096 and abs(lo) + n < 2 ** 20, "8.5", "a table's range")
@@ -530,7 +535,7 @@ def parse_tables2(blob: bytes) -> dict:
             full.append((lo, w, [sum(w[:i]) for i in range(n)], precision(n)))
             slots += 1 << precision(n)
         out[key] = (h, d, g, k, st, mn, dl, full)
-    need(slots <= 1 << 25, "8.5", "the tables' lookup slots")
+    need(slots <= min(1 << 25, (1 << 20) + 64 * len(blob)), "8.5", "the tables' lookup slots")
     need(pos == len(raw), "8.5", "bytes after the last field")
     return out
 
@@ -564,8 +569,8 @@ def cachegen_format2(config, context, payload, layer, tensor, start, shape, dtyp
     c = h * d
     out = np.zeros(shape, dtype=BITS_DTYPE[size])
     sink_bytes = b * h * s * d * size
-    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
     need(len(payload) >= sink_bytes + 4 * b * c, "8.5", "the payload holds its lane lengths")
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
     lengths = struct.unpack_from(f"<{b * c}I", payload, sink_bytes)
     pos = sink_bytes + 4 * b * c
     need(len(payload) == pos + 2 * sum(lengths), "8.5", "the payload's length")

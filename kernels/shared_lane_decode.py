@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kvcodec.codecs.device import Check, Launch, where
+from kvcodec.entropy import rans32
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.errors import CodecError
 from kvcodec.kernels import jobs as J
@@ -32,7 +33,7 @@ from kvcodec.kernels.rounding import to_output_dtype
 # needed wins (+40-90% from 8K tokens).
 PREFETCH_BELOW_LANES = 1 << 18
 LANES_PER_PROGRAM = {True: 128, False: 256}  # by PREFETCH; the best of 64/128/256 there
-STATE_LOW = tl.constexpr(1 << 16)
+STATE_LOW = tl.constexpr(rans32.STATE_LOW)
 
 
 @triton.jit
@@ -43,7 +44,7 @@ def _word(words_ptr, p, mask):
 
 @triton.jit
 def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr, chan_main_ptr, chan_other_ptr,
-                         chan_step_ptr, lane_start_ptr, lane_end_ptr, table_ptr, prog_ptr, err_ptr,
+                         chan_anchored_ptr, chan_step_ptr, lane_start_ptr, lane_end_ptr, table_ptr, prog_ptr, err_ptr,
                          NCOL: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PREFETCH: tl.constexpr = False):
     pid = tl.program_id(0)
     job = tl.load(prog_ptr + 2 * pid)
@@ -63,7 +64,7 @@ def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr,
     c = i % channels
     main_t = tl.load(chan_main_ptr + chan_base + c, mask=valid, other=0)
     other_t = tl.load(chan_other_ptr + chan_base + c, mask=valid, other=0)
-    anchored = other_t != main_t
+    anchored = tl.load(chan_anchored_ptr + chan_base + c, mask=valid, other=0) != 0
     step = tl.load(chan_step_ptr + chan_base + c, mask=valid, other=1.0)
     m_off = tl.load(lut_off_ptr + main_t)
     o_off = tl.load(lut_off_ptr + other_t)
@@ -110,8 +111,8 @@ def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr,
 class DeviceSharedTables:
     """One file's lane-format-2 tables on the device: the lookup (`rans32.Lookup`), per channel
     of the file its main table, its table at non-anchor tokens (its delta table, or its main
-    table again when direct) and its step; `by_tensor` locates each (layer, key/value)'s
-    channels."""
+    table again when direct), whether it is anchored, and its step; `by_tensor` locates each
+    (layer, key/value)'s channels."""
 
     def __init__(self, tables: SharedTables, device):
         self.lookup = tables.lookup(device)
@@ -127,10 +128,11 @@ class DeviceSharedTables:
         n = len(main)
         steps = np.zeros(n + n % 2, dtype=np.float32)  # as int64 words: one copy with the table indices
         steps[:n] = f.steps
-        ints = J.to_device(np.concatenate([main, np.where(f.delta >= 0, first + f.delta, main), steps.view(np.int64)]),
-                           device)
-        self.chan_main, self.chan_other = ints[:n], ints[n:2 * n]
-        self.chan_step = ints[2 * n:].view(torch.float32)[:n]
+        anchored = f.delta >= 0
+        ints = J.to_device(np.concatenate([main, np.where(anchored, first + f.delta, main), anchored.astype(np.int64),
+                                           steps.view(np.int64)]), device)
+        self.chan_main, self.chan_other, self.chan_anchored = ints[:n], ints[n:2 * n], ints[2 * n:3 * n]
+        self.chan_step = ints[3 * n:].view(torch.float32)[:n] if n else torch.zeros(0, dtype=torch.float32, device=device)
 
 
 _ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SharedTables -> {device: DeviceSharedTables}
@@ -192,7 +194,8 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
     err = torch.zeros(len(programs), dtype=torch.int32, device=device)
     words = staged.view(torch.int16)
     lookup = dev.lookup
-    args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_other, dev.chan_step,
+    args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_other, dev.chan_anchored,
+            dev.chan_step,
             lane_start, lane_end, table_d, programs_d, err)
 
     def lanes():

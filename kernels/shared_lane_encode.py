@@ -11,10 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcodec.entropy import rans32
 from kvcodec.entropy.shared_lanes import Coded, batches, lane_tables, lane_values, outside_error, pack
 from kvcodec.entropy.shared_tables import FlatTables
 
 LANES_PER_PROGRAM = 128
+STATE_LOW = tl.constexpr(rans32.STATE_LOW)
 
 
 @triton.jit
@@ -30,7 +32,7 @@ def _encode_kernel(values_ptr, base_ptr, lo_ptr, size_ptr, prec_ptr, weights_ptr
     size1 = tl.load(size_ptr + lanes + i, mask=valid, other=2)
     prec0 = tl.load(prec_ptr + i, mask=valid, other=1).to(tl.uint32)
     prec1 = tl.load(prec_ptr + lanes + i, mask=valid, other=1).to(tl.uint32)
-    x = tl.full([BL], 65536, tl.uint32)
+    x = tl.full([BL], STATE_LOW, tl.uint32)
     count = tl.zeros([BL], dtype=tl.int64)
     bad = tl.zeros([BL], dtype=tl.int32)
     row = scratch_ptr + i.to(tl.int64) * (n + 2)

@@ -284,7 +284,7 @@ def test_gpu_cachegen_encode_gives_the_cpu_bytes(options):
         want = codec.encode(chunk, info, context)
         assert cachegen.encode(codec, chunk.to(DEVICE), info, context) == want
     infos, tensors = [info for info, _ in chunks], [chunk.to(DEVICE) for _, chunk in chunks]
-    assert device.encode_chunks(codec, tensors, infos, context) == codec.encode_many(tensors, infos, context)
+    assert cachegen.encode_many(codec, tensors, infos, context) == codec.encode_many(tensors, infos, context)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

@@ -110,15 +110,18 @@ def test_tables_group_channels_and_cover_every_value():
     rans32.check_tables(weights, t_sizes)
 
 
-def shared_blob(sets, n_layers=None, weights=None, extra=b""):
-    """A lane-format-2 tables blob of `sets` (H, D, G, k, T) with T two-symbol tables each."""
-    w = [8, 8] if weights is None else weights
+def shared_blob(sets, n_layers=None, weights=None, extra=b"", size=2, main=0, delta=0xFFFF):
+    """A lane-format-2 tables blob of `sets` (H, D, G, k, T) with T tables of `size` symbols each
+    (weights 8, 8 unless given), every channel on table `main` with delta table `delta`."""
+    if weights is None:
+        total = 1 << precision(size)
+        weights = [total // size + total % size] + [total // size] * (size - 1)
     c = [h * d for h, d, _, _, _ in sets]
     t = sum(s[4] for s in sets)
     parts = [np.uint32(len(sets) // 2 if n_layers is None else n_layers).tobytes(),
-             np.array(sets, "<u4").tobytes(), np.ones(sum(c), "<f4").tobytes(), np.zeros(sum(c), "<u2").tobytes(),
-             np.full(sum(c), 0xFFFF, "<u2").tobytes(), np.zeros(t, "<i4").tobytes(), np.full(t, 2, "<u2").tobytes(),
-             np.array(w * t, "<u2").tobytes(), extra]
+             np.array(sets, "<u4").tobytes(), np.ones(sum(c), "<f4").tobytes(), np.full(sum(c), main, "<u2").tobytes(),
+             np.full(sum(c), delta, "<u2").tobytes(), np.zeros(t, "<i4").tobytes(), np.full(t, size, "<u2").tobytes(),
+             np.array(list(weights) * t, "<u2").tobytes(), extra]
     return zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(b"".join(parts))
 
 
@@ -134,15 +137,25 @@ def test_hostile_tables_are_refused():
                       (shared_blob([(2, 4, 1, 0, 1)] * 2, weights=[0, 16]), "malformed"),
                       (shared_blob([(2, 4, 1, 0, 1)] * 2, extra=b"\0\0"), "left over"),
                       (shared_blob([(2, 4, 1, 0, 1)] * 2)[:-3], "one frame"),
+                      (zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(
+                          struct.pack("<I", 2) + struct.pack("<5I", 1 << 31, 1 << 31, 1, 0, 1) * 4), "out-of-range"),
+                      (shared_blob([(2, 4, 1, 0, 1)] * 2, main=1), "out-of-range"),  # a table past T
+                      (shared_blob([(2, 4, 1, 0, 1)] * 2, delta=0), "out-of-range"),  # deltas without groups
+                      (shared_blob([(2, 4, 2, 0, 1)] * 2, delta=0), "delta table is its main"),
+                      (shared_blob([(2, 4, 1, 9, 1)] * 2), "out-of-range"),
                       (unchecked, "checksum")):
         with pytest.raises(CodecError, match=f"tables are corrupt.*{why}"):
             codec.load_context([blob])
 
 
-def test_lookup_slots_are_bounded(monkeypatch):
-    monkeypatch.setattr(shared_tables, "MAX_LOOKUP_SLOTS", 31)  # two tables of 16 slots pass it
-    with pytest.raises(CodecError, match="lookup tables pass"):
-        kvcodec.get_codec("cachegen").load_context([shared_blob([(2, 4, 1, 0, 1)] * 2)])
+def test_a_small_blob_cannot_ask_for_a_large_lookup():
+    """Tables needing more lookup slots than 2**20 + 64 per blob byte are refused before anything
+    is built (here 256 tables of 1,025 symbols, 4M slots, in about a kilobyte)."""
+    blob = shared_blob([(1, 1, 1, 0, 128)] * 2, size=1025)
+    assert len(blob) < 8 << 10 and shared_tables.lookup_slots(len(blob)) < 256 * (1 << precision(1025))
+    with pytest.raises(CodecError, match="lookup slots, more than a reader accepts"):
+        kvcodec.get_codec("cachegen").load_context([blob])
+    assert len(kvcodec.get_codec("cachegen").load_context([shared_blob([(1, 1, 1, 0, 4)] * 2, size=1025)]).tensors)
 
 
 def test_batched_decode_equals_one_by_one_and_names_a_corrupt_chunk():
@@ -211,3 +224,28 @@ def test_write_batches_only_codecs_that_code_many_chunks_at_once():
         assert kvcodec.decode(out.getvalue()).layers[1].key.shape == cache.layers[1].key.shape
     info = ChunkInfo(0, "key", 0, (1, 2, 20, 16), torch.float16)
     assert info.numel == 640
+
+
+def test_lane_lengths_moved_between_lanes_are_refused_by_both_decoders():
+    """Lengths that still add up but put a lane's boundary elsewhere: the CPU decoder and the
+    kernels (their lane bounds clipped to the payload) both refuse the file."""
+    pytest.importorskip("triton")
+    from kvcodec.encoding.engine import Encoding, write_cache
+
+    class Shifted(Encoding):
+        def payload(self, info, chunk):
+            slot, data = super().payload(info, chunk)
+            lanes = info.shape[0] * info.shape[1] * info.shape[3]
+            counts = np.frombuffer(data, "<u4", lanes).copy()
+            counts[0], counts[1] = counts[0] - 1, counts[1] + 1
+            return slot, counts.tobytes() + data[4 * lanes:]
+
+    cache = synthetic_cache(layers=1, heads=2, tokens=20, head_dim=16)
+    codec = kvcodec.get_codec("cachegen", sinks=0)
+    enc = Encoding.fitted(cut(cache, 16), codec)
+    out = io.BytesIO()
+    write_cache(cache, out, Shifted(enc.codecs, enc.blobs, enc.contexts), 16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for decoder in ("cpu", "kernels"):
+        with pytest.raises(CodecError):
+            kvcodec.decode(out.getvalue(), device=device if decoder == "kernels" else None, decoder=decoder)

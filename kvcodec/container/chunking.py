@@ -28,3 +28,17 @@ def cut(cache: KVCache, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Chunks:
                 chunks.append((ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype), chunk))
         layers.append(tuple(chunks))
     return Chunks(tuple(layers), chunk_tokens, tuple((tuple(l.key.shape), tuple(l.value.shape)) for l in cache.layers))
+
+
+def layer_groups(sizes, limit: int) -> list[list[int]]:
+    """Consecutive layers in groups whose `sizes` (one per layer) reach `limit`, the last group
+    perhaps less, each at least one layer: the batches writers encode and readers fetch or decode."""
+    groups: list[list[int]] = []
+    size = limit
+    for i, n in enumerate(sizes):
+        if size >= limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += int(n)
+    return groups

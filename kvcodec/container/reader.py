@@ -21,6 +21,7 @@ from kvcodec.cache import TENSORS, KVCache, LayerKV, to_dynamic_cache
 from kvcodec.codecs import device as device_seam
 from kvcodec.codecs.base import ChunkInfo, Codec
 from kvcodec.container import device_read, positions
+from kvcodec.container.chunking import layer_groups
 from kvcodec.container import format as fmt
 from kvcodec.container.read_plan import ReadPlan
 from kvcodec.container.source import ByteSource
@@ -271,17 +272,8 @@ class KVCReader:
         return int(r["offset"].min()), int((r["offset"] + r["length"]).max())
 
     def _layer_groups(self, limit: int, per_record: np.ndarray) -> list[list[int]]:
-        """Consecutive layers in groups whose records' `per_record` sizes reach `limit` (the last
-        may hold less; at least one layer each)."""
-        groups: list[list[int]] = []
-        size = limit
-        for i in range(self.num_layers):
-            if size >= limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(i)
-            size += int(per_record[self._layer_records(i)].sum())
-        return groups
+        """Consecutive layers in groups whose records' `per_record` sizes reach `limit`."""
+        return layer_groups([per_record[self._layer_records(i)].sum() for i in range(self.num_layers)], limit)
 
     def _layer_records(self, layer: int) -> list[int]:
         return [i for t in (0, 1) for i in self._groups.get((layer, t), [])]

@@ -10,7 +10,7 @@ import torch
 from kvcodec.cache import TENSORS, KVCache
 from kvcodec.codecs import device
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
-from kvcodec.container.chunking import DEFAULT_CHUNK_TOKENS, cut
+from kvcodec.container.chunking import DEFAULT_CHUNK_TOKENS, cut, layer_groups
 from kvcodec.container.writer import KVCWriter, header_for
 from kvcodec.dtypes import dtype_name
 
@@ -68,7 +68,8 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
         for ordinal, blob in enumerate(blobs):
             writer.add_blob(slot, ordinal, blob)
     writer.add_cache_blobs(cache)
-    for group in _layer_groups(chunks) if encoding.batched else [[i] for i in range(chunks.num_layers)]:
+    sizes = [sum(info.numel for info, _ in layer) for layer in chunks.layers]
+    for group in layer_groups(sizes, ENCODE_BATCH if encoding.batched else 0):
         items = [item for i in group for item in chunks.layers[i]]
         batches = [items] if encoding.batched else [[item] for item in items]
         for batch in batches:
@@ -82,16 +83,3 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
 
 
 ENCODE_BATCH = 1 << 24  # elements of chunks encoded together (a few layers; their payloads are held until written)
-
-
-def _layer_groups(chunks: Chunks) -> list[list[int]]:
-    """Consecutive layers in groups of about ENCODE_BATCH elements, at least one layer each."""
-    groups: list[list[int]] = []
-    size = ENCODE_BATCH
-    for i, layer in enumerate(chunks.layers):
-        if size >= ENCODE_BATCH:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += sum(info.numel for info, _ in layer)
-    return groups

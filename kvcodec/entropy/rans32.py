@@ -76,15 +76,18 @@ class Lookup:
         precision = precision_of(sizes)
         slots = torch.ones_like(precision) << precision
         offset = torch.cumsum(slots, 0) - slots
-        table = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
         first = torch.cumsum(sizes, 0) - sizes  # each table's first symbol in `weights`
         before = torch.cumsum(weights, 0) - weights
-        cum = before - before[first][table]  # c[s] within its table
-        symbol = torch.repeat_interleave(torch.arange(len(weights), device=weights.device), weights)
-        owner = table[symbol]
-        slot = torch.arange(len(symbol), device=weights.device) - offset[owner]
-        value = los[owner] + symbol - first[owner]
-        return cls((value << 32) | (weights[symbol] << 16) | (slot - cum[symbol]), offset, precision)
+        table = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device, dtype=torch.int32), sizes)
+        # per symbol: its value, and what a slot's entry holds beside the slot itself
+        value = los[table] + torch.arange(len(weights), device=weights.device) - first[table]
+        head = (value << 32) | (weights << 16)
+        bias = before - before[first][table] + offset[table]  # c[s], less the table's first slot
+        symbol = torch.repeat_interleave(torch.arange(len(weights), device=weights.device, dtype=torch.int32), weights)
+        entry = torch.arange(len(symbol), device=weights.device, dtype=torch.int64)  # the global slot
+        entry -= bias[symbol]  # slot - c[s] within its table
+        entry |= head[symbol]
+        return cls(entry, offset, precision)
 
     def numpy(self) -> "Lookup":
         return Lookup(*(t.cpu().numpy() for t in (self.entry, self.offset, self.precision)))

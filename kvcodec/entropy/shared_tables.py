@@ -29,7 +29,10 @@ ROUNDS = 4  # more rounds: 0.07% smaller files on SmolLM2, at twice the fitting 
 NO_TABLE = 0xFFFF  # a direct channel's delta table
 COST_ONE = 1024  # a bit, in the fixed point of grouping costs
 OUTSIDE = 64 * COST_ONE  # a symbol outside a group's table: joining that group is never cheapest
-MAX_LOOKUP_SLOTS = 1 << 25  # a file's tables' lookup slots a reader accepts (256 MiB of lookup tables)
+MAX_LOOKUP_SLOTS = 1 << 25  # a file's tables' lookup slots a reader accepts, at most (256 MiB of lookup)
+SLOTS_PER_BLOB_BYTE = 64  # and at most 2**20 plus this many per byte of the (compressed) blob: a small
+# blob cannot make a reader build a large lookup (files here hold 7-10 slots per blob byte)
+MAX_CHANNELS = 1 << 24  # H and D of a tensor set each at most this (their product cannot overflow)
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,8 +287,12 @@ class SharedTables:
     @classmethod
     def from_blob(cls, blob: bytes, codec: str) -> "SharedTables":
         """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
+        blob = bytes(blob)
         try:
-            fields = _parse(_inflate(bytes(blob)))
+            fields = _parse(_inflate(blob), lookup_slots(len(blob)))
+        except TooManySlots as exc:
+            raise CodecError(f"{codec} tables need {exc} lookup slots, more than a reader accepts for a blob of "
+                             f"{len(blob)} bytes (spec 8.5)") from None
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
         return cls(fields=fields)
@@ -305,7 +312,16 @@ def _inflate(blob: bytes) -> bytes:
     return out
 
 
-def _parse(content: bytes) -> Fields:
+class TooManySlots(ValueError):
+    """Tables whose lookup would pass what a reader accepts for their blob's size."""
+
+
+def lookup_slots(blob_bytes: int) -> int:
+    """The most lookup slots a reader builds for a tables blob of this many bytes (spec 8.5)."""
+    return min(MAX_LOOKUP_SLOTS, (1 << 20) + SLOTS_PER_BLOB_BYTE * blob_bytes)
+
+
+def _parse(content: bytes, max_slots: int) -> Fields:
     """The content's fields, read and checked all at once (no step per tensor set)."""
     if len(content) < 4:
         raise ValueError("they end early")
@@ -314,8 +330,9 @@ def _parse(content: bytes) -> Fields:
     if n_layers > MAX_LAYERS or 4 + 20 * sets > len(content):
         raise ValueError(f"they claim {n_layers} layers" if n_layers > MAX_LAYERS else "they end early")
     h, d, g, k, t = np.frombuffer(content, "<u4", 5 * sets, 4).astype(np.int64).reshape(sets, 5).T
-    if sets and not ((h >= 1).all() and (d >= 1).all() and (g >= 1).all() and (g <= 1024).all() and (k <= 8).all()
-                     and (t >= 1).all() and (t < NO_TABLE).all()):
+    if sets and not ((h >= 1).all() and (d >= 1).all() and (h <= MAX_CHANNELS).all() and (d <= MAX_CHANNELS).all()
+                     and (g >= 1).all() and (g <= 1024).all() and (k <= 8).all() and (t >= 1).all()
+                     and (t < NO_TABLE).all()):
         raise ValueError("a tensor set has out-of-range fields")
     c = h * d
     n_c, n_t = int(c.sum()), int(t.sum())
@@ -340,7 +357,10 @@ def _parse(content: bytes) -> Fields:
     if (not np.all(np.isfinite(steps)) or steps.min(initial=1) <= 0 or (main >= t[set_of]).any()
             or (delta >= t[set_of]).any() or ((g[set_of] == 1) & (delta >= 0)).any()):
         raise ValueError("a tensor set has out-of-range fields")
-    if int((1 << rans32.precision_of(sizes)).sum()) > MAX_LOOKUP_SLOTS:
-        raise ValueError(f"their lookup tables pass {MAX_LOOKUP_SLOTS} slots")
+    slots = int((1 << rans32.precision_of(sizes)).sum())
+    if slots > max_slots:
+        raise TooManySlots(slots)
+    if ((delta >= 0) & (delta == main)).any():
+        raise ValueError("an anchored channel's delta table is its main table")
     head = np.column_stack([np.arange(sets) // 2, np.arange(sets) % 2, h, d, g, k, t]).astype(np.int64).reshape(-1, 7)
     return Fields(head, steps, main, delta, los, sizes, weights)
