@@ -142,6 +142,18 @@ class UnevenWeights(Encoding):
         return cls([codec], [[bad]], [codec.load_context([good])])
 
 
+class HugeSets(Encoding):
+    """cachegen (lane format 2) whose tables blob claims tensor sets of 2**31 heads of 2**31
+    channels (H·D wraps a 64-bit product) and nothing else."""
+
+    @classmethod
+    def make(cls, chunks):
+        codec = kvcodec.get_codec("cachegen")
+        bad = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(
+            struct.pack("<I", 2) + struct.pack("<5I", 1 << 31, 1 << 31, 1, 0, 1) * 4)
+        return cls([codec], [[bad]], [codec.load_context(codec.fit(chunks))])
+
+
 def written(encoding_cls, codec) -> bytes:
     import io
 
@@ -242,6 +254,7 @@ def vectors() -> dict[str, bytes]:
     out["8.5-cachegen-tables-directory-disagrees"] = with_blob(cachegen, 0, bytes(tables))
     out["9-lane-not-canonical"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0, lanes=1))
     out["10-weights-do-not-sum"] = written(UnevenWeights, None)
+    out["8.5-cachegen-tensor-set-too-large"] = written(HugeSets, None)
     out["10-lane-does-not-end"] = written(PaddedLane, kvcodec.get_codec("cachegen", sinks=0))
     return out
 
