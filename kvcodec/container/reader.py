@@ -30,7 +30,7 @@ from kvcodec.errors import ChecksumError, CodecError, FormatError, KVCError
 from kvcodec.registry import codec_class
 
 STREAM_FETCH_BYTES = 4 << 20  # least bytes a streamed restore fetches per request
-DECODE_BATCH = 1 << 24  # most elements the CPU path hands a codec's `decode_many` at once
+DECODE_BATCH = 1 << 23  # most elements the CPU path hands a codec's `decode_many` at once
 
 
 @dataclass(frozen=True)
@@ -216,30 +216,37 @@ class KVCReader:
         return _checked_output(codec, info, out)
 
     def decode_records(self, indices) -> list[torch.Tensor]:
-        """Records decoded on the CPU, consecutive ones of a codec slot together (`decode_many`:
-        lane coders step them all at once), at most DECODE_BATCH elements at a time."""
+        """Records decoded on the CPU (`iter_decoded` gathered)."""
+        return list(self.iter_decoded(indices))
+
+    def iter_decoded(self, indices) -> Iterator[torch.Tensor]:
+        """Records decoded on the CPU, in order. Consecutive records of a codec that overrides
+        `Codec.decode_many` are decoded together, at most DECODE_BATCH elements at a time (lane
+        coders step them all at once); other codecs' one by one, so at most one batch's chunks
+        are held beside the output."""
         indices = [int(i) for i in indices]
         self.check_expansion(indices)
-        out: list[torch.Tensor] = []
         r = self.records
         size = (r["batch"].astype(np.int64) * r["heads"] * r["tokens"] * r["head_dim"])
         start = 0
         while start < len(indices):
             slot, stop, total = int(r["codec_slot"][indices[start]]), start, 0
+            codec = self.codec(slot)
+            limit = DECODE_BATCH if type(codec).decode_many is not Codec.decode_many else 0
             while stop < len(indices) and int(r["codec_slot"][indices[stop]]) == slot and (
-                    stop == start or total + int(size[indices[stop]]) <= DECODE_BATCH):
+                    stop == start or total + int(size[indices[stop]]) <= limit):
                 total += int(size[indices[stop]])
                 stop += 1
-            codec, batch = self.codec(slot), indices[start:stop]
+            batch = indices[start:stop]
             infos = [self.record_info(i) for i in batch]
             where = infos[0].where if len(infos) == 1 else f"{infos[0].where} .. {infos[-1].where}"
             decoded = _reported(codec, where, codec.decode_many, [self.payload(i) for i in batch], infos,
                                 self.context(slot))
             if not isinstance(decoded, list) or len(decoded) != len(batch):
                 raise CodecError(f"codec {codec.name!r} decoded {where} to the wrong number of chunks")
-            out += [_checked_output(codec, info, x) for info, x in zip(infos, decoded)]
+            for info, x in zip(infos, decoded):
+                yield _checked_output(codec, info, x)
             start = stop
-        return out
 
     def check_expansion(self, indices) -> None:
         """FormatError if one of these records claims more decoded bytes than its codec can make
@@ -305,8 +312,8 @@ class KVCReader:
         self.check_expansion(plan.records)  # before allocating the output
         buffers = plan.allocate(device)
         on_cpu = device is None or torch.device(device).type == "cpu"
-        chunks = self.decode_records(plan.records) if on_cpu else (self.decode_record(int(i), device)
-                                                                     for i in plan.records)
+        chunks = self.iter_decoded(plan.records) if on_cpu else (self.decode_record(int(i), device)
+                                                                   for i in plan.records)
         for chunk, k, at in zip(chunks, plan.output_of.tolist(), plan.token_offset.tolist()):
             plan.view(buffers, k)[:, :, at:at + chunk.shape[2]] = chunk
         return [plan.result(buffers, k) for k in range(len(wanted))]

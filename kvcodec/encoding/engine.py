@@ -82,4 +82,4 @@ def write_cache(cache: KVCache, sink, codec: Codec | Encoding, chunk_tokens: int
     return writer.finish()
 
 
-ENCODE_BATCH = 1 << 24  # elements of chunks encoded together (a few layers; their payloads are held until written)
+ENCODE_BATCH = 1 << 22  # elements of chunks encoded together (a few layers; their payloads are held until written)

@@ -73,17 +73,13 @@ def encode_many(xs: list[torch.Tensor], items: list[Coded], flat: FlatTables) ->
     the file's tables `flat`."""
     out: list[bytes] = [b""] * len(items)
     for batch in batches(items):
-        values, main, other = [], [], []
-        for i in batch:
-            values.append(lane_values(xs[i], items[i].tables).numpy())
-            m, o = lane_tables(items[i])
-            main.append(m)
-            other.append(o)
         n, group = items[batch[0]].shape[2], items[batch[0]].tables.group_size
-        phases = np.stack([np.concatenate(main), np.concatenate(other)])
+        widths = [items[i].shape[0] * items[i].shape[1] * items[i].shape[3] for i in batch]
+        v = np.empty((n, sum(widths)), dtype=np.int32)  # filled chunk by chunk: no second copy
+        for i, at, width in zip(batch, np.cumsum(widths) - widths, widths):
+            v[:, at:at + width] = lane_values(xs[i], items[i].tables).numpy()
+        phases = np.concatenate([np.stack(lane_tables(items[i])) for i in batch], 1)
         phase = step_phase(n, group)
-        v = np.concatenate(values, 1)
-        widths = [x.shape[1] for x in values]
         outside = rans32.outside_tables(v, phases, group, flat)
         if outside.any():
             raise outside_error(items, batch, widths, int(np.flatnonzero(outside)[0]))
