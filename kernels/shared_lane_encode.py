@@ -59,13 +59,23 @@ def _encode_kernel(values_ptr, base_ptr, lo_ptr, size_ptr, prec_ptr, weights_ptr
     tl.store(bad_ptr + i, bad, mask=valid)
 
 
+def _by_tokens(batch: list[int], items: list[Coded]) -> list[list[int]]:
+    """A batch cut where its items' coded tokens change (one launch codes lanes of one length)."""
+    out: list[list[int]] = []
+    for i in batch:
+        if not out or items[out[-1][0]].shape[2] != items[i].shape[2]:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
 def encode_many(xs: list[torch.Tensor], items: list[Coded], flat: FlatTables) -> list[bytes]:
     """`shared_lanes.encode_many` on the chunks' CUDA device (same arguments, the same bytes)."""
     device = xs[0].device
     out: list[bytes] = [b""] * len(items)
     tables = {name: torch.from_numpy(np.ascontiguousarray(getattr(flat, name))).to(device)
               for name in ("weights", "cumulative")}
-    for batch in batches(items):
+    for batch in (sub for whole in batches(items) for sub in _by_tokens(whole, items)):
         n, group = items[batch[0]].shape[2], items[batch[0]].tables.group_size
         values = [lane_values(xs[i], items[i].tables) for i in batch]
         phases = [np.stack(lane_tables(items[i])) for i in batch]

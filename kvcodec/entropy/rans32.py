@@ -93,32 +93,36 @@ class Lookup:
         return Lookup(*(t.cpu().numpy() for t in (self.entry, self.offset, self.precision)))
 
 
-def encode_lanes(values: np.ndarray, phases: np.ndarray, phase_of_step: np.ndarray, tables) -> tuple[np.ndarray,
-                                                                                                np.ndarray]:
+def encode_lanes(values: np.ndarray, phases: np.ndarray, phase_of_step: np.ndarray, tables,
+                 active: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every lane's uint16 words back to back, and each lane's word count. `values[t, i]` (int32)
     is the value lane i codes at step t, with table `phases[k, i]` at a step of phase
     `phase_of_step[t]`; `tables` holds every table back to back (numpy: per table its first
-    value `los`, `first` symbol and `precision`; per symbol `weights` and `cumulative`). Values
-    must lie in their tables (`outside_tables` checks). Vectorized across lanes."""
+    value `los`, `first` symbol and `precision`; per symbol `weights` and `cumulative`).
+    `active[t]`, when given, is how many leading lanes code a symbol at step t (lanes of fewer
+    symbols last): lanes of different lengths step together. Values must lie in their tables
+    (`outside_tables` checks). Vectorized across lanes."""
     steps, lanes = values.shape
     if steps == 0:
         return np.zeros(0, np.uint16), np.zeros(lanes, np.int64)
+    active = np.full(steps, lanes) if active is None else active
     first = (tables.first - tables.los)[phases].astype(np.int32)  # a value's symbol index in `weights`
     shift = (32 - tables.precision[phases]).astype(np.uint32)
     precision = tables.precision[phases].astype(np.uint32)
     weights, cumulative = tables.weights.astype(np.uint32), tables.cumulative.astype(np.uint32)
     x = np.full(lanes, STATE_LOW, dtype=np.uint32)
     word = np.empty((steps, lanes), dtype=np.uint16)  # the word a step pushes, where `pushes` says so
-    pushes = np.empty((steps, lanes), dtype=bool)
+    pushes = np.zeros((steps, lanes), dtype=bool)
     for t in range(steps - 1, -1, -1):
-        k = int(phase_of_step[t])
-        at = first[k] + values[t]
+        k, m = int(phase_of_step[t]), int(active[t])
+        xm = x[:m]
+        at = first[k, :m] + values[t, :m]
         w = weights[at]
-        pushes[t] = full = x >= (w << shift[k])
-        word[t] = x
-        x = np.where(full, x >> np.uint32(16), x)
-        q = (x / w).astype(np.uint32)  # exact: float64 quotient of integers below 2**32, truncated
-        x = (q << precision[k]) + (x - q * w) + cumulative[at]
+        pushes[t, :m] = full = xm >= (w << shift[k, :m])
+        word[t, :m] = xm
+        xm = np.where(full, xm >> np.uint32(16), xm)
+        q = (xm / w).astype(np.uint32)  # exact: float64 quotient of integers below 2**32, truncated
+        x[:m] = (q << precision[k, :m]) + (xm - q * w) + cumulative[at]
     # a lane's words: its final state (high word, then low), then the pushed words in the order
     # the decoder reads them back, i.e. by ascending step
     keep = np.concatenate([np.ones((lanes, 2), dtype=bool), pushes.T], 1)
@@ -142,38 +146,44 @@ def outside_tables(values: np.ndarray, phases: np.ndarray, group: int, tables) -
 
 
 def decode_lanes(words: np.ndarray, start: np.ndarray, end: np.ndarray, phases: np.ndarray,
-                 phase_of_step: np.ndarray, lookup: Lookup) -> np.ndarray:
+                 phase_of_step: np.ndarray, lookup: Lookup, active: np.ndarray | None = None) -> np.ndarray:
     """Decode `len(phase_of_step)` symbols from each lane, all lanes in lockstep (section 10).
 
     `words` is uint16 holding the lanes at [start, end) each and at least as many words after
     the last end as there are steps (reads past a corrupt lane's end stay inside `words`);
     `phases[k, i]` is lane i's table at a step of phase k, `phase_of_step[t]` the phase of step
-    t. `lookup` holds numpy arrays. Returns int32 [steps, lanes] of the symbols' values;
-    CodecError if a lane is corrupt."""
+    t; `active[t]`, when given, how many leading lanes decode a symbol at step t (as in
+    `encode_lanes`). `lookup` holds numpy arrays. Returns int32 [steps, lanes] of the symbols'
+    values (rows past a lane's last symbol undefined); CodecError if a lane is corrupt."""
     start, end = np.asarray(start, np.int64), np.asarray(end, np.int64)
     steps, lanes = len(phase_of_step), start.size
+    active = np.full(steps, lanes) if active is None else active
+    coded = np.searchsorted(-np.asarray(active), -np.arange(lanes), side="left") if steps else np.zeros(lanes, int)
     out = np.empty((steps, lanes), dtype=np.int32)
-    if steps == 0 or lanes == 0:
-        if np.any(end != start):
-            raise CodecError("an entropy-coded lane holds more data than its symbols need")
-        return out
-    if np.any(end - start < 2):
+    empty = coded == 0
+    if np.any(end[empty] != start[empty]):
+        raise CodecError("an entropy-coded lane holds more data than its symbols need")
+    if np.any(end[~empty] - start[~empty] < 2):
         raise CodecError("an entropy-coded lane is too short to hold its state")
+    if steps == 0 or lanes == 0:
+        return out
     w = words.astype(np.uint32)
-    x = (w[start] << np.uint32(16)) | w[start + 1]
-    ptr = start + 2
+    x = np.where(empty, STATE_LOW, (w[start] << np.uint32(16)) | w[np.minimum(start + 1, len(w) - 1)]).astype(np.uint32)
+    ptr = np.where(empty, start, start + 2)
     entry = lookup.entry.view(np.uint64)
     offsets = lookup.offset[phases]
     precisions = lookup.precision[phases].astype(np.uint32)
     masks = (np.uint32(1) << precisions) - np.uint32(1)
-    for t, k in enumerate(phase_of_step.tolist()):
-        e = entry[offsets[k] + (x & masks[k])]
-        out[t] = e >> np.uint64(32)
+    for t, (k, m) in enumerate(zip(phase_of_step.tolist(), np.asarray(active).tolist())):
+        xm = x[:m]
+        e = entry[offsets[k, :m] + (xm & masks[k, :m])]
+        out[t, :m] = e >> np.uint64(32)
         e = e.astype(np.uint32)
-        x = (e >> np.uint32(16)) * (x >> precisions[k]) + (e & np.uint32(0xFFFF))
-        low = np.flatnonzero(x < STATE_LOW)  # about one lane in four: cheaper than a full `where`
-        x[low] = (x[low] << np.uint32(16)) | w[ptr[low]]
+        xm = (e >> np.uint32(16)) * (xm >> precisions[k, :m]) + (e & np.uint32(0xFFFF))
+        low = (xm < STATE_LOW).nonzero()[0]  # about one lane in four: cheaper than a full `where`
+        xm[low] = (xm[low] << np.uint32(16)) | w[ptr[low]]
         ptr[low] += 1
+        x[:m] = xm
     if np.any(ptr != end) or np.any(x != STATE_LOW):
         raise CodecError("an entropy-coded lane does not end where its symbols do: it is corrupt")
     return out

@@ -44,12 +44,20 @@ def step_phase(n: int, group_size: int) -> np.ndarray:
     return (np.arange(n) % group_size != 0).astype(np.int64)
 
 
-def batches(items: list[Coded]):
-    """Indices of items that can step together: the same coded tokens and group size."""
+def batches(items: list[Coded]) -> list[list[int]]:
+    """Indices of items that step together: those of one group size, most coded tokens first
+    (a batch's lanes of fewer tokens drop out of the lockstep at its end)."""
     keys: dict = {}
     for i, item in enumerate(items):
-        keys.setdefault((item.shape[2], item.tables.group_size), []).append(i)
-    return keys.values()
+        keys.setdefault(item.tables.group_size, []).append(i)
+    return [sorted(batch, key=lambda i: -items[i].shape[2]) for batch in keys.values()]
+
+
+def active_lanes(tokens: list[int], widths: list[int]) -> np.ndarray:
+    """Per step of a batch (items by `tokens` descending, `widths` lanes each): how many leading
+    lanes code a symbol there."""
+    steps = np.arange(max(tokens, default=0))
+    return (np.asarray(widths)[None, :] * (np.asarray(tokens)[None, :] > steps[:, None])).sum(1)
 
 
 def lane_values(x: torch.Tensor, tt: TensorTables) -> torch.Tensor:
@@ -73,17 +81,18 @@ def encode_many(xs: list[torch.Tensor], items: list[Coded], flat: FlatTables) ->
     the file's tables `flat`."""
     out: list[bytes] = [b""] * len(items)
     for batch in batches(items):
-        n, group = items[batch[0]].shape[2], items[batch[0]].tables.group_size
+        group = items[batch[0]].tables.group_size
+        tokens = [items[i].shape[2] for i in batch]
         widths = [items[i].shape[0] * items[i].shape[1] * items[i].shape[3] for i in batch]
-        v = np.empty((n, sum(widths)), dtype=np.int32)  # filled chunk by chunk: no second copy
-        for i, at, width in zip(batch, np.cumsum(widths) - widths, widths):
-            v[:, at:at + width] = lane_values(xs[i], items[i].tables).numpy()
         phases = np.concatenate([np.stack(lane_tables(items[i])) for i in batch], 1)
-        phase = step_phase(n, group)
+        phase = step_phase(max(tokens), group)
+        v = flat.los[phases[phase]].astype(np.int32)  # [steps, lanes]; steps past a lane's last hold a valid value
+        for i, at, width in zip(batch, np.cumsum(widths) - widths, widths):
+            v[:items[i].shape[2], at:at + width] = lane_values(xs[i], items[i].tables).numpy()
         outside = rans32.outside_tables(v, phases, group, flat)
         if outside.any():
             raise outside_error(items, batch, widths, int(np.flatnonzero(outside)[0]))
-        words, counts = rans32.encode_lanes(v, phases, phase, flat)
+        words, counts = rans32.encode_lanes(v, phases, phase, flat, active_lanes(tokens, widths))
         for i, payload in zip(batch, pack(words, counts, widths)):
             out[i] = payload
     return out
@@ -113,7 +122,9 @@ def decode_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> li
     bytes (a payload without its exact tokens). CodecError naming the chunk if one is corrupt."""
     out: list[np.ndarray] = [None] * len(items)
     for batch in batches(items):
-        n, group = items[batch[0]].shape[2], items[batch[0]].tables.group_size
+        group = items[batch[0]].tables.group_size
+        tokens = [items[i].shape[2] for i in batch]
+        n = max(tokens)
         words, starts, ends, main, other, at = [], [], [], [], [], 0
         for i in batch:
             b, h, _, d = items[i].shape
@@ -136,7 +147,8 @@ def decode_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> li
         phases = np.stack([np.concatenate(main), np.concatenate(other)])
         try:
             values = rans32.decode_lanes(flat, np.concatenate(starts), np.concatenate(ends), phases,
-                                         step_phase(n, group), lookup)
+                                         step_phase(n, group), lookup,
+                                         active_lanes(tokens, [len(m) for m in main]))
         except CodecError as exc:
             if len(batch) == 1:
                 raise CodecError(f"{items[batch[0]].where}: {exc}") from None
@@ -145,8 +157,8 @@ def decode_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> li
             raise
         first = 0
         for i in batch:
-            b, h, _, d = items[i].shape
-            out[i] = _dequantize(values[:, first:first + b * h * d], items[i])
+            b, h, n_i, d = items[i].shape
+            out[i] = _dequantize(values[:n_i, first:first + b * h * d], items[i])
             first += b * h * d
     return out
 
