@@ -249,3 +249,29 @@ def test_lane_lengths_moved_between_lanes_are_refused_by_both_decoders():
     for decoder in ("cpu", "kernels"):
         with pytest.raises(CodecError):
             kvcodec.decode(out.getvalue(), device=device if decoder == "kernels" else None, decoder=decoder)
+
+
+def test_lanes_of_different_lengths_step_together():
+    """Lanes of 7, 3 and 0 symbols coded in one lockstep give each lane the words it would get
+    alone (a lane of no symbols none), and decode back."""
+    rng = np.random.default_rng(5)
+    sizes, los = np.array([5, 40]), np.array([-2, 0])
+    w = random_tables(rng, sizes)
+    flat = flat_of(w, sizes, los)
+    lookup = rans32.Lookup.build(torch.from_numpy(w), torch.from_numpy(sizes), torch.from_numpy(los)).numpy()
+    lengths = [7, 7, 3, 0]
+    phases = np.array([[0, 1, 1, 0], [1, 1, 0, 0]])
+    phase_of_step = np.array([0, 1, 1, 0, 1, 1, 0])
+    table = phases[phase_of_step]
+    values = (los[table] + (rng.random(table.shape) * sizes[table]).astype(np.int64)).astype(np.int32)
+    active = (np.array(lengths)[None, :] > np.arange(7)[:, None]).sum(1)
+    words, counts = rans32.encode_lanes(values, phases, phase_of_step, flat, active)
+    for i, n in enumerate(lengths):
+        alone, count = rans32.encode_lanes(values[:n, i:i + 1], phases[:, i:i + 1], phase_of_step[:n], flat)
+        assert counts[i] == count[0] and np.array_equal(words[counts[:i].sum():counts[:i + 1].sum()], alone)
+    assert counts[3] == 0
+    ends = np.cumsum(counts)
+    got = rans32.decode_lanes(np.concatenate([words, np.zeros(9, np.uint16)]), ends - counts, ends, phases,
+                              phase_of_step, lookup, active)
+    for i, n in enumerate(lengths):
+        assert np.array_equal(got[:n, i], values[:n, i])

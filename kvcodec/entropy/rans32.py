@@ -124,8 +124,8 @@ def encode_lanes(values: np.ndarray, phases: np.ndarray, phase_of_step: np.ndarr
         q = (xm / w).astype(np.uint32)  # exact: float64 quotient of integers below 2**32, truncated
         x[:m] = (q << precision[k, :m]) + (xm - q * w) + cumulative[at]
     # a lane's words: its final state (high word, then low), then the pushed words in the order
-    # the decoder reads them back, i.e. by ascending step
-    keep = np.concatenate([np.ones((lanes, 2), dtype=bool), pushes.T], 1)
+    # the decoder reads them back, i.e. by ascending step; a lane of no symbols has none
+    keep = np.concatenate([np.repeat((np.arange(lanes) < active[0])[:, None], 2, 1), pushes.T], 1)
     words = np.concatenate([(x >> np.uint32(16)).astype(np.uint16)[:, None], x.astype(np.uint16)[:, None], word.T], 1)
     return words[keep], keep.sum(1)
 
