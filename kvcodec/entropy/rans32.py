@@ -115,14 +115,21 @@ def encode_lanes(values: np.ndarray, phases: np.ndarray, phase_of_step: np.ndarr
     pushes = np.zeros((steps, lanes), dtype=bool)
     for t in range(steps - 1, -1, -1):
         k, m = int(phase_of_step[t]), int(active[t])
-        xm = x[:m]
-        at = first[k, :m] + values[t, :m]
+        whole = m == lanes  # most steps: no views
+        xm = x if whole else x[:m]
+        base, sh, prec = (first[k], shift[k], precision[k]) if whole else (first[k, :m], shift[k, :m],
+                                                                           precision[k, :m])
+        at = base + (values[t] if whole else values[t, :m])
         w = weights[at]
-        pushes[t, :m] = full = xm >= (w << shift[k, :m])
+        pushes[t, :m] = full = xm >= (w << sh)
         word[t, :m] = xm
         xm = np.where(full, xm >> np.uint32(16), xm)
         q = (xm / w).astype(np.uint32)  # exact: float64 quotient of integers below 2**32, truncated
-        x[:m] = (q << precision[k, :m]) + (xm - q * w) + cumulative[at]
+        xm = (q << prec) + (xm - q * w) + cumulative[at]
+        if whole:
+            x = xm
+        else:
+            x[:m] = xm
     # a lane's words: its final state (high word, then low), then the pushed words in the order
     # the decoder reads them back, i.e. by ascending step; a lane of no symbols has none
     keep = np.concatenate([np.repeat((np.arange(lanes) < active[0])[:, None], 2, 1), pushes.T], 1)
@@ -175,15 +182,22 @@ def decode_lanes(words: np.ndarray, start: np.ndarray, end: np.ndarray, phases: 
     precisions = lookup.precision[phases].astype(np.uint32)
     masks = (np.uint32(1) << precisions) - np.uint32(1)
     for t, (k, m) in enumerate(zip(phase_of_step.tolist(), np.asarray(active).tolist())):
-        xm = x[:m]
-        e = entry[offsets[k, :m] + (xm & masks[k, :m])]
+        whole = m == lanes  # most steps: no views
+        xm, pm = (x, ptr) if whole else (x[:m], ptr[:m])
+        off, mask, prec = (offsets[k], masks[k], precisions[k]) if whole else (offsets[k, :m], masks[k, :m],
+                                                                               precisions[k, :m])
+        e = entry[off + (xm & mask)]
         out[t, :m] = e >> np.uint64(32)
         e = e.astype(np.uint32)
-        xm = (e >> np.uint32(16)) * (xm >> precisions[k, :m]) + (e & np.uint32(0xFFFF))
-        low = (xm < STATE_LOW).nonzero()[0]  # about one lane in four: cheaper than a full `where`
-        xm[low] = (xm[low] << np.uint32(16)) | w[ptr[low]]
-        ptr[low] += 1
-        x[:m] = xm
+        xm = (e >> np.uint32(16)) * (xm >> prec) + (e & np.uint32(0xFFFF))
+        need = xm < STATE_LOW
+        low = need.nonzero()[0]  # about one lane in four: cheaper than a full `where`
+        xm[low] = (xm[low] << np.uint32(16)) | w[pm[low]]
+        pm += need
+        if whole:
+            x = xm
+        else:
+            x[:m] = xm
     if np.any(ptr != end) or np.any(x != STATE_LOW):
         raise CodecError("an entropy-coded lane does not end where its symbols do: it is corrupt")
     return out
