@@ -275,3 +275,17 @@ def test_lanes_of_different_lengths_step_together():
                               phase_of_step, lookup, active)
     for i, n in enumerate(lengths):
         assert np.array_equal(got[:n, i], values[:n, i])
+
+
+def test_wide_tables_decode_alike_on_both_paths():
+    """A channel far larger than the others (its steps finer by the emphasis) gives tables of
+    thousands of symbols, P up to 14: the kernels read those lookups as the CPU does."""
+    pytest.importorskip("triton")
+    cache = synthetic_cache(layers=1, heads=2, tokens=40, head_dim=16)
+    for lay in cache.layers:
+        lay.key[..., 3] *= 10
+    data = kvcodec.encode(cache, "cachegen", chunk_tokens=16, key_step=0.1)
+    sizes = kvcodec.open(data).context(0).fields.sizes
+    assert sizes.max() > 1024 and rans32.precision_of(sizes).max() == 14
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert kvcodec.decode(data, device=device, decoder="kernels").equal(kvcodec.decode(data, decoder="cpu"))
