@@ -37,20 +37,14 @@ def prepare(codec, context: FileTables | SharedTables, table: np.ndarray, staged
 
 def encode_many(codec, chunks, infos, context) -> list[bytes]:
     """cachegen's payloads of chunks on the GPU: their sink tokens' bytes, then their lanes."""
-    if not isinstance(context, SharedTables):
-        return [encode(codec, chunk, info, context) for chunk, info in zip(chunks, infos)]
-    sinks = [codec.sink_count(info) for info in infos]
-    bodies = shared_lane_encode.encode_many([c.detach()[:, :, s:].to(torch.float32) for c, s in zip(chunks, sinks)],
-                                            [codec.coded(info, context) for info in infos], context.flat())
-    return [c.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body
-            for c, s, body in zip(chunks, sinks, bodies)]
+    if isinstance(context, SharedTables):
+        return codec.payloads(chunks, infos, lambda xs: shared_lane_encode.encode_many(
+            xs, [codec.coded(info, context) for info in infos], context.flat()))
+    return codec.payloads(chunks, infos, lambda xs: [
+        encode_lanes(x, context.for_chunk(info, codec.name), f"cachegen: layer {info.layer} {info.tensor}")
+        for x, info in zip(xs, infos)])
 
 
 def encode(codec, chunk: torch.Tensor, info, context) -> bytes:
     """cachegen's payload of a chunk on the GPU: its sink tokens' bytes, then its lanes."""
-    if isinstance(context, SharedTables):
-        return encode_many(codec, [chunk], [info], context)[0]
-    tt = context.for_chunk(info, codec.name)
-    s = codec.sink_count(info)
-    body = encode_lanes(chunk.detach()[:, :, s:].to(torch.float32), tt, f"cachegen: layer {info.layer} {info.tensor}")
-    return chunk.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body
+    return encode_many(codec, [chunk], [info], context)[0]

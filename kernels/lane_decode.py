@@ -274,15 +274,36 @@ def cumulative_with_ends(codes: torch.Tensor, sizes: np.ndarray) -> torch.Tensor
     return cdf
 
 
-_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FileTables -> {device: DeviceTables}
+_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a context -> {device: its device tables}
+
+
+def on_device(context, device, make):
+    """`make(context, device)`, made once per device for as long as the file's context lives
+    (each lane format's device tables)."""
+    per_device = _ON_DEVICE.setdefault(context, {})
+    if device not in per_device:
+        per_device[device] = make(context, device)
+    return per_device[device]
 
 
 def device_tables(file_tables: FileTables, device) -> DeviceTables:
     """A file's tables on `device`, made once per device for as long as the file's context lives."""
-    per_device = _ON_DEVICE.setdefault(file_tables, {})
-    if device not in per_device:
-        per_device[device] = DeviceTables(file_tables, device)
-    return per_device[device]
+    return on_device(file_tables, device, DeviceTables)
+
+
+def tensor_entries(by_tensor: np.ndarray, table: np.ndarray, codec: str) -> np.ndarray:
+    """Each job's row of `by_tensor` (indexed by 2 * layer + key/value; its last two columns
+    heads and head_dim), CodecError naming the first job whose tensor the tables lack or whose
+    shape they do not fit."""
+    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
+    known = key < len(by_tensor)  # rows of (layer, key/value)s the blob lacks hold -1
+    entry = np.vstack([by_tensor, np.full((1, by_tensor.shape[1]), -1)])[np.where(known, key, -1)]
+    covered = (entry[:, -2] == table[:, J.HEADS]) & (entry[:, -1] == table[:, J.HEAD_DIM])
+    if not np.all(covered):
+        bad = table[np.flatnonzero(~covered)[0]]
+        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
+                         f"{int(bad[J.HEAD_DIM])}")
+    return entry
 
 
 def _programs(table: np.ndarray, search_steps: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -321,14 +342,7 @@ def prepare_lanes(file_tables: FileTables, table: np.ndarray, sinks: np.ndarray,
     others (`kvcodec.entropy.lanes`), coded with `file_tables`."""
     device = out.device
     tables = device_tables(file_tables, device)
-    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
-    known = key < len(tables.by_tensor)  # rows of (layer, key/value)s the blob lacks hold -1
-    entry = np.vstack([tables.by_tensor, np.full((1, 6), -1)])[np.where(known, key, -1)]
-    covered = (entry[:, 4] == table[:, J.HEADS]) & (entry[:, 5] == table[:, J.HEAD_DIM])
-    if not np.all(covered):
-        bad = table[np.flatnonzero(~covered)[0]]
-        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
-                         f"{int(bad[J.HEAD_DIM])}")
+    entry = tensor_entries(tables.by_tensor, table, codec)
     batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
     channels, n_anchored = heads * head_dim, entry[:, 1]
     n_lanes = batch * (channels + n_anchored)

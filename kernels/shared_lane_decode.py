@@ -9,8 +9,6 @@ renormalization would read is loaded beside the lookup, so a step waits for one 
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 import triton
@@ -23,7 +21,8 @@ from kvcodec.errors import CodecError
 from kvcodec.kernels import jobs as J
 from kvcodec.kernels import raw
 from kvcodec.kernels.lane_decode import (ANCHOR_BITS, ANCHORED, BOUNDS_BLOCK, CHAN_BASE, CHANNELS, CODED,
-                                         COUNTS_AT, GROUP, LANE_BASE, LANE_WORDS, N_LANES, SINKS, _bounds_kernel)
+                                         COUNTS_AT, GROUP, LANE_BASE, LANE_WORDS, N_LANES, SINKS, _bounds_kernel,
+                                         on_device, tensor_entries)
 from kvcodec.kernels.rounding import to_output_dtype
 
 # the job columns are `lane_decode`'s (its `_bounds_kernel` reads them); ANCHORED is unused here
@@ -135,15 +134,9 @@ class DeviceSharedTables:
         self.chan_step = ints[3 * n:].view(torch.float32)[:n] if n else torch.zeros(0, dtype=torch.float32, device=device)
 
 
-_ON_DEVICE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SharedTables -> {device: DeviceSharedTables}
-
-
 def device_tables(tables: SharedTables, device) -> DeviceSharedTables:
     """A file's tables on `device`, made once per device for as long as the file's context lives."""
-    per_device = _ON_DEVICE.setdefault(tables, {})
-    if device not in per_device:
-        per_device[device] = DeviceSharedTables(tables, device)
-    return per_device[device]
+    return on_device(tables, device, DeviceSharedTables)
 
 
 def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndarray, staged: torch.Tensor,
@@ -151,14 +144,7 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
     """Launches decoding each job's payload: `sinks[job]` exact tokens, then its lanes."""
     device = out.device
     dev = device_tables(tables, device)
-    key = 2 * table[:, J.LAYER] + table[:, J.TENSOR]
-    known = key < len(dev.by_tensor)
-    entry = np.vstack([dev.by_tensor, np.full((1, 5), -1)])[np.where(known, key, -1)]
-    covered = (entry[:, 3] == table[:, J.HEADS]) & (entry[:, 4] == table[:, J.HEAD_DIM])
-    if not np.all(covered):
-        bad = table[np.flatnonzero(~covered)[0]]
-        raise CodecError(f"{codec} tables do not cover {where(bad)} of {int(bad[J.HEADS])} heads x "
-                         f"{int(bad[J.HEAD_DIM])}")
+    entry = tensor_entries(dev.by_tensor, table, codec)
     batch, heads, head_dim = table[:, J.BATCH], table[:, J.HEADS], J.head_dim_of(table)
     channels = heads * head_dim
     n_lanes = batch * channels

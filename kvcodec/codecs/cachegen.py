@@ -134,17 +134,22 @@ class CacheGenCodec(Codec):
     def encode(self, chunk, info, context):
         return self.encode_many([chunk], [info], context)[0]
 
-    def encode_many(self, chunks, infos, context) -> list[bytes]:
-        xs = [chunk.detach().to("cpu") for chunk in chunks]
+    def payloads(self, chunks, infos, code_lanes) -> list[bytes]:
+        """Each chunk's payload: its sink tokens' raw bytes, then the lanes `code_lanes` makes of
+        the coded tokens (float32, where the chunks lie, in order). Every encoder's layout."""
         sinks = [self.sink_count(info) for info in infos]
+        bodies = code_lanes([chunk.detach()[:, :, s:].to(torch.float32) for chunk, s in zip(chunks, sinks)])
+        return [chunk.detach()[:, :, :s].contiguous().view(torch.uint8).cpu().numpy().tobytes() + body
+                for chunk, s, body in zip(chunks, sinks, bodies)]
+
+    def encode_many(self, chunks, infos, context) -> list[bytes]:
+        chunks = [chunk.detach().to("cpu") for chunk in chunks]
         if self.lanes == 1:
-            bodies = [lanes.encode(x[:, :, s:].to(torch.float32), context.for_chunk(info, self.name),
-                                   f"cachegen: layer {info.layer} {info.tensor}") for x, s, info in zip(xs, sinks, infos)]
-        else:
-            bodies = shared_lanes.encode_many([x[:, :, s:].to(torch.float32) for x, s in zip(xs, sinks)],
-                                              [self.coded(info, context) for info in infos], context.flat())
-        return [x[:, :, :s].contiguous().view(torch.uint8).numpy().tobytes() + body
-                for x, s, body in zip(xs, sinks, bodies)]
+            return self.payloads(chunks, infos, lambda xs: [
+                lanes.encode(x, context.for_chunk(info, self.name), f"cachegen: layer {info.layer} {info.tensor}")
+                for x, info in zip(xs, infos)])
+        return self.payloads(chunks, infos, lambda xs: shared_lanes.encode_many(
+            xs, [self.coded(info, context) for info in infos], context.flat()))
 
     def decode(self, payload, info, context):
         return self.decode_many([payload], [info], context)[0]
