@@ -56,18 +56,24 @@ class TensorTables:
         return self.delta >= 0
 
 
-def _tables(m: np.ndarray, first: np.ndarray, last: np.ndarray, group: np.ndarray):
-    """(groups, first indices, sizes, weights back to back) of the tables shared by each group of
-    rows of `m`: a group's summed counts over the span of its members' value ranges, every value
-    of which gets a weight."""
+def _spans(group: np.ndarray, first: np.ndarray, last: np.ndarray):
+    """Each row's group index (groups numbered in order) and every group's value span [lo, hi)."""
     groups, members = np.unique(group, return_inverse=True)
     lo = np.full(len(groups), first.max(), dtype=np.int64)
     hi = np.zeros(len(groups), dtype=np.int64)
     np.minimum.at(lo, members, first)
     np.maximum.at(hi, members, last + 1)
-    summed = _exact_product((members[None, :] == np.arange(len(groups))[:, None]).astype(np.float64), m)
-    counts = np.concatenate([summed[g, lo[g]:hi[g]] for g in range(len(groups))])
-    return groups, lo, hi - lo, rans32.weights_from_counts_many(counts, hi - lo)
+    return members.astype(np.int64), lo, hi
+
+
+def _tables(m: np.ndarray, first: np.ndarray, last: np.ndarray, group: np.ndarray):
+    """(first indices, sizes, weights back to back) of the tables shared by each group of rows
+    of `m` (groups 0, 1, ...): a group's summed counts over the span of its members' value
+    ranges, every value of which gets a weight."""
+    members, lo, hi = _spans(group, first, last)
+    summed = _exact_product((members[None, :] == np.arange(len(lo))[:, None]).astype(np.float64), m)
+    counts = np.concatenate([summed[g, lo[g]:hi[g]] for g in range(len(lo))])
+    return lo, hi - lo, rans32.weights_from_counts_many(counts, hi - lo)
 
 
 def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int):
@@ -92,7 +98,7 @@ def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int
     rank[np.lexsort((np.arange(n), spread))] = np.arange(n)
     group = _split(rank * k // n, first, last)
     for _ in range(ROUNDS):
-        _, lo, size, w = _tables(m, first, last, group)
+        lo, size, w = _tables(m, first, last, group)
         bits = np.repeat(rans32.precision_of(size), size) - np.log2(w)
         cost_of = np.full((len(size), width), OUTSIDE, dtype=np.int64)
         at = np.cumsum(size) - size
@@ -103,23 +109,19 @@ def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int
         if np.array_equal(new, group):
             break
         group = new
-    _, lo, size, w = _tables(m, first, last, group)
+    lo, size, w = _tables(m, first, last, group)
     return group, low + lo, size, w
 
 
 def _split(group: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Groups renumbered 0, 1, ... in order, each cut where needed into runs (members by first
     value) whose value ranges span at most 4096 values, so that every group has a table."""
-    groups, members = np.unique(group, return_inverse=True)
-    lo = np.full(len(groups), first.max(), dtype=np.int64)
-    hi = np.zeros(len(groups), dtype=np.int64)
-    np.minimum.at(lo, members, first)
-    np.maximum.at(hi, members, last)
-    if (hi - lo < rans32.MAX_ALPHABET).all():  # the usual case: no group to cut
-        return members.astype(np.int64)
+    members, lo, hi = _spans(group, first, last)
+    if (hi - lo <= rans32.MAX_ALPHABET).all():  # the usual case: no group to cut
+        return members
     out = np.empty(len(group), dtype=np.int64)
     t = 0
-    for g in groups:
+    for g in np.unique(group):
         members = np.flatnonzero(group == g)
         for run in _runs(members[np.lexsort((members, first[members]))], first, last):
             out[run] = t
