@@ -7,10 +7,10 @@ cache has thousands of records)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 import triton.language as tl
 
 from kvcodec.codecs import device
+from kvcodec.uploads import to_device  # noqa: F401  (kernels copy their small inputs with it)
 
 SRC = tl.constexpr(device.SRC)
 LENGTH = tl.constexpr(device.LENGTH)
@@ -68,11 +68,3 @@ def head_dim_of(table: np.ndarray) -> int:
 def block(n: int) -> int:
     """The power of two at least `n` (Triton block shapes are powers of two)."""
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def to_device(array: np.ndarray, device) -> torch.Tensor:
-    """A small host array on the device, copied from pinned memory so the host never waits."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -110,26 +111,43 @@ def to_dynamic_cache(pairs, config=None, device=None):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    first_plain = None
     for i, (key, value) in enumerate(pairs):
-        _add_layer(cache, i, key.to(device), value.to(device))
+        first_plain = _add_layer(cache, i, key.to(device), value.to(device), first_plain)
     return cache
 
 
-def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Layer `i` of `cache` set to (key, value): adopted by a plain `DynamicLayer` (after an empty
-    update creates it), through `update` for any other kind (a sliding window counts tokens)."""
+def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor, first_plain=None):
+    """Layer `i` of `cache` set to (key, value): adopted by a plain `DynamicLayer`, through
+    `update` for any other kind (a sliding window counts tokens). The first plain layer is made
+    by an empty `update` (transformers initializes it); later ones of the same device and dtype
+    copy its state, as an empty `update` creates two tensors on the device per layer. Returns
+    the first plain layer (`first_plain` until there is one)."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:  # a transformers without cache layers
         DynamicLayer = None
     layers = getattr(cache, "layers", None)
-    if DynamicLayer is not None and layers is not None and (i >= len(layers) or type(layers[i]) is DynamicLayer):
-        cache.update(key[..., :0, :], value[..., :0, :], i)  # creates the layer, or initializes a config's
-        layer = layers[i] if i < len(layers) else None
-        if type(layer) is DynamicLayer and layer.keys.shape[-2] == 0 and layer.values.shape[-2] == 0:
-            layer.keys, layer.values = key, value
-            return
+    if DynamicLayer is None or layers is None or not (i >= len(layers) or type(layers[i]) is DynamicLayer):
+        cache.update(key, value, i)
+        return first_plain
+    if (first_plain is not None and i <= len(layers) and (first_plain.keys.device, first_plain.keys.dtype,
+                                                           first_plain.values.dtype) == (key.device, key.dtype, value.dtype)
+            and (i == len(layers) or not layers[i].is_initialized)):
+        layer = copy.copy(first_plain)
+        layer.keys, layer.values = key, value
+        if i == len(layers):
+            layers.append(layer)
+        else:
+            layers[i] = layer
+        return first_plain
+    cache.update(key[..., :0, :], value[..., :0, :], i)  # creates the layer, or initializes a config's
+    layer = layers[i] if i < len(layers) else None
+    if type(layer) is DynamicLayer and layer.keys.shape[-2] == 0 and layer.values.shape[-2] == 0:
+        layer.keys, layer.values = key, value
+        return first_plain if first_plain is not None else layer
     cache.update(key, value, i)
+    return first_plain
 
 
 def _end(lay: LayerKV) -> int:

@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -440,3 +441,19 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
     want = np.insert(rans.cumulative_many(weights, sizes), np.cumsum(sizes), rans.TOTAL)
     got = cumulative_with_ends(torch.tensor(codes, device=DEVICE), sizes)
     assert np.array_equal(got.cpu().numpy(), want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_uploads_wait_for_a_ring_region_to_be_copied_before_reusing_it():
+    """Small arrays reach the device through one pinned ring (`kvcodec.uploads`): with the
+    stream held busy, uploads of more than the ring holds must not overwrite bytes whose copy
+    has not run yet."""
+    from kvcodec import uploads
+
+    n = uploads.RING_BYTES // 4 // 8  # the largest array the ring takes, as int64
+    torch.cuda._sleep(200_000_000)  # the copies queue behind this
+    arrays = [np.full(n, k, dtype=np.int64) for k in range(9)]  # more than twice round the ring
+    copies = [uploads.to_device(a, "cuda") for a in arrays]
+    assert all(bool((c == k).all()) for k, c in enumerate(copies))
+    assert uploads.to_device(np.arange(5, dtype=np.float32).reshape(5, 1), "cuda").cpu().equal(
+        torch.arange(5, dtype=torch.float32).reshape(5, 1))

@@ -49,7 +49,7 @@ def test_lookup_slots_are_the_cumulative_search():
     sizes = np.array([2, 7, 40, 300, 4096])
     los = np.array([-1, 5, -20, 0, -2048])
     w = random_tables(rng, sizes)
-    lookup = rans32.Lookup.build(torch.from_numpy(w), torch.from_numpy(sizes), torch.from_numpy(los)).numpy()
+    lookup = rans32.Lookup.build(w, sizes, los).numpy()
     first = np.cumsum(sizes) - sizes
     for t, (n, lo) in enumerate(zip(sizes, los)):
         wt = w[first[t]:first[t] + n]
@@ -77,7 +77,7 @@ def test_lanes_decode_as_the_spec_says(steps):
     values = (los[table] + (rng.random(table.shape) * sizes[table]).astype(np.int64)).astype(np.int32)
     words, counts = rans32.encode_lanes(values, phases, phase_of_step, flat)
     ends = np.cumsum(counts)
-    lookup = rans32.Lookup.build(torch.from_numpy(w), torch.from_numpy(sizes), torch.from_numpy(los)).numpy()
+    lookup = rans32.Lookup.build(w, sizes, los).numpy()
     padded = np.concatenate([words, np.zeros(steps + 2, np.uint16)])
     got = rans32.decode_lanes(padded, ends - counts, ends, phases, phase_of_step, lookup)
     assert np.array_equal(got, values)
@@ -258,7 +258,7 @@ def test_lanes_of_different_lengths_step_together():
     sizes, los = np.array([5, 40]), np.array([-2, 0])
     w = random_tables(rng, sizes)
     flat = flat_of(w, sizes, los)
-    lookup = rans32.Lookup.build(torch.from_numpy(w), torch.from_numpy(sizes), torch.from_numpy(los)).numpy()
+    lookup = rans32.Lookup.build(w, sizes, los).numpy()
     lengths = [7, 7, 3, 0]
     phases = np.array([[0, 1, 1, 0], [1, 1, 0, 0]])
     phase_of_step = np.array([0, 1, 1, 0, 1, 1, 0])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 PACKAGES = {"kvcodec": ROOT / "kvcodec", "kvcodec.kernels": ROOT / "kernels", "kvcodec.tools": ROOT / "tools"}
-CORE = {"kvcodec.errors", "kvcodec.dtypes", "kvcodec.options", "kvcodec.cache", "kvcodec.files"}
+CORE = {"kvcodec.errors", "kvcodec.dtypes", "kvcodec.options", "kvcodec.cache", "kvcodec.files", "kvcodec.uploads"}
 
 # room -> the rooms its modules may import (core is open to everyone)
 BELOW = {

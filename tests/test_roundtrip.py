@@ -172,6 +172,33 @@ def test_hf_caches_hold_the_tensors_and_sliding_layers_count_their_tokens(small_
     assert kvcodec.KVCache.from_hf(hf).layers[1].key.equal(small_cache.layers[1].key)
 
 
+@pytest.mark.transformers
+def test_hf_plain_layers_have_the_state_update_gives_them(small_cache):
+    """Plain layers after the first copy its state instead of an empty `update` each: every
+    layer must look exactly as transformers' own `update` leaves it (with and without a
+    config that creates the layers up front), and generation must grow each of them."""
+    from transformers import DynamicCache, LlamaConfig
+
+    n = len(small_cache.layers)
+    config = LlamaConfig(num_hidden_layers=n, num_key_value_heads=small_cache.layers[0].key.shape[1])
+    for kwargs in ({}, {"config": config}):
+        ours = small_cache.to_hf(**kwargs)
+        theirs = DynamicCache(**kwargs)
+        for i, lay in enumerate(small_cache.layers):
+            theirs.update(lay.key, lay.value, i)
+        assert len(ours.layers) == len(theirs.layers) == n
+        for a, b in zip(ours.layers, theirs.layers):
+            assert type(a) is type(b)
+            mine, want = vars(a), vars(b)
+            assert mine.keys() == want.keys()
+            assert all(mine[k] == want[k] for k in mine if not isinstance(mine[k], torch.Tensor))
+            assert a.keys.equal(b.keys) and a.values.equal(b.values)
+        for i, lay in enumerate(small_cache.layers):
+            grown, _ = ours.update(lay.key[:, :, :1], lay.value[:, :, :1], i)
+            assert grown.shape[2] == lay.key.shape[2] + 1
+        assert ours.layers[0].keys.data_ptr() != ours.layers[1].keys.data_ptr()
+
+
 def test_read_rejects_bad_layer_and_step(small_cache):
     reader = kvcodec.open(kvcodec.encode(small_cache))
     with pytest.raises(IndexError):

@@ -65,15 +65,16 @@ def decoder_groups(reader, plan, table: np.ndarray, rows: np.ndarray):
     has a device decoder; the others decode on the CPU: ({key: rows}, cpu rows)."""
     rec = reader.records
     idx = plan.records[rows]
-    keys = np.stack([rec["codec_slot"][idx].astype(np.int64), rec["dtype"][idx].astype(np.int64),
-                     table[rows, dev.HEAD_DIM]], 1)
+    slot, dtype = rec["codec_slot"][idx].astype(np.int64), rec["dtype"][idx].astype(np.int64)
+    head_dim = table[rows, dev.HEAD_DIM]
+    keys, which = np.unique((slot << 40) | (dtype << 32) | head_dim, return_inverse=True)  # head_dim < 2**32
     groups, cpu = {}, []
-    for key in np.unique(keys, axis=0):
-        members = rows[np.all(keys == key, axis=1)]
-        if dev.decoder_for(reader.codec(int(key[0]))) is None:
+    for k, key in enumerate(keys.tolist()):
+        members = rows[which == k]
+        if dev.decoder_for(reader.codec(key >> 40)) is None:
             cpu.extend(members.tolist())
         else:
-            groups[tuple(int(k) for k in key)] = members
+            groups[(key >> 40, (key >> 32) & 0xFF, key & 0xFFFFFFFF)] = members
     return groups, cpu
 
 

@@ -66,7 +66,9 @@ class ReadPlan:
     def view(self, buffers: dict[torch.dtype, torch.Tensor], k: int) -> torch.Tensor:
         """Output `k` in `buffers`, every token it holds."""
         out = self.outputs[k]
-        return buffers[out.dtype][out.offset:out.offset + int(np.prod(out.shape))].view(out.shape)
+        buffer = buffers[out.dtype]
+        b, h, t, d = out.shape  # contiguous, as a view of a slice would be (as_strided is the cheap way)
+        return buffer.as_strided(out.shape, (h * t * d, t * d, d, 1), buffer.storage_offset() + out.offset)
 
     def result(self, buffers: dict[torch.dtype, torch.Tensor], k: int) -> torch.Tensor:
         """Output `k` cut to the tokens asked for (a copy when that is not all it holds)."""

@@ -17,6 +17,7 @@ import torch
 
 from kvcodec.entropy import rans
 from kvcodec.errors import CodecError
+from kvcodec.uploads import to_device
 
 STATE_LOW = 1 << 16  # the state stays in [2**16, 2**32) between symbols
 MAX_PRECISION = 14
@@ -70,21 +71,29 @@ class Lookup:
     precision: torch.Tensor  # int64 [tables]
 
     @classmethod
-    def build(cls, weights: torch.Tensor, sizes: torch.Tensor, los: torch.Tensor) -> "Lookup":
+    def build(cls, weights: np.ndarray, sizes: np.ndarray, los: np.ndarray, device=None) -> "Lookup":
         """From every table's weights back to back (checked by `check_tables`), alphabet sizes
-        and first values (int64, all on one device)."""
+        and first values (host arrays), built with torch on `device` (default the CPU). The
+        inputs travel in one copy and every result's size is known on the host, so building on a
+        GPU never waits for it."""
+        n_symbols, n_tables = len(weights), len(sizes)
+        slots_total = int((1 << precision_of(np.asarray(sizes, dtype=np.int64))).sum()) if n_tables else 0
+        packed = to_device(np.concatenate([weights, sizes, los]).astype(np.int64), device or "cpu")
+        weights, sizes, los = packed[:n_symbols], packed[n_symbols:n_symbols + n_tables], packed[n_symbols + n_tables:]
         precision = precision_of(sizes)
         slots = torch.ones_like(precision) << precision
         offset = torch.cumsum(slots, 0) - slots
         first = torch.cumsum(sizes, 0) - sizes  # each table's first symbol in `weights`
         before = torch.cumsum(weights, 0) - weights
-        table = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device, dtype=torch.int32), sizes)
+        table = torch.repeat_interleave(torch.arange(n_tables, device=packed.device, dtype=torch.int32), sizes,
+                                        output_size=n_symbols)
         # per symbol: its value, and what a slot's entry holds beside the slot itself
-        value = los[table] + torch.arange(len(weights), device=weights.device) - first[table]
+        value = los[table] + torch.arange(n_symbols, device=packed.device) - first[table]
         head = (value << 32) | (weights << 16)
         bias = before - before[first][table] + offset[table]  # c[s], less the table's first slot
-        symbol = torch.repeat_interleave(torch.arange(len(weights), device=weights.device, dtype=torch.int32), weights)
-        entry = torch.arange(len(symbol), device=weights.device, dtype=torch.int64)  # the global slot
+        symbol = torch.repeat_interleave(torch.arange(n_symbols, device=packed.device, dtype=torch.int32), weights,
+                                         output_size=slots_total)
+        entry = torch.arange(slots_total, device=packed.device, dtype=torch.int64)  # the global slot
         entry -= bias[symbol]  # slot - c[s] within its table
         entry |= head[symbol]
         return cls(entry, offset, precision)

@@ -271,7 +271,7 @@ class SharedTables:
         key = None if device is None else str(torch.device(device))
         if key not in self._lookups:
             f = self.fields
-            lookup = rans32.Lookup.build(*(torch.from_numpy(a).to(device or "cpu") for a in (f.weights, f.sizes, f.los)))
+            lookup = rans32.Lookup.build(f.weights, f.sizes, f.los, device)
             self._lookups[key] = lookup.numpy() if device is None else lookup
         return self._lookups[key]
 
