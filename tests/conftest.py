@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,24 @@ def real_model():
     from kvcodec.eval import capture
 
     return capture.load_model()
+
+
+# -- a Redis server for the storage tests -------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int):
+    """A Redis server on a loopback port: redis-server (the test command installs it), or where a
+    machine lacks it fakeredis's TCP server. Returns (what runs, a function stopping it)."""
+    if shutil.which("redis-server"):
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        return "redis-server", lambda: (server.terminate(), server.wait(10))
+    fakeredis = pytest.importorskip("fakeredis")
+    tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    threading.Thread(target=tcp.serve_forever, daemon=True).start()
+    return "fakeredis", lambda: (tcp.shutdown(), tcp.server_close())

@@ -2,7 +2,7 @@
 runs down the layers below, never up, and there are no import cycles.
 
     tools -> api -> encoding -> container + registry -> codecs -> entropy -> core
-    storage, eval, testing: above api;  kernels: beside codecs (codecs, entropy, core only)
+    storage, eval, testing: above api; integrations: above storage;  kernels: beside codecs (codecs, entropy, core only)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BELOW = {
     "api": {"encoding", "container", "codecs"},
     "cachefiles": {"container"},
     "storage": {"api", "encoding", "container", "registry", "codecs"},
+    "integrations": {"api", "encoding", "container", "registry", "codecs", "storage"},
     "eval": {"api", "encoding", "container", "registry", "codecs", "selection", "cachefiles"},
     "testing": {"api", "container", "codecs"},
     "tools": {"api", "encoding", "container", "registry", "codecs", "selection", "cachefiles", "storage", "eval",

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
-import subprocess
-import threading
 import time
 
 import pytest
@@ -18,28 +15,9 @@ from kvcodec.errors import InputError
 from kvcodec.storage import store as store_module
 from kvcodec.storage.store import cache_slice
 
-from conftest import synthetic_cache
+from conftest import free_port, start_redis, synthetic_cache
 
 CHUNK = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(port: int):
-    """A Redis server on a loopback port: redis-server (the test command installs it), or where a
-    machine lacks it fakeredis's TCP server. Returns (what runs, a function stopping it)."""
-    if shutil.which("redis-server"):
-        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        return "redis-server", lambda: (server.terminate(), server.wait(10))
-    fakeredis = pytest.importorskip("fakeredis")
-    tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
-    threading.Thread(target=tcp.serve_forever, daemon=True).start()
-    return "fakeredis", lambda: (tcp.shutdown(), tcp.server_close())
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +242,47 @@ def test_a_corrupt_entry_ends_the_prefix_without_raising(damage, caplog):
     assert "[32, 64)" in caplog.text
     backend.entries[chunks[0][2]] = b""
     assert store.get(A) == (None, 0)
+
+
+@pytest.fixture(params=["memory", "redis", "folder"])
+def any_backend(request, tmp_path, redis_client):
+    if request.param == "memory":
+        return store_module.MemoryBackend()
+    if request.param == "redis":
+        return store_module.RedisBackend(redis_client, namespace=f"kvc:{request.node.name}*[]:")
+    return store_module.FolderBackend(tmp_path / "entries")
+
+
+def test_backends_put_get_contains_and_list_keys_alike(any_backend):
+    """Every backend stores an entry once (a second put of the key changes nothing), finds it,
+    and lists exactly the keys it holds, whatever characters they have."""
+    keys = ["plain", "model@1@0@-7c34b0f2e5c056c6@bfloat16", "with/slash and space", "ünïcode%25"]
+    assert any_backend.contains(keys) == [False] * 4 and any_backend.get_many(keys) == [None] * 4
+    for i, k in enumerate(keys):
+        assert any_backend.put(k, bytes([i]) * 10)
+    assert not any_backend.put(keys[0], b"other")
+    assert any_backend.get_many(keys) == [bytes([i]) * 10 for i in range(4)]
+    assert any_backend.contains(keys + ["absent"]) == [True] * 4 + [False]
+    assert sorted(any_backend.keys()) == sorted(keys)
+
+
+def test_folder_backend_writes_whole_files_and_refuses_what_it_cannot_hold(tmp_path):
+    backend = store_module.FolderBackend(tmp_path / "a" / "b")  # made if missing
+    assert backend.put("k", b"x" * 100)
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["k.kvc"]  # no temporary left behind
+    with pytest.raises(InputError, match="too long"):
+        backend.put("k" * 300, b"x")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(InputError, match="folder"):
+        store_module.FolderBackend(tmp_path / "file")
+
+
+def test_backend_for_reads_folders_and_redis_urls(tmp_path, redis_client):
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    redis_backend = store_module.backend_for(f"redis://127.0.0.1:{port}/0", namespace="kvc:url:")
+    assert isinstance(redis_backend, store_module.RedisBackend) and redis_backend.put("a", b"1")
+    assert redis_client.get("kvc:url:a") == b"1"
+    assert isinstance(store_module.backend_for(str(tmp_path / "x")), store_module.FolderBackend)
+    assert store_module.backend_for(f"file://{tmp_path / 'y'}").path == str(tmp_path / "y")
+    with pytest.raises(InputError, match="unsupported"):
+        store_module.backend_for("s3://bucket/path")

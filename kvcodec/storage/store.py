@@ -12,7 +12,8 @@ token range, its token ids, its token count, layer shapes and dtypes agreeing wi
 before it); the first entry that is missing or fails ends the prefix there.
 
 `PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
-(a dict) and `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) are here.
+(a dict), `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) and `FolderBackend`
+(files) are here, each also with `contains(keys)` and `keys()` for the serving-stack plugins.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import urllib.parse
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +33,7 @@ from kvcodec.cache import KVCache, LayerKV
 from kvcodec.codecs.base import Codec
 from kvcodec.encoding.pipeline import parse
 from kvcodec.errors import InputError, KVCError
+from kvcodec.files import atomic_output
 from kvcodec.registry import codec_class
 
 # Part of every content key. Version 2 entries carry META_KEY and META_TOKENS and are verified on
@@ -80,6 +84,18 @@ def concat(parts: list[KVCache]) -> KVCache:
                    parts[0].layout)
 
 
+def whole_cache_codec(codec: str | Codec, options: dict) -> Codec:
+    """The codec a store writes every entry with: a name and its options, or a codec, never a
+    pruning pipeline (pruned chunks do not join into a prefix). Unknown codecs and options fail
+    here, before anything is stored."""
+    if isinstance(codec, Codec):
+        return codec
+    pipe = parse(codec, options)
+    if pipe.selector is not None:
+        raise InputError("a store keeps whole caches: use a codec, not a selection pipeline")
+    return codec_class(pipe.codec).from_config(pipe.options)
+
+
 class MemoryBackend:
     """Entries in a dict (tests, examples, a process-local tier)."""
 
@@ -96,6 +112,12 @@ class MemoryBackend:
         self.entries[key] = bytes(data)
         return True
 
+    def contains(self, keys: list[str]) -> list[bool]:
+        return [k in self.entries for k in keys]
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
 
 class RedisBackend:
     """Entries in a Redis-protocol server through a redis-py client, under `namespace`, with an
@@ -104,11 +126,103 @@ class RedisBackend:
     def __init__(self, client, namespace: str = "kvc:", ttl: int | None = None):
         self.client, self.namespace, self.ttl = client, namespace, ttl
 
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "kvc:", ttl: int | None = None) -> "RedisBackend":
+        """A backend on the server at `url` (redis://host:port/db, rediss://, unix://)."""
+        import redis
+
+        return cls(redis.Redis.from_url(url), namespace, ttl)
+
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self.client.mget([self.namespace + k for k in keys]) if keys else []
 
     def put(self, key: str, data: bytes) -> bool:
         return bool(self.client.set(self.namespace + key, bytes(data), nx=True, ex=self.ttl))
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for k in keys:
+            pipe.exists(self.namespace + k)
+        return [bool(n) for n in pipe.execute()]
+
+    def keys(self) -> list[str]:
+        n = len(self.namespace)
+        return [k.decode()[n:] if isinstance(k, bytes) else k[n:]
+                for k in self.client.scan_iter(match=_glob_escape(self.namespace) + "*", count=1000)]
+
+
+class FolderBackend:
+    """Entries as `.kvc` files in a folder, one per key (its name the key, percent-encoded),
+    each written whole or not at all (`atomic_output`): several processes may share the folder."""
+
+    SUFFIX = ".kvc"
+    MAX_NAME = 240  # bytes of a file name, under the usual 255
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot use {self.path} as a cache folder: {exc.strerror or exc}") from None
+        if not os.path.isdir(self.path):
+            raise InputError(f"{self.path} is not a folder")
+
+    def _file(self, key: str) -> str:
+        name = urllib.parse.quote(key, safe="") + self.SUFFIX
+        if len(name.encode()) > self.MAX_NAME:
+            raise InputError(f"key {key[:40]!r}... is too long for a file name ({len(name)} bytes encoded)")
+        return os.path.join(self.path, name)
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        out = []
+        for k in keys:
+            try:
+                with open(self._file(k), "rb") as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def put(self, key: str, data: bytes) -> bool:
+        path = self._file(key)
+        if os.path.exists(path):
+            return False
+        try:
+            with atomic_output(path, overwrite=False) as f:
+                f.write(data)
+        except InputError:
+            if os.path.exists(path):  # another writer got there first
+                return False
+            raise
+        return True
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        return [os.path.exists(self._file(k)) for k in keys]
+
+    def keys(self) -> list[str]:
+        return [urllib.parse.unquote(name[:-len(self.SUFFIX)]) for name in sorted(os.listdir(self.path))
+                if name.endswith(self.SUFFIX) and not name.startswith(".")]
+
+
+def backend_for(url: str, namespace: str = "kvc:"):
+    """The backend a URL names: redis://, rediss:// or unix:// (a Redis server), file:// or a
+    plain path (a folder)."""
+    if not isinstance(url, str) or not url:
+        raise InputError("a store location must be a non-empty string (a folder or a redis:// URL)")
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisBackend.from_url(url, namespace)
+    if scheme == "file":
+        return FolderBackend(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    if scheme and len(scheme) > 1:
+        raise InputError(f"unsupported store location {url!r}: use a folder, file:// or redis://")
+    return FolderBackend(url)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class PrefixStore:
@@ -119,13 +233,7 @@ class PrefixStore:
     shorter chunk is stored too, and found by a prompt of exactly those tokens."""
 
     def __init__(self, backend, model_id: str, codec: str | Codec = "cachegen", chunk_tokens: int = 256, **options):
-        if isinstance(codec, Codec):
-            self.codec = codec
-        else:
-            pipe = parse(codec, options)
-            if pipe.selector is not None:
-                raise InputError("a prefix store keeps whole caches: use a codec, not a selection pipeline")
-            self.codec = codec_class(pipe.codec).from_config(pipe.options)
+        self.codec = whole_cache_codec(codec, options)
         if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
             raise InputError(f"chunk_tokens must be a positive integer, not {chunk_tokens!r}")
         if not isinstance(model_id, str) or not model_id:
