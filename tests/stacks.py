@@ -19,8 +19,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "stacks"
-STACKS = {  # name: what pip installs beside kvcodec (and the test environment's torch)
-    "lmcache": ["lmcache==0.5.6", "redis>=5"],
+STACKS = {  # name: what pip installs beside kvcodec and the test environment's torch, then without deps
+    "lmcache": (["lmcache==0.5.6", "redis>=5"], []),
+    # SGLang's wheel wants CUDA builds; its storage interface imports with these
+    "sglang": (["orjson", "psutil", "pybase64", "requests", "triton", "packaging", "pillow", "starlette", "msgspec",
+                "pydantic", "pyzmq", "tqdm", "ipython", "aiohttp", "numpy"], ["sglang==0.5.23"]),
 }
 
 
@@ -30,8 +33,9 @@ def stack_python(name: str) -> str:
     if where == "off":
         pytest.skip("KVCODEC_STACKS=off: the serving-stack tests are switched off")
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-    wanted = [torch_pin, *STACKS[name], "-e", f"{REPO}[redis]"]
-    key = hashlib.sha256(json.dumps([wanted, sys.version]).encode()).hexdigest()[:12]
+    with_deps, without_deps = STACKS[name]
+    wanted = [torch_pin, *with_deps, "-e", f"{REPO}[redis]"]
+    key = hashlib.sha256(json.dumps([wanted, without_deps, sys.version]).encode()).hexdigest()[:12]
     root = Path(where) if where else Path.home() / ".cache" / "kvcodec-stacks"
     env = root / f"{name}-{key}"
     python = env / "bin" / "python"
@@ -39,12 +43,15 @@ def stack_python(name: str) -> str:
         env.parent.mkdir(parents=True, exist_ok=True)
         steps = [[sys.executable, "-m", "venv", "--clear", str(env)],
                  [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *wanted]]
+        if without_deps:
+            steps.append([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                          *without_deps])
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode:
                 pytest.fail(f"cannot make the {name} test environment ({' '.join(step[:4])} ...):\n"
                             f"{(done.stdout + done.stderr)[-3000:]}")
-        (env / ".ready").write_text(" ".join(wanted) + "\n")
+        (env / ".ready").write_text(" ".join(wanted + without_deps) + "\n")
     return str(python)
 
 

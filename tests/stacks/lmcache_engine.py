@@ -20,6 +20,7 @@ from lmcache.v1.metadata import LMCacheMetadata
 
 import kvcodec
 from kvcodec.storage.store import backend_for
+from tamper import overwrite
 
 LAYERS, HEADS, HEAD_DIM, CHUNK, TOKENS = 4, 2, 16, 256, 600
 
@@ -89,9 +90,9 @@ def main():
         if damage == "corrupt":
             data = bytearray(entries[victim])
             data[len(data) // 2] ^= 0xFF
-            _replace(backend, victim, bytes(data))
+            overwrite(backend, victim, bytes(data))
         else:  # the first chunk's entry under the second chunk's key
-            _replace(backend, victim, entries[order[0]])
+            overwrite(backend, victim, entries[order[0]])
     LMCacheEngineBuilder.destroy("store")
     second_engine = engine("load", url, codec, options)
     found = second_engine.lookup(tokens)
@@ -114,15 +115,6 @@ def _start(cache, kv) -> int:
         if torch.equal(first, kv[0, 0, start:start + len(first)]):
             return start
     raise AssertionError("an entry holds none of the stored chunks")
-
-
-def _replace(backend, key, data):
-    """Overwrite an entry (backends store only absent keys)."""
-    if hasattr(backend, "client"):
-        backend.client.set(backend.namespace + key, data)
-    else:
-        with open(backend._file(key), "wb") as f:
-            f.write(data)
 
 
 if __name__ == "__main__":
