@@ -128,12 +128,15 @@ def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor, first_plai
     except ImportError:  # a transformers without cache layers
         DynamicLayer = None
     layers = getattr(cache, "layers", None)
+    replicate = getattr(cache, "layer_class_to_replicate", DynamicLayer)
+    if layers is not None and i >= len(layers) and replicate is None:
+        raise InputError(f"the model's config has {len(layers)} layers; the cache has more")
     if DynamicLayer is None or layers is None or not (i >= len(layers) or type(layers[i]) is DynamicLayer):
         cache.update(key, value, i)
         return first_plain
-    if (first_plain is not None and i <= len(layers) and (first_plain.keys.device, first_plain.keys.dtype,
-                                                           first_plain.values.dtype) == (key.device, key.dtype, value.dtype)
-            and (i == len(layers) or not layers[i].is_initialized)):
+    like_first = first_plain is not None and (first_plain.keys.device, first_plain.keys.dtype,
+                                              first_plain.values.dtype) == (key.device, key.dtype, value.dtype)
+    if like_first and i <= len(layers) and (i == len(layers) or not layers[i].is_initialized):
         layer = copy.copy(first_plain)
         layer.keys, layer.values = key, value
         if i == len(layers):

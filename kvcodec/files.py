@@ -41,7 +41,15 @@ def atomic_output(path, overwrite: bool):
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
+    """The process umask, read once: setting it to read it back is not safe once threads write."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK

@@ -29,13 +29,21 @@ class _Ring:
     def _reserve(self, n: int) -> int:
         if self.buffer is None:
             self.buffer = torch.empty(RING_BYTES, dtype=torch.uint8, pin_memory=True)
-        if self.at + n > RING_BYTES:
+        if self.at + n > RING_BYTES:  # wrap: the regions past this point belong to the lap before
+            while self.in_flight and self.in_flight[0][0] >= self.at:
+                self._retire()
             self.at = 0
         start, end = self.at, self.at + n
-        while self.in_flight and self.in_flight[0][0] < end and start < self.in_flight[0][1]:
-            self.in_flight.popleft()[2].synchronize()  # that region's copy has not finished yet
+        # the lap before's regions all start at or after `at` (this lap's lie before it): retire
+        # those this one will overwrite, oldest first
+        while self.in_flight and start <= self.in_flight[0][0] < end:
+            self._retire()
         self.at = -(-end // ALIGN) * ALIGN
         return start
+
+    def _retire(self) -> None:
+        """Forget the oldest region once the copy that reads it has run."""
+        self.in_flight.popleft()[2].synchronize()
 
     def upload(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
         n = array.nbytes

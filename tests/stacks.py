@@ -55,7 +55,7 @@ def stack_python(name: str) -> str:
     return str(python)
 
 
-def run_script(python: str, script: str, *args: str, timeout: int = 600) -> tuple[list[dict], str]:
+def run_script(python: str, script: str, *args: str, timeout: int = 300) -> tuple[list[dict], str]:
     """Run tests/stacks/`script` with `python`: (the JSON objects it printed, its log output)."""
     done = subprocess.run([python, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONHASHSEED": "0"}, cwd=REPO)

@@ -83,3 +83,11 @@ def test_a_damaged_entry_is_a_logged_miss_and_the_prefix_before_it_still_loads(l
     got, log = engine_run(lmcache_python, str(tmp_path / damage), damage=damage)
     assert got["retrieved"] == 256 and got["exact"]  # the first chunk; recompute from the damaged one on
     assert why in log and "treated as a miss" in log
+    assert len(got["keys_after"]) == 2  # the refused entry is deleted, so the chunk is stored again
+
+
+def test_a_misconfigured_plugin_is_reported_in_one_line_and_stores_nothing(lmcache_python, tmp_path):
+    results, log = run_script(lmcache_python, "lmcache_config_error.py", str(tmp_path / "never"))
+    assert results[0] == {"remote_tier": False}
+    assert "kvcodec LMCache plugin: unknown codec 'nosuchcodec'" in log
+    assert not list((tmp_path / "never").glob("*.kvc"))

@@ -25,6 +25,8 @@ def test_the_factory_makes_a_hicache_backend_that_stores_and_finds_pages(result)
     assert got["batch_exists"] == 3 and not got["exists_unknown"]  # the consecutive prefix found
     assert got["lossless_exact"]  # through a second backend on the same folder
     assert got["other_rank_exists"] == 0  # another tensor-parallel rank's heads are its own
+    assert not got["other_stage_exists"]  # and a pipeline stage's layers
+    assert got["stage_suffixes"] == ["@org-model@tp0of2@pp0of2", "@org-model@tp0of2@pp1of2"]
     assert got["stored_keys"] == ["p0@org-model@tp0of2", "p1@org-model@tp0of2", "p2@org-model@tp0of2"]
 
 
@@ -37,4 +39,5 @@ def test_pages_are_stored_as_layers_of_keys_and_values(result):
 def test_a_damaged_or_foreign_page_is_a_logged_miss(result):
     got, log = result
     assert got["after_damage"] == [True, False, False]
+    assert got["exists_after_damage"] == 1  # refused entries are deleted: stored again, not counted as hits
     assert "does not decode" in log and "names another key" in log and "treated as a miss" in log

@@ -446,14 +446,20 @@ def test_device_made_cumulative_tables_equal_the_host_ones():
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_uploads_wait_for_a_ring_region_to_be_copied_before_reusing_it():
     """Small arrays reach the device through one pinned ring (`kvcodec.uploads`): with the
-    stream held busy, uploads of more than the ring holds must not overwrite bytes whose copy
-    has not run yet."""
+    stream held busy, uploads of more than the ring holds, of mixed sizes so that laps wrap at
+    different places, must not overwrite bytes whose copy has not run yet."""
     from kvcodec import uploads
 
-    n = uploads.RING_BYTES // 4 // 8  # the largest array the ring takes, as int64
-    torch.cuda._sleep(200_000_000)  # the copies queue behind this
-    arrays = [np.full(n, k, dtype=np.int64) for k in range(9)]  # more than twice round the ring
-    copies = [uploads.to_device(a, "cuda") for a in arrays]
-    assert all(bool((c == k).all()) for k, c in enumerate(copies))
+    mib = (1 << 20) // 8  # int64 elements
+    sizes = [4 * mib, 4 * mib, 4 * mib, mib, mib, mib, mib, 4 * mib, 4 * mib, 4 * mib, mib, 4 * mib, 3, 2 * mib, 5]
+    rng = np.random.default_rng(0)
+    sizes += [int(n) for n in rng.integers(1, 4 * mib, 40)]
+    copies = []
+    for k, n in enumerate(sizes):
+        if k in (0, 7, 30):
+            torch.cuda._sleep(100_000_000)  # the copies queue behind this
+        copies.append(uploads.to_device(np.full(n, k, dtype=np.int64), "cuda"))
+    assert all(c.numel() == n and bool((c == k).all()) for k, (c, n) in enumerate(zip(copies, sizes)))
+    assert len(uploads._ring.in_flight) < 64  # regions are retired as the ring comes round
     assert uploads.to_device(np.arange(5, dtype=np.float32).reshape(5, 1), "cuda").cpu().equal(
         torch.arange(5, dtype=torch.float32).reshape(5, 1))

@@ -289,3 +289,14 @@ def test_wide_tables_decode_alike_on_both_paths():
     assert sizes.max() > 1024 and rans32.precision_of(sizes).max() == 14
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert kvcodec.decode(data, device=device, decoder="kernels").equal(kvcodec.decode(data, decoder="cpu"))
+
+
+def test_lookup_refuses_weights_that_do_not_fill_their_slots():
+    """The lookup's sizes come from the host arrays: tables whose weights do not sum to their
+    slots are refused before any device work (a GPU would otherwise fault)."""
+    sizes, los = np.array([3, 2]), np.array([0, -1])
+    good = np.array([30, 1, 1, 15, 1])  # 2**5 and 2**4 slots
+    assert rans32.Lookup.build(good, sizes, los).numpy().entry.shape == (48,)
+    for bad_weights, bad_sizes in ((np.array([30, 1, 1, 15, 2]), sizes), (good, np.array([3, 3]))):
+        with pytest.raises(CodecError, match="malformed"):
+            rans32.Lookup.build(bad_weights, bad_sizes, los)

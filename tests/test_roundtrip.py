@@ -220,3 +220,13 @@ def test_progress_reports_each_layer(small_cache):
     kvcodec.pack(small_cache, data, codec="raw", progress=packed.append)
     kvcodec.unpack(data.getvalue(), progress=unpacked.append)
     assert packed == unpacked == list(range(1, small_cache.num_layers + 1))
+
+
+@pytest.mark.transformers
+def test_hf_cache_for_a_config_with_fewer_layers_is_refused(small_cache):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=len(small_cache.layers) - 1,
+                         num_key_value_heads=small_cache.layers[0].key.shape[1])
+    with pytest.raises(kvcodec.InputError, match="config has 2 layers; the cache has more"):
+        small_cache.to_hf(config=config)

@@ -4,6 +4,7 @@ Redis-protocol server started here (redis-server when installed, else fakeredis'
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 
@@ -264,17 +265,28 @@ def test_backends_put_get_contains_and_list_keys_alike(any_backend):
     assert any_backend.get_many(keys) == [bytes([i]) * 10 for i in range(4)]
     assert any_backend.contains(keys + ["absent"]) == [True] * 4 + [False]
     assert sorted(any_backend.keys()) == sorted(keys)
+    any_backend.delete(keys[1])
+    any_backend.delete("absent")
+    assert any_backend.contains(keys) == [True, False, True, True] and sorted(any_backend.keys()) == sorted(
+        keys[:1] + keys[2:])
 
 
-def test_folder_backend_writes_whole_files_and_refuses_what_it_cannot_hold(tmp_path):
+def test_folder_backend_writes_whole_files_and_names_every_key_safely(tmp_path):
     backend = store_module.FolderBackend(tmp_path / "a" / "b")  # made if missing
     assert backend.put("k", b"x" * 100)
     assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["k.kvc"]  # no temporary left behind
-    with pytest.raises(InputError, match="too long"):
-        backend.put("k" * 300, b"x")
+    long, hidden = "k" * 300, ".starts-with-a-dot"
+    for key in (long, hidden, "", "#hash"):  # a digest names a long key's file; no key's file is hidden
+        assert backend.put(key, key.encode() + b"!") and backend.get_many([key]) == [key.encode() + b"!"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "a" / "b").iterdir())
+    assert sorted(backend.keys()) == sorted(["k", hidden, "", "#hash"])  # a digest cannot be read back as a key
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(InputError, match="folder"):
         store_module.FolderBackend(tmp_path / "file")
+    (tmp_path / "a" / "b" / "k.kvc").chmod(0)
+    if not os.access(tmp_path / "a" / "b" / "k.kvc", os.R_OK):  # (root reads it anyway)
+        with pytest.raises(InputError, match="cannot read"):
+            backend.get_many(["k"])
 
 
 def test_backend_for_reads_folders_and_redis_urls(tmp_path, redis_client):
@@ -286,3 +298,8 @@ def test_backend_for_reads_folders_and_redis_urls(tmp_path, redis_client):
     assert store_module.backend_for(f"file://{tmp_path / 'y'}").path == str(tmp_path / "y")
     with pytest.raises(InputError, match="unsupported"):
         store_module.backend_for("s3://bucket/path")
+    with pytest.raises(InputError, match="another host"):
+        store_module.backend_for("file://elsewhere/path")
+    with pytest.raises(InputError, match="not a Redis URL"):
+        store_module.backend_for("redis://127.0.0.1:notaport/0")
+    assert isinstance(store_module.backend_for(str(tmp_path / "cache:v2")), store_module.FolderBackend)

@@ -78,6 +78,9 @@ class Lookup:
         GPU never waits for it."""
         n_symbols, n_tables = len(weights), len(sizes)
         slots_total = int((1 << precision_of(np.asarray(sizes, dtype=np.int64))).sum()) if n_tables else 0
+        sums = int(np.asarray(sizes, dtype=np.int64).sum()), int(np.asarray(weights, dtype=np.int64).sum())
+        if sums != (n_symbols, slots_total):  # check_tables' rule, as far as the sizes below need it
+            raise CodecError("an entropy table is malformed (its weights do not fill its slots)")
         packed = to_device(np.concatenate([weights, sizes, los]).astype(np.int64), device or "cpu")
         weights, sizes, los = packed[:n_symbols], packed[n_symbols:n_symbols + n_tables], packed[n_symbols + n_tables:]
         precision = precision_of(sizes)

@@ -19,7 +19,6 @@ warning, never an error or wrong data. Enable it in LMCache's config:
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -27,9 +26,11 @@ import torch
 from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.errors import InputError, KVCError
+from kvcodec.integrations.config import codec_options
 from kvcodec.storage.store import backend_for, whole_cache_codec
 
 try:
+    from lmcache.v1.exceptions import IrrecoverableException
     from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("kvcodec.integrations.lmcache needs LMCache (pip install 'kvcodec[lmcache]')") from exc
@@ -78,47 +79,53 @@ class KVCodecConnector(RemoteConnector):
     """LMCache `RemoteConnector` storing chunks as `.kvc` (see the module's docstring)."""
 
     def __init__(self, loop, local_cpu_backend, config):
+        try:
+            self._setup(loop, local_cpu_backend, config)
+        except (KVCError, ValueError) as exc:  # LMCache logs it as an error, then runs without this tier
+            raise IrrecoverableException(f"kvcodec LMCache plugin: {exc}") from None
+
+    def _setup(self, loop, local_cpu_backend, config):
         super().__init__(local_cpu_backend.config, local_cpu_backend.metadata)
         metadata = local_cpu_backend.metadata
         if metadata.use_mla:
-            raise InputError("kvcodec's LMCache plugin stores keys and values (KV_2LTD); MLA caches are not supported")
+            raise InputError("it stores keys and values (KV_2LTD); MLA caches are not supported")
         if len(self.meta_shapes) != 1:
-            raise InputError("kvcodec's LMCache plugin stores one KV layer group; this engine has "
-                             f"{len(self.meta_shapes)}")
+            raise InputError(f"it stores one KV layer group; this engine has {len(self.meta_shapes)}")
+        if getattr(config, "use_layerwise", False):
+            raise InputError("it stores whole chunks; turn use_layerwise off")
+        if getattr(config, "remote_serde", "naive") not in (None, "naive"):
+            raise InputError(f"it encodes chunks itself: set remote_serde to naive, not {config.remote_serde!r}")
         self.loop, self.allocator = loop, local_cpu_backend
         self.layers, _, self.chunk_tokens, self.heads, self.head_dim = (int(n) for n in metadata.kv_shape)
         self.dtype = self.meta_dtypes[0]
         url = _setting(config, "url")
         if url is None:
-            raise InputError(f"kvcodec's LMCache plugin needs remote_storage_plugin.{_plugin_name(config)}.url "
+            raise InputError(f"it needs remote_storage_plugin.{_plugin_name(config)}.url "
                              "(a folder or a redis:// URL)")
         self.backend = backend_for(url, namespace="kvc:lmcache:")
-        options = _setting(config, "options", {})
-        options = json.loads(options) if isinstance(options, str) else dict(options)
-        self.codec = whole_cache_codec(_setting(config, "codec", DEFAULT_CODEC), options)  # fails at start-up
+        self.codec = whole_cache_codec(_setting(config, "codec", DEFAULT_CODEC), codec_options(_setting(config, "options")))
 
-    # -- the connector interface ---------------------------------------------------------------
+    # -- the connector interface: every store call runs off LMCache's event loop -----------------
+    async def _off_loop(self, call, *args):
+        return await self.loop.run_in_executor(None, call, *args)
+
     async def exists(self, key) -> bool:
-        return self.exists_sync(key)
+        return await self._off_loop(self.exists_sync, key)
 
     def exists_sync(self, key) -> bool:
         return self.backend.contains([key.to_string()])[0]
 
     async def get(self, key):
-        data = self.backend.get_many([key.to_string()])[0]
-        if data is None:
-            return None
-        return await self.loop.run_in_executor(None, self._restore, key.to_string(), data)
+        return await self._off_loop(self._restore, key.to_string())
 
     async def put(self, key, memory_obj) -> None:
         chunk = memory_obj.tensor  # copied before this returns: LMCache may reuse the buffer after
         cache = chunk_to_cache(chunk.detach().cpu().clone(), self.heads, self.head_dim)
         cache.metadata[KEY_META] = key.to_string()
-        data = await self.loop.run_in_executor(None, lambda: encode(cache, self.codec))
-        self.backend.put(key.to_string(), data)
+        await self._off_loop(lambda: self.backend.put(key.to_string(), encode(cache, self.codec)))
 
     async def list(self) -> list[str]:
-        return self.backend.keys()
+        return await self._off_loop(self.backend.keys)
 
     async def close(self) -> None:
         close = getattr(getattr(self.backend, "client", None), "close", None)
@@ -126,17 +133,20 @@ class KVCodecConnector(RemoteConnector):
             close()
 
     # -- reading an entry ----------------------------------------------------------------------
-    def _restore(self, key: str, data: bytes):
-        """The memory object of the entry `data` under `key`, or None (logged) if it is not
-        this engine's chunk for that key."""
+    def _restore(self, key: str):
+        """The memory object of the entry under `key`, or None: missing, or (logged, and the
+        entry deleted so that LMCache stores the chunk again) not this engine's chunk for it."""
+        data = self.backend.get_many([key])[0]
+        if data is None:
+            return None
         try:
             cache = decode(data)
+            problem = self._problem(cache, key)
         except KVCError as exc:
-            log.warning("kvcodec LMCache plugin: entry %s does not decode (%s); treated as a miss", key, exc)
-            return None
-        problem = self._problem(cache, key)
+            problem = f"it does not decode ({exc})"
         if problem is not None:
             log.warning("kvcodec LMCache plugin: entry %s refused: %s; treated as a miss", key, problem)
+            self.backend.delete(key)
             return None
         tokens = cache.layers[0].key.shape[2]
         shape = torch.Size([2, self.layers, tokens, self.heads * self.head_dim])

@@ -16,7 +16,6 @@ corrupt or foreign entry is a miss (logged), never wrong data. Start SGLang with
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -24,6 +23,7 @@ import torch
 from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.errors import InputError, KVCError
+from kvcodec.integrations.config import codec_options
 from kvcodec.storage.store import backend_for, whole_cache_codec
 
 try:
@@ -50,7 +50,8 @@ class PageLayout:
 
     @classmethod
     def of(cls, pool) -> "PageLayout":
-        missing = [a for a in ("layout", "layer_num", "page_size", "head_num", "head_dim", "dtype") if not hasattr(pool, a)]
+        needed = ("layout", "layer_num", "page_size", "head_num", "head_dim", "dtype")
+        missing = [a for a in needed if not hasattr(pool, a)]
         if missing:
             raise InputError(f"kvcodec's SGLang backend needs an MHA host pool; {type(pool).__name__} lacks "
                              f"{', '.join(missing)}")
@@ -85,6 +86,21 @@ class PageLayout:
         out.view(self.shape).copy_(page)
 
 
+def rank_suffix(config) -> str:
+    """What keeps one rank's pages apart from another's: the model, and the parallel ranks whose
+    pages differ (tensor-parallel ranks hold their own heads, except for MLA pages, the same on
+    every rank; pipeline stages their own layers; context-parallel ranks their own slices)."""
+    model = "-".join((config.model_name or "").split("/"))
+    parts = [f"@{model}"]
+    if not config.is_mla_model:
+        parts.append(f"@tp{config.tp_rank}of{config.tp_size}")
+    for name, rank, size in (("pp", config.pp_rank, config.pp_size), ("cp", config.attn_cp_rank, config.attn_cp_size),
+                             ("dcp", getattr(config, "dcp_rank", 0), getattr(config, "dcp_size", 1))):
+        if size > 1:
+            parts.append(f"@{name}{rank}of{size}")
+    return "".join(parts)
+
+
 class KVCodecHiCacheStorage(HiCacheStorage):
     """SGLang `HiCacheStorage` over kvcodec (see the module's docstring). `storage_config`'s
     `extra_config` holds `url` (a folder or redis://), `codec` and its `options`."""
@@ -94,14 +110,11 @@ class KVCodecHiCacheStorage(HiCacheStorage):
         url = extra.get("url")
         if not url:
             raise InputError("kvcodec's SGLang backend needs \"url\" in its extra config (a folder or a redis:// URL)")
-        options = extra.get("options", {})
-        options = json.loads(options) if isinstance(options, str) else dict(options)
-        self.codec = whole_cache_codec(extra.get("codec", DEFAULT_CODEC), options)
+        if extra.get("interface_v1"):
+            raise InputError("kvcodec's SGLang backend implements the page get/set interface, not interface_v1")
+        self.codec = whole_cache_codec(extra.get("codec", DEFAULT_CODEC), codec_options(extra.get("options")))
         self.backend = backend_for(url, namespace="kvc:sglang:")
-        model = "-".join((storage_config.model_name or "").split("/"))
-        # MLA pages are the same on every rank; others are each rank's own heads
-        rank = "" if storage_config.is_mla_model else f"@tp{storage_config.tp_rank}of{storage_config.tp_size}"
-        self.suffix = f"@{model}{rank}"
+        self.suffix = rank_suffix(storage_config)
         self.page: PageLayout | None = None
 
     def register_mem_pool_host(self, mem_pool_host) -> None:
@@ -135,21 +148,26 @@ class KVCodecHiCacheStorage(HiCacheStorage):
         data = self.backend.get_many([key + self.suffix])[0]
         if data is None:
             return None
+        page = self._layout(target_location)
         try:
             cache = decode(data)
+            problem = self._problem(cache, key + self.suffix, page)
         except KVCError as exc:
-            log.warning("kvcodec SGLang backend: entry %s does not decode (%s); treated as a miss", key, exc)
-            return None
-        page = self._layout(target_location)
-        problem = self._problem(cache, key + self.suffix, page)
-        if problem is not None:
+            problem = f"it does not decode ({exc})"
+        if problem is not None:  # deleted, so that HiCache neither counts it as a hit nor skips storing it
             log.warning("kvcodec SGLang backend: entry %s refused: %s; treated as a miss", key, problem)
+            self.backend.delete(key + self.suffix)
             return None
         page.to_flat(cache, target_location)
         return target_location
 
     def batch_get(self, keys, target_locations=None, target_sizes=None):
         return [self.get(k, t) for k, t in zip(keys, target_locations or [None] * len(keys))]
+
+    def close(self) -> None:
+        close = getattr(getattr(self.backend, "client", None), "close", None)
+        if close is not None:
+            close()
 
     # -- pages -------------------------------------------------------------------------------------
     def _layout(self, flat) -> PageLayout:

@@ -13,11 +13,13 @@ before it); the first entry that is missing or fails ends the prefix there.
 
 `PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
 (a dict), `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) and `FolderBackend`
-(files) are here, each also with `contains(keys)` and `keys()` for the serving-stack plugins.
+(files) are here, each also with `contains(keys)`, `keys()` and `delete(key)` for the serving-stack
+plugins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -118,6 +120,12 @@ class MemoryBackend:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def delete(self, key: str) -> None:
+        self.entries.pop(key, None)
+
+
+TIMEOUT_S = 10.0  # a Redis server's answer, at most
+
 
 class RedisBackend:
     """Entries in a Redis-protocol server through a redis-py client, under `namespace`, with an
@@ -127,11 +135,19 @@ class RedisBackend:
         self.client, self.namespace, self.ttl = client, namespace, ttl
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "kvc:", ttl: int | None = None) -> "RedisBackend":
-        """A backend on the server at `url` (redis://host:port/db, rediss://, unix://)."""
-        import redis
-
-        return cls(redis.Redis.from_url(url), namespace, ttl)
+    def from_url(cls, url: str, namespace: str = "kvc:", ttl: int | None = None,
+                 timeout: float = TIMEOUT_S) -> "RedisBackend":
+        """A backend on the server at `url` (redis://host:port/db, rediss://, unix://); a server
+        that does not answer within `timeout` seconds is an error, never a hang."""
+        try:
+            import redis
+        except ImportError:
+            raise InputError(f"{url} needs redis-py (pip install 'kvcodec[redis]')") from None
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        except ValueError as exc:
+            raise InputError(f"{url} is not a Redis URL ({exc})") from None
+        return cls(client, namespace, ttl)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self.client.mget([self.namespace + k for k in keys]) if keys else []
@@ -149,8 +165,12 @@ class RedisBackend:
 
     def keys(self) -> list[str]:
         n = len(self.namespace)
-        return [k.decode()[n:] if isinstance(k, bytes) else k[n:]
-                for k in self.client.scan_iter(match=_glob_escape(self.namespace) + "*", count=1000)]
+        found = (k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else k
+                 for k in self.client.scan_iter(match=_glob_escape(self.namespace) + "*", count=1000))
+        return [k[n:] for k in found]
+
+    def delete(self, key: str) -> None:
+        self.client.delete(self.namespace + key)
 
 
 class FolderBackend:
@@ -170,9 +190,12 @@ class FolderBackend:
             raise InputError(f"{self.path} is not a folder")
 
     def _file(self, key: str) -> str:
-        name = urllib.parse.quote(key, safe="") + self.SUFFIX
-        if len(name.encode()) > self.MAX_NAME:
-            raise InputError(f"key {key[:40]!r}... is too long for a file name ({len(name)} bytes encoded)")
+        name = urllib.parse.quote(key, safe="@=+,-_~")  # "." stays: only a leading one is encoded
+        if name.startswith(".") or not name:  # hidden, or the folder itself: never a key's file
+            name = "%2E" + name[1:] if name else "%"
+        name += self.SUFFIX
+        if len(name.encode()) > self.MAX_NAME:  # long keys: a digest names the file
+            name = "%h" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() + self.SUFFIX
         return os.path.join(self.path, name)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -183,6 +206,8 @@ class FolderBackend:
                     out.append(f.read())
             except FileNotFoundError:
                 out.append(None)
+            except OSError as exc:
+                raise InputError(f"cannot read the entry of {k[:60]!r} in {self.path}: {exc.strerror or exc}") from None
         return out
 
     def put(self, key: str, data: bytes) -> bool:
@@ -202,8 +227,14 @@ class FolderBackend:
         return [os.path.exists(self._file(k)) for k in keys]
 
     def keys(self) -> list[str]:
-        return [urllib.parse.unquote(name[:-len(self.SUFFIX)]) for name in sorted(os.listdir(self.path))
-                if name.endswith(self.SUFFIX) and not name.startswith(".")]
+        """The keys held, except long ones (their files are named by a digest)."""
+        stems = (name[:-len(self.SUFFIX)] for name in sorted(os.listdir(self.path))
+                 if name.endswith(self.SUFFIX) and not name.startswith((".", "%h")))
+        return ["" if stem == "%" else urllib.parse.unquote(stem) for stem in stems]  # "%": the empty key
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file(key))
 
 
 def backend_for(url: str, namespace: str = "kvc:"):
@@ -215,8 +246,11 @@ def backend_for(url: str, namespace: str = "kvc:"):
     if scheme in ("redis", "rediss", "unix"):
         return RedisBackend.from_url(url, namespace)
     if scheme == "file":
-        return FolderBackend(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
-    if scheme and len(scheme) > 1:
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise InputError(f"{url} names another host; a folder must be local")
+        return FolderBackend(urllib.parse.unquote(parts.path))
+    if "://" in url:
         raise InputError(f"unsupported store location {url!r}: use a folder, file:// or redis://")
     return FolderBackend(url)
 

@@ -102,10 +102,12 @@ def main():
     err = (out[:, :, :n].float() - kv[:, :, :n].float()).abs().max().item() if n else None
     scale = kv.float().abs().max().item()
     LMCacheEngineBuilder.destroy("load")
-    print(json.dumps({"keys": keys, "entry_bytes": [len(entries[k]) for k in keys], "raw_chunk_bytes": 2 * LAYERS * CHUNK * HEADS * HEAD_DIM * 2,
-                      "lookup": int(found), "retrieved": n, "exact": bool(n) and torch.equal(out[:, :, :n], kv[:, :, :n]),
-                      "prefix_only": bool(torch.all(mask[:n])) if n else True, "max_error": err, "scale": scale,
-                      "damaged": damage}))
+    left = sorted(backend.keys())
+    exact = bool(n) and torch.equal(out[:, :, :n], kv[:, :, :n])
+    print(json.dumps({"keys": keys, "entry_bytes": [len(entries[k]) for k in keys],
+                      "raw_chunk_bytes": 2 * LAYERS * CHUNK * HEADS * HEAD_DIM * 2, "lookup": int(found),
+                      "retrieved": n, "exact": exact, "max_error": err, "scale": scale, "damaged": damage,
+                      "keys_after": left}))
 
 
 def _start(cache, kv) -> int:

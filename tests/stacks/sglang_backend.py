@@ -24,8 +24,9 @@ from tamper import overwrite
 LAYERS, PAGE, HEADS, HEAD_DIM = 3, 64, 2, 16
 
 
-def backend(url, layout="layer_first", codec="zstd", options=None, tp_rank=0):
-    config = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+def backend(url, layout="layer_first", codec="zstd", options=None, tp_rank=0, pp_rank=0, pp_size=1):
+    config = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=2, pp_rank=pp_rank, pp_size=pp_size, attn_cp_rank=0,
+                                  attn_cp_size=1,
                                   is_mla_model=False, enable_storage_metrics=False,
                                   is_page_first_layout=layout == "page_first", model_name="org/model",
                                   extra_config={"backend_name": "kvcodec", "module_path": "kvcodec.integrations.sglang",
@@ -58,6 +59,10 @@ def main():
     loaded = again.batch_get(keys, [torch.zeros_like(p) for p in written])
     out["lossless_exact"] = all(t is not None and torch.equal(t, p) for t, p in zip(loaded, written))
     out["other_rank_exists"] = backend(url, tp_rank=1).batch_exists(keys)
+    stages = [backend(url + "-pp", pp_rank=r, pp_size=2) for r in (0, 1)]
+    stages[0].set("s", written[0])
+    out["other_stage_exists"] = stages[1].exists("s")
+    out["stage_suffixes"] = [b.suffix for b in stages]
     page_first = backend(url + "-pf", layout="page_first")
     page_first.set("q", written[0])
     view = written[0].view(2, PAGE, LAYERS, HEADS, HEAD_DIM)
@@ -81,6 +86,7 @@ def main():
     overwrite(store, "p2@org-model@tp0of2", store.get_many(["p0@org-model@tp0of2"])[0])
     damaged = backend(url).batch_get(keys, [torch.zeros_like(p) for p in written])
     out["after_damage"] = [t is not None and bool(torch.equal(t, p)) for t, p in zip(damaged, written)]
+    out["exists_after_damage"] = backend(url).batch_exists(keys)  # refused entries are deleted
     print(json.dumps(out))
 
 
