@@ -112,11 +112,9 @@ def cuda_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
-    """Seconds for the decode launches of the whole file with payloads already on the GPU:
-    the launches alone, and with their host-side preparation."""
-    from kvcodec import dtypes
-    from kvcodec.codecs.device import decoder_for
+def staged_file(data: bytes):
+    """A whole file's payloads copied to the GPU as a restore stages them, with what launching
+    its decoders needs: (reader, plan, job table, output buffers, {launch key: rows}, staged)."""
     from kvcodec.container import device_read
 
     reader = kvcodec.open(data)
@@ -131,6 +129,16 @@ def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
     with device_read.Checksums(reader, plan, table, on_device=True) as checksums:
         staged, _ = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), checksums)
     torch.cuda.synchronize()
+    return reader, plan, table, buffers, groups, staged
+
+
+def kernel_decode_time(data: bytes, repeat: int) -> tuple[float, float]:
+    """Seconds for the decode launches of the whole file with payloads already on the GPU:
+    the launches alone, and with their host-side preparation."""
+    from kvcodec import dtypes
+    from kvcodec.codecs.device import decoder_for
+
+    reader, plan, table, buffers, groups, staged = staged_file(data)
 
     def prepare():
         out = []

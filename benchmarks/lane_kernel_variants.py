@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,7 +30,7 @@ import bench_gpu_decode as gpu  # noqa: E402
 
 import kvcodec  # noqa: E402
 from kvcodec import dtypes  # noqa: E402
-from kvcodec.container import device_read, format as fmt  # noqa: E402
+from kvcodec.container import format as fmt  # noqa: E402
 from kvcodec.kernels import cachegen, shared_lane_decode  # noqa: E402
 
 SOURCE = Path(shared_lane_decode.__file__).read_text()
@@ -125,17 +124,7 @@ def event_ms(fn, repeat: int) -> float:
 
 def measure(data: bytes, modules: dict, repeat: int) -> dict:
     """GB/s of fp16 output of each variant's lanes launch on the file `data`."""
-    reader = kvcodec.open(data)
-    wanted = [(i, t, 0, reader.header.layers[i].key.tokens) for i in range(reader.num_layers) for t in (0, 1)]
-    device = torch.device("cuda", torch.cuda.current_device())
-    plan = reader.plan(wanted)
-    table = device_read.job_table(reader, plan)
-    buffers = plan.allocate(device)
-    groups, _ = device_read.decoder_groups(reader, plan, table, np.arange(len(plan.records)))
-    rows = np.concatenate(list(groups.values()))
-    with device_read.Checksums(reader, plan, table, on_device=True) as checksums:
-        staged, _ = device_read.stage(reader, plan, table, rows, device, torch.cuda.Stream(), checksums)
-    torch.cuda.synchronize()
+    reader, _, table, buffers, groups, staged = gpu.staged_file(data)
     (slot, dtype_code, _), members = next(iter(groups.items()))
     codec, context = reader.codec(slot), reader.context(slot)
     out = buffers[dtypes.torch_dtype(fmt.record_dtype_name(dtype_code))]
