@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,23 @@ def start_redis(port: int):
     tcp = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
     threading.Thread(target=tcp.serve_forever, daemon=True).start()
     return "fakeredis", lambda: (tcp.shutdown(), tcp.server_close())
+
+
+def running_redis():
+    """A Redis server on a free loopback port, answering: yields (redis-py client, what runs),
+    stops it after. Module fixtures delegate to it with `yield from`."""
+    redis = pytest.importorskip("redis")
+    port = free_port()
+    kind, stop = start_redis(port)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    try:
+        yield client, kind
+    finally:
+        client.close()
+        stop()

@@ -5,7 +5,6 @@ it through the plugin, from a folder and from a real Redis server."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 import kvcodec
 from kvcodec.storage.store import FolderBackend
 
-from conftest import free_port, start_redis
+from conftest import running_redis
 from stacks import run_script, stack_python
 
 pytestmark = pytest.mark.slow
@@ -26,19 +25,8 @@ def lmcache_python():
 
 @pytest.fixture(scope="module")
 def redis_url():
-    redis = pytest.importorskip("redis")
-    port = free_port()
-    _, stop = start_redis(port)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", client
-    client.close()
-    stop()
+    for client, _ in running_redis():
+        yield f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0", client
 
 
 def engine_run(python, url, codec="zstd", options="{}", damage=None):

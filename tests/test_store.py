@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -16,27 +15,16 @@ from kvcodec.errors import InputError
 from kvcodec.storage import store as store_module
 from kvcodec.storage.store import cache_slice
 
-from conftest import free_port, start_redis, synthetic_cache
+from conftest import running_redis, synthetic_cache
 
 CHUNK = 32
 
 
 @pytest.fixture(scope="module")
 def redis_client():
-    redis = pytest.importorskip("redis")
-    port = free_port()
-    kind, stop = start_redis(port)
-    client = redis.Redis(host="127.0.0.1", port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.server_kind = kind
-    yield client
-    client.close()
-    stop()
+    for client, kind in running_redis():
+        client.server_kind = kind
+        yield client
 
 
 def test_the_redis_tests_use_a_real_server_where_one_is_installed(redis_client):
