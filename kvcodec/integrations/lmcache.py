@@ -27,6 +27,7 @@ from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.errors import InputError, KVCError
 from kvcodec.integrations.config import codec_options
+from kvcodec.integrations.entries import entry_problem
 from kvcodec.storage.store import backend_for, whole_cache_codec
 
 try:
@@ -128,9 +129,7 @@ class KVCodecConnector(RemoteConnector):
         return await self._off_loop(self.backend.keys)
 
     async def close(self) -> None:
-        close = getattr(getattr(self.backend, "client", None), "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     # -- reading an entry ----------------------------------------------------------------------
     def _restore(self, key: str):
@@ -158,18 +157,7 @@ class KVCodecConnector(RemoteConnector):
         return memory_obj
 
     def _problem(self, cache: KVCache, key: str) -> str | None:
-        if cache.metadata.get(KEY_META) != key:
-            return "it names another key" if KEY_META in cache.metadata else "it does not name its key"
-        if cache.num_layers != self.layers:
-            return f"it has {cache.num_layers} layers, the engine {self.layers}"
         tokens = cache.layers[0].key.shape[2]
         if not 1 <= tokens <= self.chunk_tokens:
             return f"it holds {tokens} tokens (chunks hold 1 to {self.chunk_tokens})"
-        want = (1, self.heads, tokens, self.head_dim)
-        for i, lay in enumerate(cache.layers):
-            if lay.positions is not None:
-                return f"layer {i} is pruned"
-            for name, x in (("key", lay.key), ("value", lay.value)):
-                if tuple(x.shape) != want or x.dtype != self.dtype:
-                    return f"layer {i} {name} is {x.dtype} {tuple(x.shape)}, the engine's {self.dtype} {want}"
-        return None
+        return entry_problem(cache, KEY_META, key, self.layers, (1, self.heads, tokens, self.head_dim), self.dtype)

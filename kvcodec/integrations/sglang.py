@@ -24,6 +24,7 @@ from kvcodec.api import decode, encode
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.errors import InputError, KVCError
 from kvcodec.integrations.config import codec_options
+from kvcodec.integrations.entries import entry_problem
 from kvcodec.storage.store import backend_for, whole_cache_codec
 
 try:
@@ -151,7 +152,8 @@ class KVCodecHiCacheStorage(HiCacheStorage):
         page = self._layout(target_location)
         try:
             cache = decode(data)
-            problem = self._problem(cache, key + self.suffix, page)
+            problem = entry_problem(cache, KEY_META, key + self.suffix, page.layers,
+                                    (1, page.heads, page.page_size, page.head_dim), page.dtype)
         except KVCError as exc:
             problem = f"it does not decode ({exc})"
         if problem is not None:  # deleted, so that HiCache neither counts it as a hit nor skips storing it
@@ -165,9 +167,7 @@ class KVCodecHiCacheStorage(HiCacheStorage):
         return [self.get(k, t) for k, t in zip(keys, target_locations or [None] * len(keys))]
 
     def close(self) -> None:
-        close = getattr(getattr(self.backend, "client", None), "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
     # -- pages -------------------------------------------------------------------------------------
     def _layout(self, flat) -> PageLayout:
@@ -179,15 +179,3 @@ class KVCodecHiCacheStorage(HiCacheStorage):
                              f"{self.page.dtype} elements")
         return self.page
 
-    @staticmethod
-    def _problem(cache: KVCache, key: str, page: PageLayout) -> str | None:
-        if cache.metadata.get(KEY_META) != key:
-            return "it names another key" if KEY_META in cache.metadata else "it does not name its key"
-        want = (1, page.heads, page.page_size, page.head_dim)
-        if cache.num_layers != page.layers:
-            return f"it has {cache.num_layers} layers, the pool {page.layers}"
-        for i, lay in enumerate(cache.layers):
-            for name, x in (("key", lay.key), ("value", lay.value)):
-                if lay.positions is not None or tuple(x.shape) != want or x.dtype != page.dtype:
-                    return f"layer {i} {name} is {x.dtype} {tuple(x.shape)}, a page's {page.dtype} {want}"
-        return None

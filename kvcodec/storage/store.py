@@ -13,8 +13,8 @@ before it); the first entry that is missing or fails ends the prefix there.
 
 `PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
 (a dict), `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) and `FolderBackend`
-(files) are here, each also with `contains(keys)`, `keys()` and `delete(key)` for the serving-stack
-plugins.
+(files) are here, each also with `contains(keys)`, `keys()`, `delete(key)` and `close()` for the
+serving-stack plugins.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ class MemoryBackend:
     def delete(self, key: str) -> None:
         self.entries.pop(key, None)
 
+    def close(self) -> None:
+        pass
+
 
 TIMEOUT_S = 10.0  # a Redis server's answer, at most
 
@@ -171,6 +174,9 @@ class RedisBackend:
 
     def delete(self, key: str) -> None:
         self.client.delete(self.namespace + key)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class FolderBackend:
@@ -235,6 +241,9 @@ class FolderBackend:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(key))
+
+    def close(self) -> None:
+        pass
 
 
 def backend_for(url: str, namespace: str = "kvc:"):
