@@ -77,8 +77,9 @@ class Lookup:
         inputs travel in one copy and every result's size is known on the host, so building on a
         GPU never waits for it."""
         n_symbols, n_tables = len(weights), len(sizes)
-        slots_total = int((1 << precision_of(np.asarray(sizes, dtype=np.int64))).sum()) if n_tables else 0
-        sums = int(np.asarray(sizes, dtype=np.int64).sum()), int(np.asarray(weights, dtype=np.int64).sum())
+        sizes_host = np.asarray(sizes, dtype=np.int64)
+        slots_total = int((1 << precision_of(sizes_host)).sum()) if n_tables else 0
+        sums = int(sizes_host.sum()), int(np.asarray(weights, dtype=np.int64).sum())
         if sums != (n_symbols, slots_total):  # check_tables' rule, as far as the sizes below need it
             raise CodecError("an entropy table is malformed (its weights do not fill its slots)")
         packed = to_device(np.concatenate([weights, sizes, los]).astype(np.int64), device or "cpu")
