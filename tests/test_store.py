@@ -229,8 +229,30 @@ def test_a_corrupt_entry_ends_the_prefix_without_raising(damage, caplog):
     with caplog.at_level(logging.WARNING, logger=store_module.__name__):
         assert_prefix(store, A, 32)
     assert "[32, 64)" in caplog.text
+    assert key not in backend.entries  # deleted: storing the prompt again heals the store
+    assert store.put(prompt_cache(A)) == 1
+    assert_prefix(store, A, 100)
     backend.entries[chunks[0][2]] = b""
     assert store.get(A) == (None, 0)
+
+
+def test_stored_looks_without_decoding_and_stops_at_a_damaged_or_missing_entry(caplog, monkeypatch):
+    store, backend, chunks = stored()
+    assert store.stored(A) == store.stored(A, verify=False) == 100
+    assert store.stored(A[:64] + [5]) == 64 and store.stored([9] + A) == 0
+    monkeypatch.setattr(store_module, "decode", None)  # a look never decodes
+    key = chunks[2][2]
+    data = bytearray(backend.entries[key])
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    backend.entries[key] = bytes(data)
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        assert store.stored(A) == 64
+    assert "[64, 96)" in caplog.text and "damaged" in caplog.text
+    assert key not in backend.entries and store.stored(A, verify=False) == 64  # the damaged entry is gone
+    backend.entries[key] = backend.entries[chunks[1][2]]
+    assert store.stored(A) == 64  # an intact entry under another chunk's key
+    del backend.entries[chunks[0][2]]
+    assert store.stored(A) == store.stored(A, verify=False) == 0
 
 
 @pytest.fixture(params=["memory", "redis", "folder"])

@@ -11,9 +11,9 @@ key. `PrefixStore.get` decodes each entry and checks it is the chunk it asked fo
 token range, its token ids, its token count, layer shapes and dtypes agreeing with the chunks
 before it); the first entry that is missing or fails ends the prefix there.
 
-`PrefixStore` works over any backend with `get_many(keys)` and `put(key, data)`: `MemoryBackend`
-(a dict), `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) and `FolderBackend`
-(files) are here, each also with `contains(keys)`, `keys()`, `delete(key)` and `close()` for the
+`PrefixStore` works over any backend with `get_many(keys)`, `contains(keys)` and `put(key, data)`:
+`MemoryBackend` (a dict), `RedisBackend` (a redis-py client: Redis, Valkey, KeyDB, ...) and
+`FolderBackend` (files) are here, each also with `keys()`, `delete(key)` and `close()` for the
 serving-stack plugins.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kvcodec.api import decode, encode
+from kvcodec.api import open as open_kvc
 from kvcodec.cache import KVCache, LayerKV
 from kvcodec.codecs.base import Codec
 from kvcodec.encoding.pipeline import parse
@@ -311,15 +312,34 @@ class PrefixStore:
             raise InputError(f"the cache holds {b} sequence(s) of {t} tokens; a prefix store needs one sequence "
                              f"with one token id per token ({len(ids)} given)")
         chunks = self.chunks(ids)
-        present = self.backend.get_many([key for _, _, key in chunks])
+        present = self.backend.contains([key for _, _, key in chunks])
         written = 0
         for (a, b, key), found in zip(chunks, present):
-            if found is None:
+            if not found:
                 part = cache_slice(cache, a, b)
                 part.token_ids = torch.from_numpy(ids[a:b].copy()).reshape(1, -1)
                 part.metadata.update({META_KEY: key, META_TOKENS: f"{a}:{b}"})
                 written += bool(self.backend.put(key, encode(part, self.codec)))
         return written
+
+    def stored(self, token_ids, verify: bool = True) -> int:
+        """How many leading tokens of `token_ids` the store holds, without decoding: the end of
+        the run of chunks from the first whose entries are present and, with `verify`, whose
+        checksums pass and which name their key and token range (a damaged one is deleted, as
+        by `get`). The cheap look a scheduler takes before promising a load; `get` still decodes
+        and checks every entry."""
+        chunks = self.chunks(token_ids)
+        keys = [key for _, _, key in chunks]
+        found = self.backend.get_many(keys) if verify else [b"" if c else None for c in self.backend.contains(keys)]
+        end = 0
+        for (a, b, key), data in zip(chunks, found):
+            if data is None:
+                break
+            if verify and not _entry_intact(data, key, a, b):
+                self.backend.delete(key)
+                break
+            end = b
+        return end
 
     def get(self, token_ids, device=None) -> tuple[KVCache | None, int]:
         """(cache of the longest stored and verified prefix of `token_ids`, its length): (None, 0)
@@ -327,7 +347,8 @@ class PrefixStore:
 
         Each entry is decoded and checked before it is used (see `_verify`); the first entry that
         is missing, does not decode, or is not the chunk asked for ends the prefix, and a damaged
-        one is logged as a warning. Damaged entries never raise and never reach the result."""
+        one is logged as a warning and deleted (the next `put` of its chunk writes it again).
+        Damaged entries never raise and never reach the result."""
         ids = self._ids(token_ids)
         chunks = self.chunks(ids)
         found = self.backend.get_many([key for _, _, key in chunks])
@@ -340,11 +361,13 @@ class PrefixStore:
             except KVCError as e:
                 log.warning("prefix store: entry for tokens [%d, %d) (key %s) does not decode: %s; "
                             "prefix ends at %d", a, b, key, e, a)
+                self.backend.delete(key)
                 break
             problem = _verify(part, key, a, b, ids[a:b], parts[0] if parts else None)
             if problem is not None:
                 log.warning("prefix store: entry for tokens [%d, %d) (key %s) refused: %s; prefix ends at %d",
                             a, b, key, problem, a)
+                self.backend.delete(key)
                 break
             parts.append(part)
         if not parts:
@@ -353,6 +376,21 @@ class PrefixStore:
         for name in (META_KEY, META_TOKENS):  # they describe one entry, not the prefix
             cache.metadata.pop(name, None)
         return cache, chunks[len(parts) - 1][1]
+
+
+def _entry_intact(data: bytes, key: str, start: int, stop: int) -> bool:
+    """Whether `data` passes every checksum and names chunk [start, stop) of `key` (logged when not)."""
+    try:
+        with open_kvc(data) as reader:
+            reader.verify()
+            meta = reader.header.metadata
+    except KVCError as e:
+        log.warning("prefix store: entry for tokens [%d, %d) (key %s) is damaged: %s", start, stop, key, e)
+        return False
+    if meta.get(META_KEY) != key or meta.get(META_TOKENS) != f"{start}:{stop}":
+        log.warning("prefix store: entry for tokens [%d, %d) (key %s) names another chunk", start, stop, key)
+        return False
+    return True
 
 
 def _verify(part: KVCache, key: str, start: int, stop: int, ids: np.ndarray, first: KVCache | None) -> str | None:
