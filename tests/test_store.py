@@ -255,10 +255,12 @@ def test_stored_looks_without_decoding_and_stops_at_a_damaged_or_missing_entry(c
     assert store.stored(A) == store.stored(A, verify=False) == 0
 
 
-@pytest.fixture(params=["memory", "redis", "folder"])
+@pytest.fixture(params=["memory", "redis", "folder", "fsspec"])
 def any_backend(request, tmp_path, redis_client):
     if request.param == "memory":
         return store_module.MemoryBackend()
+    if request.param == "fsspec":  # fsspec's in-memory filesystem, as an object store is used
+        return store_module.FsspecBackend(f"memory://kvc-tests/{request.node.name}")
     if request.param == "redis":
         return store_module.RedisBackend(redis_client, namespace=f"kvc:{request.node.name}*[]:")
     return store_module.FolderBackend(tmp_path / "entries")
@@ -306,10 +308,48 @@ def test_backend_for_reads_folders_and_redis_urls(tmp_path, redis_client):
     assert redis_client.get("kvc:url:a") == b"1"
     assert isinstance(store_module.backend_for(str(tmp_path / "x")), store_module.FolderBackend)
     assert store_module.backend_for(f"file://{tmp_path / 'y'}").path == str(tmp_path / "y")
-    with pytest.raises(InputError, match="unsupported"):
-        store_module.backend_for("s3://bucket/path")
+    assert isinstance(store_module.backend_for("memory://tier"), store_module.FsspecBackend)
+    with pytest.raises(InputError, match="cannot use nosuch://x as a store"):
+        store_module.backend_for("nosuch://x")
     with pytest.raises(InputError, match="another host"):
         store_module.backend_for("file://elsewhere/path")
     with pytest.raises(InputError, match="not a Redis URL"):
         store_module.backend_for("redis://127.0.0.1:notaport/0")
     assert isinstance(store_module.backend_for(str(tmp_path / "cache:v2")), store_module.FolderBackend)
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served read-only over HTTP on a free loopback port: (folder, its URL)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_folder_served_over_http_restores_prefixes_through_fsspec(http_folder, caplog):
+    folder, url = http_folder
+    writer = kvcodec.PrefixStore(store_module.FolderBackend(folder), "m", "zstd", chunk_tokens=CHUNK)
+    assert writer.put(prompt_cache(A)) == 4
+    backend = store_module.backend_for(url)
+    assert isinstance(backend, store_module.FsspecBackend)
+    reader = kvcodec.PrefixStore(backend, "m", "zstd", chunk_tokens=CHUNK)
+    assert reader.stored(A) == 100 and reader.stored([9] + A) == 0
+    assert_prefix(reader, A, 100)
+    assert_prefix(reader, A[:64] + [7], 64)
+    with pytest.raises(InputError, match="cannot store"):  # a plain HTTP server takes no uploads
+        backend.put("new", b"x")
+    key = reader.chunks(A)[1][2]
+    damaged = folder / store_module.entry_name(key)
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    with caplog.at_level(logging.WARNING, logger=store_module.__name__):
+        assert_prefix(reader, A, 32)  # damaged: refused (and cannot be deleted over HTTP)
+    assert "[32, 64)" in caplog.text and "cannot delete" in caplog.text

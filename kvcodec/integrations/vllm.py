@@ -1,6 +1,6 @@
-"""vLLM KV connector: the KV of every prompt vLLM prefills stored as `.kvc` chunks, in a folder or
-a Redis server, with any kvcodec codec, and loaded back into vLLM's paged blocks when a later
-request (in this process or another) starts with the same tokens.
+"""vLLM KV connector: the KV of every prompt vLLM prefills stored as `.kvc` chunks, in a folder,
+a Redis server or an fsspec location, with any kvcodec codec, and loaded back into vLLM's paged
+blocks when a later request (in this process or another) starts with the same tokens.
 
 Entries are `PrefixStore` chunks: content-keyed by the model, the codec and every token up to the
 chunk's end, so prompts sharing a prefix share its chunks. The scheduler promises a load only
@@ -15,12 +15,12 @@ engine does not wait for compression. Start vLLM with:
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"url": "/var/cache/kvc", "codec": "zstd"}}'
 
-Extra config: `url` (a folder, file:// or redis://), `codec` and `options` (as for
-`kvcodec.encode`; default lossless zstd), `chunk_tokens` (default 256), `model_id` (names the
-model in the keys; default vLLM's model name and dtype: set it when processes load one model
-from different paths), `verify_lookup` (default true: the scheduler reads and checksums entries
-before promising them; false checks presence only). `kv_role` "kv_producer" only saves,
-"kv_consumer" only loads.
+Extra config: `url` (a folder, file://, redis://, or an fsspec URL: s3://, gs://, http(s)://
+to read, ...), `codec` and `options` (as for `kvcodec.encode`; default lossless zstd),
+`chunk_tokens` (default 256), `model_id` (names the model in the keys; default vLLM's model
+name and dtype: set it when processes load one model from different paths), `verify_lookup`
+(default true: the scheduler reads and checksums entries before promising them; false checks
+presence only). `kv_role` "kv_producer" only saves, "kv_consumer" only loads.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kvcodec.cache import KVCache, LayerKV
-from kvcodec.errors import InputError, KVCError
+from kvcodec.errors import InputError
 from kvcodec.integrations.config import codec_options
 from kvcodec.integrations.paged import KV_SPLITS, PagedLayer, token_slots
 from kvcodec.storage.store import PrefixStore, backend_for
@@ -115,6 +115,7 @@ class KVCodecConnector(KVConnectorBase_V1):
                 log.warning("kvcodec connector: kv_load_failure_policy is %r: a stored entry that goes missing "
                             "between lookup and load fails its request; 'recompute' recomputes it instead",
                             self._kv_transfer_config.kv_load_failure_policy)
+            self._looked_up: dict[str, int] = {}  # req_id: prompt tokens the store holds
             self._matched: dict[str, tuple[int, int]] = {}  # req_id: (tokens computed locally, loadable)
             self._loads: dict[str, tuple[Any, int, int]] = {}  # req_id: (request, start, stop)
             self._unsaved: dict[str, Transfer] = {}  # prefilling requests to store when their prompt is done
@@ -134,17 +135,21 @@ class KVCodecConnector(KVConnectorBase_V1):
         ids = list(request.prompt_token_ids or [])
         if not self._loads_ok or len(ids) < 2 or getattr(request, "mm_features", None):
             return 0, False
-        try:
-            stored = min(store.stored(ids, verify=self._verify_lookup) for store in self._stores.values())
-        except KVCError as e:
-            log.warning("kvcodec connector: lookup of request %s failed: %s", request.request_id, e)
-            return 0, False
+        stored = self._looked_up.get(request.request_id)
+        if stored is None:  # asked again while the request waits for blocks: the first look stands
+            try:
+                stored = min(store.stored(ids, verify=self._verify_lookup) for store in self._stores.values())
+            except Exception as e:  # noqa: BLE001 - a store that fails (Redis down, ...) is a miss, not a crash
+                log.warning("kvcodec connector: lookup of request %s failed: %s", request.request_id, e)
+                stored = 0
+            self._looked_up[request.request_id] = stored
         # whole blocks only, and never the last prompt token: vLLM computes it for the logits
         loadable = min(stored, len(ids) - 1) // self._block_size * self._block_size
         self._matched[request.request_id] = (num_computed_tokens, loadable)
         return max(0, loadable - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        self._looked_up.pop(request.request_id, None)
         computed, _ = self._matched.pop(request.request_id, (0, 0))
         if num_external_tokens > 0:
             self._loads[request.request_id] = (request, computed, computed + num_external_tokens)
@@ -189,7 +194,7 @@ class KVCodecConnector(KVConnectorBase_V1):
             meta.saves.append(self._saved[req_id])
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
-        for tracked in (self._unsaved, self._saved, self._matched):
+        for tracked in (self._unsaved, self._saved, self._matched, self._looked_up):
             tracked.pop(request.request_id, None)
         return False, None
 
@@ -227,7 +232,7 @@ class KVCodecConnector(KVConnectorBase_V1):
         try:
             cache, found = self._store.get(load.token_ids, device=device)
             problem = None if cache is None else self._mismatch(cache)
-        except KVCError as e:
+        except Exception as e:  # noqa: BLE001 - a store that fails is a failed load, recomputed
             cache, found, problem = None, 0, str(e)
         good = load.stop if found >= load.stop else found // self._block_size * self._block_size
         if problem is not None:

@@ -180,12 +180,32 @@ class RedisBackend:
         self.client.close()
 
 
-class FolderBackend:
-    """Entries as `.kvc` files in a folder, one per key (its name the key, percent-encoded),
-    each written whole or not at all (`atomic_output`): several processes may share the folder."""
+ENTRY_SUFFIX = ".kvc"
+MAX_NAME = 240  # bytes of an entry's file name, under the usual 255
 
-    SUFFIX = ".kvc"
-    MAX_NAME = 240  # bytes of a file name, under the usual 255
+
+def entry_name(key: str) -> str:
+    """The file name of `key`'s entry: the key percent-encoded (a leading "." too: never hidden),
+    `%` for the empty key, `%h` and a digest for keys too long to be a name; `.kvc` after."""
+    name = urllib.parse.quote(key, safe="@=+,-_~")  # "." stays: only a leading one is encoded
+    if name.startswith(".") or not name:  # hidden, or the folder itself: never a key's file
+        name = "%2E" + name[1:] if name else "%"
+    name += ENTRY_SUFFIX
+    if len(name.encode()) > MAX_NAME:  # long keys: a digest names the file
+        name = "%h" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() + ENTRY_SUFFIX
+    return name
+
+
+def keys_of(names) -> list[str]:
+    """The keys that entry file `names` hold (those `entry_name` made), except long ones."""
+    stems = (name[:-len(ENTRY_SUFFIX)] for name in names
+             if name.endswith(ENTRY_SUFFIX) and not name.startswith((".", "%h")))
+    return ["" if stem == "%" else urllib.parse.unquote(stem) for stem in stems]  # "%": the empty key
+
+
+class FolderBackend:
+    """Entries as `.kvc` files in a folder, one per key (named by `entry_name`), each written
+    whole or not at all (`atomic_output`): several processes may share the folder."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -197,13 +217,7 @@ class FolderBackend:
             raise InputError(f"{self.path} is not a folder")
 
     def _file(self, key: str) -> str:
-        name = urllib.parse.quote(key, safe="@=+,-_~")  # "." stays: only a leading one is encoded
-        if name.startswith(".") or not name:  # hidden, or the folder itself: never a key's file
-            name = "%2E" + name[1:] if name else "%"
-        name += self.SUFFIX
-        if len(name.encode()) > self.MAX_NAME:  # long keys: a digest names the file
-            name = "%h" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() + self.SUFFIX
-        return os.path.join(self.path, name)
+        return os.path.join(self.path, entry_name(key))
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         out = []
@@ -235,9 +249,7 @@ class FolderBackend:
 
     def keys(self) -> list[str]:
         """The keys held, except long ones (their files are named by a digest)."""
-        stems = (name[:-len(self.SUFFIX)] for name in sorted(os.listdir(self.path))
-                 if name.endswith(self.SUFFIX) and not name.startswith((".", "%h")))
-        return ["" if stem == "%" else urllib.parse.unquote(stem) for stem in stems]  # "%": the empty key
+        return keys_of(sorted(os.listdir(self.path)))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -247,9 +259,80 @@ class FolderBackend:
         pass
 
 
+class FsspecBackend:
+    """Entries as files under a URL of any fsspec filesystem (s3://, gs://, az://, memory://,
+    http(s):// to read, ...), named as `FolderBackend` names them: a folder it wrote, served over
+    HTTP or synced to a bucket, reads back through this. Writes are whole objects (object stores
+    make each put atomic)."""
+
+    def __init__(self, url: str):
+        try:
+            import fsspec
+        except ImportError:
+            raise InputError(f"{url} needs fsspec (pip install 'kvcodec[remote]')") from None
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:  # an unknown protocol, or its package missing
+            raise InputError(f"cannot use {url} as a store: {exc}") from None
+        self.url, self.root = url, root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{entry_name(key)}"
+
+    def _failed(self, what: str, key: str, exc: Exception) -> InputError:
+        return InputError(f"cannot {what} the entry of {key[:60]!r} at {self.url}: {exc}".splitlines()[0])
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        out = []
+        for k in keys:
+            try:
+                out.append(self.fs.cat_file(self._path(k)))
+            except FileNotFoundError:
+                out.append(None)
+            except Exception as exc:  # noqa: BLE001 - each filesystem raises its own
+                raise self._failed("read", k, exc) from None
+        return out
+
+    def put(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, bytes(data))
+        except Exception as exc:  # noqa: BLE001 - read-only filesystems (http) refuse here
+            raise self._failed("store", key, exc) from None
+        return True
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        try:
+            return [self.fs.exists(self._path(k)) for k in keys]
+        except Exception as exc:  # noqa: BLE001
+            raise self._failed("look up", keys[0] if keys else "", exc) from None
+
+    def keys(self) -> list[str]:
+        """The keys held, except long ones (their files are named by a digest)."""
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+        return keys_of(sorted(names))
+
+    def delete(self, key: str) -> None:
+        """Remove the entry; where the filesystem cannot (http), it stays and is refused on read."""
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            log.warning("store at %s: cannot delete the entry of %r: %s", self.url, key[:60], exc)
+
+    def close(self) -> None:
+        pass
+
+
 def backend_for(url: str, namespace: str = "kvc:"):
     """The backend a URL names: redis://, rediss:// or unix:// (a Redis server), file:// or a
-    plain path (a folder)."""
+    plain path (a folder), any other URL an fsspec filesystem (s3://, gs://, http(s)://, ...)."""
     if not isinstance(url, str) or not url:
         raise InputError("a store location must be a non-empty string (a folder or a redis:// URL)")
     scheme = urllib.parse.urlsplit(url).scheme
@@ -261,7 +344,7 @@ def backend_for(url: str, namespace: str = "kvc:"):
             raise InputError(f"{url} names another host; a folder must be local")
         return FolderBackend(urllib.parse.unquote(parts.path))
     if "://" in url:
-        raise InputError(f"unsupported store location {url!r}: use a folder, file:// or redis://")
+        return FsspecBackend(url)
     return FolderBackend(url)
 
 
