@@ -45,20 +45,25 @@ def main():
     rows.append(("none", "-", base))
     for codec in args.codecs.split(","):
         with tempfile.TemporaryDirectory() as tier:
-            rows.append((f"store ({codec})", codec, run(python, str(model), tier, codec, "kv_producer")))
+            stored = run(python, str(model), tier, codec, "kv_producer")
+            rows.append((f"store ({codec})", codec, stored))
             hit = run(python, str(model), tier, codec, "kv_consumer")
             hit["_bytes"] = sum(f.stat().st_size for f in Path(tier).glob("*.kvc"))
+            hit["_like_store"] = all(hit[p]["tokens"] == stored[p]["tokens"] for p in PROMPTS)
             rows.append((f"hit ({codec})", codec, hit))
     print("| connector | " + " | ".join(f"{p} ({len(base[p]['ids'])} tok) TTFT ms, cached" for p in PROMPTS)
-          + " | stored MB | same 12 greedy tokens as without |")
-    print("|---|" + "---:|" * (len(PROMPTS) + 1) + "---|")
+          + " | stored MB | same 12 greedy tokens as without | as the storing run |")
+    print("|---|" + "---:|" * (len(PROMPTS) + 1) + "---|---|")
     out = []
     for label, codec, res in rows:
         cells = [f"{res[p]['ttft_s'] * 1e3:.0f}, {res[p]['cached_first']}" for p in PROMPTS]
         same = all(res[p]["tokens"] == base[p]["tokens"] for p in PROMPTS)
         stored = f"{res['_bytes'] / 1e6:.1f}" if "_bytes" in res else "-"
-        print(f"| {label} | " + " | ".join(cells) + f" | {stored} | {'yes' if same else 'no'} |")
+        like = {True: "yes", False: "no", None: "-"}[res.get("_like_store")]
+        print(f"| {label} | " + " | ".join(cells) + f" | {stored} | {'yes' if same else 'no'} | {like} |")
         out.append({"row": label, "codec": codec, "bytes_on_disk": res.get("_bytes"), "same_output": same,
+                    "same_as_storing_run": res.get("_like_store"),
+                    "tokens": {p: res[p]["tokens"] for p in PROMPTS},
                     "prompts": {p: {"tokens": len(res[p]["ids"]), "ttft_ms": res[p]["ttft_s"] * 1e3,
                                     "cached": res[p]["cached_first"]} for p in PROMPTS}})
     if args.json:

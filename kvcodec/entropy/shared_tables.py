@@ -66,14 +66,35 @@ def _spans(group: np.ndarray, first: np.ndarray, last: np.ndarray):
     return members.astype(np.int64), lo, hi
 
 
-def _tables(m: np.ndarray, first: np.ndarray, last: np.ndarray, group: np.ndarray):
+def _tables(flat: "_Flat", first: np.ndarray, last: np.ndarray, group: np.ndarray):
     """(first indices, sizes, weights back to back) of the tables shared by each group of rows
-    of `m` (groups 0, 1, ...): a group's summed counts over the span of its members' value
-    ranges, every value of which gets a weight."""
+    (groups 0, 1, ...): a group's summed counts over the span of its members' value ranges,
+    every value of which gets a weight. One bincount of (group, value) sums them: exact, as
+    `_check_exact` makes sure."""
     members, lo, hi = _spans(group, first, last)
-    summed = _exact_product((members[None, :] == np.arange(len(lo))[:, None]).astype(np.float64), m)
-    counts = np.concatenate([summed[g, lo[g]:hi[g]] for g in range(len(lo))])
-    return lo, hi - lo, rans32.weights_from_counts_many(counts, hi - lo)
+    _check_exact(np.bincount(members).max(initial=0), flat.counts.max(initial=0))
+    at = members[flat.table] * flat.width + flat.value
+    summed = np.bincount(at, weights=flat.counts, minlength=len(lo) * flat.width).astype(np.int64)
+    sizes = hi - lo
+    counts = summed[_ranges(np.arange(len(lo)) * flat.width + lo, sizes)]
+    return lo, sizes, rans32.weights_from_counts_many(counts, sizes)
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """Every input table's counts back to back, with each entry's table and value (from the
+    lowest value of all) and the width of all values: what grouping sums and costs run over."""
+
+    counts: np.ndarray  # float64 (integers)
+    table: np.ndarray
+    value: np.ndarray
+    starts: np.ndarray  # each table's first entry
+    width: int
+
+
+def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The indices start, start + 1, ... of each run (`sizes` long), back to back."""
+    return np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
 
 
 def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int):
@@ -85,31 +106,35 @@ def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int
     first = los - low
     last = first + sizes - 1
     width = int(last.max()) + 1
-    m = np.zeros((n, width), dtype=np.int64)
-    for i in range(n):
-        m[i, first[i]:last[i] + 1] = counts[i]
+    flat_counts = np.concatenate(counts).astype(np.float64)
+    starts = np.cumsum(sizes) - sizes
+    table = np.repeat(np.arange(n), sizes)
+    flat = _Flat(flat_counts, table, _ranges(first, sizes), starts, width)
+    m = np.zeros(n * width, dtype=np.float64)  # integers, dense: the spreads sum whole rows
+    m[table * width + flat.value] = flat_counts
+    m = m.reshape(n, width)
     k = min(k, n)
-    m = m.astype(np.float64)  # integers, products computed exactly (`_exact_product`)
     values = np.arange(width, dtype=np.float64)
-    totals = np.maximum(m.sum(1), 1)
+    row_totals = m.sum(1)
+    totals = np.maximum(row_totals, 1)
     mean = (m @ values) / totals
     spread = (m * np.abs(values[None, :] - mean[:, None])).sum(1) / totals
     rank = np.empty(n, dtype=np.int64)
     rank[np.lexsort((np.arange(n), spread))] = np.arange(n)
     group = _split(rank * k // n, first, last)
     for _ in range(ROUNDS):
-        lo, size, w = _tables(m, first, last, group)
+        lo, size, w = _tables(flat, first, last, group)
         bits = np.repeat(rans32.precision_of(size), size) - np.log2(w)
         cost_of = np.full((len(size), width), OUTSIDE, dtype=np.int64)
-        at = np.cumsum(size) - size
-        fixed = np.rint(bits * COST_ONE).astype(np.int64)
-        for g, (lo_g, size_g, at_g) in enumerate(zip(lo.tolist(), size.tolist(), at.tolist())):
-            cost_of[g, lo_g:lo_g + size_g] = fixed[at_g:at_g + size_g]
-        new = _split(np.argmin(_exact_product(m, cost_of.T), axis=1), first, last)  # lowest on ties
+        cost_of.reshape(-1)[_ranges(np.arange(len(size)) * width + lo, size)] = np.rint(bits * COST_ONE).astype(np.int64)
+        # each table's cost in every group: its counts times the group's cost of each value, summed
+        _check_exact(row_totals.max(initial=0), cost_of.max(initial=0))
+        cost = np.add.reduceat(cost_of[:, flat.value] * flat_counts.astype(np.int64), starts, axis=1)
+        new = _split(np.argmin(cost.T, axis=1), first, last)  # lowest on ties
         if np.array_equal(new, group):
             break
         group = new
-    lo, size, w = _tables(m, first, last, group)
+    lo, size, w = _tables(flat, first, last, group)
     return group, low + lo, size, w
 
 
@@ -129,13 +154,12 @@ def _split(group: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray
     return out
 
 
-def _exact_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The integer matrix product of integer-valued float64 `a` and `b`, by BLAS: exact (every
-    partial sum is an integer below 2**53, whatever order BLAS adds in), so the same on every
-    machine and thread count."""
-    if np.abs(a).sum(1).max(initial=0) * np.abs(b).max(initial=0) >= 2.0 ** 53:
+def _check_exact(row_sum: float, entry: float) -> None:
+    """CodecError unless sums of integer products whose factors' rows sum to at most `row_sum`
+    and whose other factors are at most `entry` stay below 2**53: the sums are then exact
+    integers, the same on every machine."""
+    if float(row_sum) * float(entry) >= 2.0 ** 53:
         raise CodecError("a cache this large cannot have its tables fitted exactly")
-    return (a @ b).astype(np.int64)
 
 
 def _runs(members: np.ndarray, first: np.ndarray, last: np.ndarray) -> list[np.ndarray]:

@@ -75,7 +75,7 @@ class KVCodecConnectorMetadata(KVConnectorMetadata):
 
 def _config_of(kv_transfer_config) -> dict:
     extra = dict(kv_transfer_config.kv_connector_extra_config or {})
-    unknown = set(extra) - {"url", "codec", "options", "chunk_tokens", "model_id", "verify_lookup"}
+    unknown = set(extra) - {"url", "codec", "options", "chunk_tokens", "model_id", "verify_lookup", "background_save"}
     if unknown:
         raise InputError(f"kvcodec's vLLM connector has no setting {', '.join(sorted(unknown))}")
     if not isinstance(extra.get("url"), str) or not extra["url"]:
@@ -101,6 +101,7 @@ class KVCodecConnector(KVConnectorBase_V1):
         self._model_id = model_id
         self._block_size = vllm_config.cache_config.block_size
         self._verify_lookup = bool(cfg.get("verify_lookup", True))
+        self._background = bool(cfg.get("background_save", True))
         chunk_tokens = cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
         backend = backend_for(cfg["url"])
         codec, options = cfg.get("codec", DEFAULT_CODEC), codec_options(cfg.get("options"))
@@ -274,7 +275,10 @@ class KVCodecConnector(KVConnectorBase_V1):
                 continue
             slots = save.slots(self._block_size).to(self._layers[0].key.device)
             cache = KVCache([layer.read(slots) for layer in self._layers])
-            self._saver.submit(self._put, save, cache)
+            if self._background:
+                self._saver.submit(self._put, save, cache)
+            else:
+                self._put(save, cache)
 
     def _put(self, save: Transfer, cache: KVCache) -> None:
         try:
@@ -286,7 +290,25 @@ class KVCodecConnector(KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
+    def wait_for_saves(self) -> None:
+        """Return once every save submitted so far is stored (or has failed, logged)."""
+        self._saver.submit(lambda: None).result()  # one saver thread: saves finish in order
+
     def shutdown(self):
         if self._role == KVConnectorRole.WORKER:
             self._saver.shutdown(wait=True)  # pending saves complete before the engine exits
         self._backend.close()
+
+
+
+class SavesExtension:
+    """A vLLM worker extension (`worker_extension_cls="kvcodec.integrations.vllm.SavesExtension"`)
+    so that `llm.collective_rpc("kvcodec_wait_for_saves")` returns once every worker's background
+    saves are stored: call it before stopping an engine that has just stored (saves still
+    encoding when its processes are killed are lost: future misses)."""
+
+    def kvcodec_wait_for_saves(self) -> None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        if has_kv_transfer_group() and isinstance(get_kv_transfer_group(), KVCodecConnector):
+            get_kv_transfer_group().wait_for_saves()

@@ -48,10 +48,12 @@ def main(model: str, url: str, codec: str, role: str, verify: str, names: str):
             kv_connector="KVCodecConnector", kv_connector_module_path="kvcodec.integrations.vllm",
             kv_role=role, kv_load_failure_policy="recompute",
             kv_connector_extra_config={"url": url, "codec": codec, "model_id": "smollm2-test",
-                                       "verify_lookup": verify == "verify"})
+                                       "verify_lookup": verify == "verify",
+                                       "background_save": os.environ.get("KVC_BACKGROUND", "1") == "1"})
     started = time.perf_counter()
     llm = LLM(model=model, max_model_len=2048, enforce_eager=True, dtype="bfloat16", enable_prefix_caching=False,
               gpu_memory_utilization=0.3, kv_transfer_config=transfer, seed=0,
+              worker_extension_cls="kvcodec.integrations.vllm.SavesExtension",
               # VLLM_ENABLE_V1_MULTIPROCESSING=0: the whole engine in this process (starts 4x faster);
               # otherwise vLLM's own processes, the connector's metadata crossing between them
               distributed_executor_backend="uni" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else None)
@@ -65,6 +67,8 @@ def main(model: str, url: str, codec: str, role: str, verify: str, names: str):
         ttft = time.perf_counter() - t0
         out = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(temperature=0, max_tokens=STEPS),
                            use_tqdm=False)[0]
+        if transfer is not None and role != "kv_consumer":
+            llm.collective_rpc("kvcodec_wait_for_saves")  # this prompt stored before the next one looks it up
         print(json.dumps({"name": name, "ids": ids, "tokens": list(out.outputs[0].token_ids),
                           "first": list(first.outputs[0].token_ids), "ttft_s": ttft,
                           "cached_first": first.num_cached_tokens, "cached": out.num_cached_tokens}), flush=True)
