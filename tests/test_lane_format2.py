@@ -101,7 +101,7 @@ def test_tables_group_channels_and_cover_every_value():
     los = rng.integers(-30, 0, n)
     sizes = rng.integers(2, 60, n)
     los[0], sizes[0] = -5000, 3  # far from the others: a group spanning it would pass 4096 values
-    counts = [rng.integers(0, 100, s) for s in sizes]
+    counts = np.concatenate([rng.integers(0, 100, s) for s in sizes])
     table_of, t_los, t_sizes, weights = shared_tables.cluster(los, sizes, counts, 4)
     again = shared_tables.cluster(los, sizes, counts, 4)
     assert np.array_equal(table_of, again[0]) and np.array_equal(weights, again[3])  # deterministic

@@ -151,8 +151,9 @@ class Codec(Configurable):
 
 def check_finite(x: torch.Tensor, info: ChunkInfo, codec: str) -> None:
     """CodecError naming the chunk unless every element is finite (lossy codecs quantize values
-    and cannot represent NaN or infinities)."""
-    if not bool(torch.isfinite(x).all()):
+    and cannot represent NaN or infinities). From the extremes, through which NaN propagates:
+    several times cheaper than a mask of every element."""
+    if x.numel() and not all(bool(torch.isfinite(v)) for v in torch.aminmax(x)):
         raise CodecError(f"{codec}: layer {info.layer} {info.tensor} holds NaN or infinity, which a lossy codec "
                          "cannot store; use a lossless codec")
 

@@ -111,7 +111,8 @@ class CacheGenCodec(Codec):
                 bodies = [chunk.detach()[:, :, self.sink_count(info):].to(torch.float32)
                           for info, chunk in chunks.of(i, name)] or [torch.zeros(chunks.shape(i, name))]
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
-                steps = channel_steps(torch.cat(bodies, 2), self.relative_step(i, chunks.num_layers, name), emphasis)
+                joined = bodies[0] if len(bodies) == 1 else torch.cat(bodies, 2)
+                steps = channel_steps(joined, self.relative_step(i, chunks.num_layers, name), emphasis)
                 where = f"cachegen: layer {i} {name}"
                 fitted[(i, name)] = (tables.fit(bodies, steps, self.group_size, self.anchor_bits, where)
                                      if self.lanes == 1 else

@@ -32,26 +32,35 @@ def quantize(x: torch.Tensor, steps: torch.Tensor, anchored: torch.Tensor, group
     b, h, n, d = x.shape
     y = x.permute(0, 1, 3, 2).reshape(b, h * d, n) / steps.to(x.device)[:, None]
     direct = torch.round(y).to(torch.int64)  # half to even, as np.rint
-    pos = torch.arange(n, device=x.device)
-    is_anchor = pos % group_size == 0
-    ya = y[:, anchored.to(x.device)]
+    groups = -(-n // group_size)
+    # tokens as [groups, group_size] (the last group padded): anchors are column 0, by views
+    # rather than masks; padded places are computed and dropped
+    a = len(anchored)
+    ya = torch.nn.functional.pad(y[:, anchored.to(x.device)], (0, groups * group_size - n))
+    ya = ya.reshape(b, a, groups, group_size)
     scale = float(1 << anchor_bits)
-    anchors = torch.round(ya[:, :, is_anchor] * scale).to(torch.int64)
-    group = (pos // group_size)[~is_anchor]
-    deltas = torch.round(ya[:, :, ~is_anchor].double() - (anchors.double() / scale)[:, :, group]).to(torch.int64)
+    anchors = torch.round(ya[..., 0] * scale).to(torch.int64)
+    deltas = torch.round(ya[..., 1:].double() - (anchors.double() / scale)[..., None])
+    deltas = deltas.reshape(b, a, groups * (group_size - 1))[..., :n - groups].to(torch.int64)
     return direct, anchors, deltas
 
 
 def tree_sum(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Sum over `dims` by pairwise halving: the same additions in the same order on any device
-    (torch's own reductions order them per device and CPU), so the bits agree everywhere."""
+    (torch's own reductions order them per device and CPU), so the bits agree everywhere.
+
+    Summed elements are laid out as rows (kept elements along them), so that each halving adds
+    whole rows; an odd row out is added to zero, as if padded to a power of two."""
     keep = [i for i in range(x.dim()) if i not in dims]
-    x = x.permute(*keep, *dims).reshape(*[x.shape[i] for i in keep], -1)
-    width = 1 << max(0, (x.shape[-1] - 1).bit_length())
-    x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-    while x.shape[-1] > 1:
-        x = x[..., 0::2] + x[..., 1::2]
-    return x[..., 0]
+    kept = [x.shape[i] for i in keep]
+    x = x.permute(*dims, *keep).reshape(-1, math.prod(kept))
+    if len(x) == 0:
+        return x.new_zeros(kept)
+    while len(x) > 1:
+        if len(x) % 2:
+            x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+        x = x[0::2] + x[1::2]
+    return x[0].reshape(kept)
 
 
 def channel_steps(x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarray:
@@ -73,17 +82,34 @@ def channel_steps(x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarr
     return (rel_step * sigma * weight).numpy().astype(np.float32)
 
 
-def entropy_bits(symbols) -> np.ndarray:
-    """Empirical entropy (total bits) of each row of an int array or tensor: N log N - sum c log c.
-    Counted on the symbols' device; the logarithms on the CPU from the exact counts."""
+def value_counts(symbols) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's smallest value and its counts of every value from there up, of an int array
+    or tensor [rows, n]: int64 numpy [rows] and [rows, span] (span: the widest row's; rows of
+    no symbols start at 0 and count nothing). Counted in one bincount on the symbols' device:
+    the entropies, value ranges and tables of a file's symbols all come from these counts."""
     symbols = torch.as_tensor(symbols)
     rows, n = symbols.shape
     if n == 0:
+        return np.zeros(rows, dtype=np.int64), np.zeros((rows, 1), dtype=np.int64)
+    low, high = torch.aminmax(symbols, dim=1)
+    span = int((high - low).max()) + 1
+    index = symbols + (torch.arange(rows, device=symbols.device) * span - low)[:, None]  # row * span + value - low
+    counts = torch.bincount(index.reshape(-1), minlength=rows * span)
+    return low.cpu().numpy(), counts.cpu().numpy().reshape(rows, span)
+
+
+def counts_entropy_bits(counts: np.ndarray) -> np.ndarray:
+    """`entropy_bits` of rows of symbols from their `value_counts` counts [rows, span]."""
+    rows, span = counts.shape
+    n = int(counts[0].sum()) if rows else 0  # every row counts the same number of symbols
+    if n == 0:
         return np.zeros(rows)
-    shifted = symbols - symbols.min(dim=1, keepdim=True).values
-    span = int(shifted.max()) + 1
-    index = shifted + torch.arange(rows, device=symbols.device)[:, None] * span
-    counts = torch.bincount(index.reshape(-1), minlength=rows * span).cpu().numpy()
     nz = np.flatnonzero(counts)
-    c = counts[nz].astype(np.float64)
+    c = counts.reshape(-1)[nz].astype(np.float64)
     return n * np.log2(n) - np.bincount(nz // span, weights=c * np.log2(c), minlength=rows)
+
+
+def entropy_bits(symbols) -> np.ndarray:
+    """Empirical entropy (total bits) of each row of an int array or tensor: N log N - sum c log c.
+    Counted on the symbols' device; the logarithms on the CPU from the exact counts."""
+    return counts_entropy_bits(value_counts(symbols)[1])

@@ -86,7 +86,7 @@ def encode_many(xs: list[torch.Tensor], items: list[Coded], flat: FlatTables) ->
         widths = [items[i].shape[0] * items[i].shape[1] * items[i].shape[3] for i in batch]
         phases = np.concatenate([np.stack(lane_tables(items[i])) for i in batch], 1)
         phase = step_phase(max(tokens), group)
-        v = flat.los[phases[phase]].astype(np.int32)  # [steps, lanes]; steps past a lane's last hold a valid value
+        v = flat.los[phases].astype(np.int32)[phase]  # [steps, lanes]; steps past a lane's last hold a valid value
         for i, at, width in zip(batch, np.cumsum(widths) - widths, widths):
             v[:items[i].shape[2], at:at + width] = lane_values(xs[i], items[i].tables).numpy()
         outside = rans32.outside_tables(v, phases, group, flat)

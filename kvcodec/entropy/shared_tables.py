@@ -22,7 +22,7 @@ import zstandard
 
 from kvcodec.cache import MAX_LAYERS, TENSORS
 from kvcodec.entropy import rans, rans32
-from kvcodec.entropy.tables import INFLATE_FACTOR, MAX_SYMBOL, channel_symbols, table_counts
+from kvcodec.entropy.tables import INFLATE_FACTOR, MAX_SYMBOL, channel_symbols, last_values, ranges, table_counts
 from kvcodec.errors import CodecError
 
 ROUNDS = 4  # more rounds: 0.07% smaller files on SmolLM2, at twice the fitting time
@@ -66,75 +66,52 @@ def _spans(group: np.ndarray, first: np.ndarray, last: np.ndarray):
     return members.astype(np.int64), lo, hi
 
 
-def _tables(flat: "_Flat", first: np.ndarray, last: np.ndarray, group: np.ndarray):
+def _tables(m: np.ndarray, nonzero: np.ndarray, first: np.ndarray, last: np.ndarray, group: np.ndarray):
     """(first indices, sizes, weights back to back) of the tables shared by each group of rows
-    (groups 0, 1, ...): a group's summed counts over the span of its members' value ranges,
-    every value of which gets a weight. One bincount of (group, value) sums them: exact, as
-    `_check_exact` makes sure."""
+    of `m` (groups 0, 1, ...): a group's summed counts over the span of its members' value
+    ranges, every value of which gets a weight. Summed by one bincount over `m`'s `nonzero`
+    (flat) entries rather than a product with the groups' members: exact (`_check_exact`)."""
     members, lo, hi = _spans(group, first, last)
-    _check_exact(np.bincount(members).max(initial=0), flat.counts.max(initial=0))
-    at = members[flat.table] * flat.width + flat.value
-    summed = np.bincount(at, weights=flat.counts, minlength=len(lo) * flat.width).astype(np.int64)
-    sizes = hi - lo
-    counts = summed[_ranges(np.arange(len(lo)) * flat.width + lo, sizes)]
-    return lo, sizes, rans32.weights_from_counts_many(counts, sizes)
+    _check_exact(np.bincount(members).max(), m.max())
+    width = m.shape[1]
+    at = members[nonzero // width] * width + nonzero % width
+    summed = np.bincount(at, weights=m.reshape(-1)[nonzero], minlength=len(lo) * width).astype(np.int64)
+    counts = summed[ranges(np.arange(len(lo)) * width + lo, hi - lo)]
+    return lo, hi - lo, rans32.weights_from_counts_many(counts, hi - lo)
 
 
-@dataclass(frozen=True)
-class _Flat:
-    """Every input table's counts back to back, with each entry's table and value (from the
-    lowest value of all) and the width of all values: what grouping sums and costs run over."""
-
-    counts: np.ndarray  # float64 (integers)
-    table: np.ndarray
-    value: np.ndarray
-    starts: np.ndarray  # each table's first entry
-    width: int
-
-
-def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """The indices start, start + 1, ... of each run (`sizes` long), back to back."""
-    return np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
-
-
-def cluster(los: np.ndarray, sizes: np.ndarray, counts: list[np.ndarray], k: int):
-    """Group tables (value ranges `los`/`sizes`, `counts` per value) into about `k` shared ones
-    (more where a group would span over 4096 values). Returns (shared table of each input
-    table, shared tables' los, sizes, weights back to back)."""
+def cluster(los: np.ndarray, sizes: np.ndarray, counts: np.ndarray, k: int):
+    """Group tables (value ranges `los`/`sizes`, `counts` per value back to back) into about `k`
+    shared ones (more where a group would span over 4096 values). Returns (shared table of each
+    input table, shared tables' los, sizes, weights back to back)."""
     n = len(sizes)
     low = int(los.min())
     first = los - low
     last = first + sizes - 1
     width = int(last.max()) + 1
-    flat_counts = np.concatenate(counts).astype(np.float64)
-    starts = np.cumsum(sizes) - sizes
-    table = np.repeat(np.arange(n), sizes)
-    flat = _Flat(flat_counts, table, _ranges(first, sizes), starts, width)
-    m = np.zeros(n * width, dtype=np.float64)  # integers, dense: the spreads sum whole rows
-    m[table * width + flat.value] = flat_counts
+    m = np.zeros(n * width, dtype=np.float64)  # integers, products computed exactly (`_exact_product`)
+    m[ranges(np.arange(n) * width + first, sizes)] = counts
     m = m.reshape(n, width)
+    nonzero = np.flatnonzero(m)
     k = min(k, n)
     values = np.arange(width, dtype=np.float64)
-    row_totals = m.sum(1)
-    totals = np.maximum(row_totals, 1)
+    totals = np.maximum(m.sum(1), 1)
     mean = (m @ values) / totals
     spread = (m * np.abs(values[None, :] - mean[:, None])).sum(1) / totals
     rank = np.empty(n, dtype=np.int64)
     rank[np.lexsort((np.arange(n), spread))] = np.arange(n)
     group = _split(rank * k // n, first, last)
     for _ in range(ROUNDS):
-        lo, size, w = _tables(flat, first, last, group)
+        lo, size, w = _tables(m, nonzero, first, last, group)
         bits = np.repeat(rans32.precision_of(size), size) - np.log2(w)
         cost_of = np.full((len(size), width), OUTSIDE, dtype=np.int64)
-        cost_of.reshape(-1)[_ranges(np.arange(len(size)) * width + lo, size)] = np.rint(bits * COST_ONE).astype(np.int64)
-        # each table's cost in every group: its counts times the group's cost of each value, summed
-        _check_exact(row_totals.max(initial=0), cost_of.max(initial=0))
-        cost = np.add.reduceat(cost_of[:, flat.value] * flat_counts.astype(np.int64), starts, axis=1)
-        new = _split(np.argmin(cost.T, axis=1), first, last)  # lowest on ties
+        fixed = np.rint(bits * COST_ONE).astype(np.int64)
+        cost_of.reshape(-1)[ranges(np.arange(len(size)) * width + lo, size)] = fixed  # each group's row of costs
+        new = _split(np.argmin(_exact_product(m, cost_of.T), axis=1), first, last)  # lowest on ties
         if np.array_equal(new, group):
             break
         group = new
-    lo, size, w = _tables(flat, first, last, group)
+    lo, size, w = _tables(m, nonzero, first, last, group)
     return group, low + lo, size, w
 
 
@@ -154,11 +131,19 @@ def _split(group: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray
     return out
 
 
-def _check_exact(row_sum: float, entry: float) -> None:
-    """CodecError unless sums of integer products whose factors' rows sum to at most `row_sum`
-    and whose other factors are at most `entry` stay below 2**53: the sums are then exact
-    integers, the same on every machine."""
-    if float(row_sum) * float(entry) >= 2.0 ** 53:
+def _exact_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The integer matrix product of integer-valued float64 `a` and `b`, by BLAS: exact (every
+    partial sum is an integer below 2**53, whatever order BLAS adds in), so the same on every
+    machine and thread count. Torch's BLAS, which keeps to torch's thread count: numpy's
+    spreads these small products over every core, many times slower on a busy machine."""
+    _check_exact(np.abs(a).sum(1).max(initial=0), np.abs(b).max(initial=0))
+    return (torch.from_numpy(a) @ torch.from_numpy(b.astype(np.float64))).numpy().astype(np.int64)
+
+
+def _check_exact(row_sum, entry) -> None:
+    """CodecError unless integer products of rows summing to at most `row_sum` with entries up to
+    `entry` stay below 2**53, so that float64 computes them exactly."""
+    if row_sum * entry >= 2.0 ** 53:
         raise CodecError("a cache this large cannot have its tables fitted exactly")
 
 
@@ -183,18 +168,17 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
     c_all = h * d
     direct, anchors, deltas, anchored = channel_symbols(bodies, steps, group_size, anchor_bits,
                                                         lambda spans: np.zeros(len(spans)))
-    for symbols in (anchors, deltas):  # a channel stays direct where anchoring would need too wide a table
-        if symbols.shape[1]:
-            anchored &= (symbols.max(dim=1).values - symbols.min(dim=1).values).cpu().numpy() < rans32.MAX_ALPHABET
-    los, sizes, counts = table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
+    for _, counts in (anchors, deltas):  # a channel stays direct where anchoring would need too wide a table
+        anchored &= last_values(counts) < rans32.MAX_ALPHABET
+    los, sizes, counts = table_counts(direct, anchors, deltas, anchored)
     if sizes.max() > rans32.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
         raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
-    per_table = np.split(counts, np.cumsum(sizes)[:-1])
-    main_of, m_los, m_sizes, m_weights = cluster(los[:c_all], sizes[:c_all], per_table[:c_all], n_tables)
+    main_symbols = int(sizes[:c_all].sum())  # the main tables' counts come first
+    main_of, m_los, m_sizes, m_weights = cluster(los[:c_all], sizes[:c_all], counts[:main_symbols], n_tables)
     delta = np.full(c_all, -1, dtype=np.int64)
     t_los, t_sizes, t_weights = [m_los], [m_sizes], [m_weights]
     if anchored.any():
-        delta_of, d_los, d_sizes, d_weights = cluster(los[c_all:], sizes[c_all:], per_table[c_all:], n_tables)
+        delta_of, d_los, d_sizes, d_weights = cluster(los[c_all:], sizes[c_all:], counts[main_symbols:], n_tables)
         delta[anchored] = len(m_sizes) + delta_of
         t_los, t_sizes, t_weights = [m_los, d_los], [m_sizes, d_sizes], [m_weights, d_weights]
     return TensorTables(h, d, group_size, anchor_bits, steps, main_of, delta, np.concatenate(t_los),

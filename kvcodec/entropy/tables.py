@@ -17,7 +17,7 @@ import zstandard
 
 from kvcodec.cache import MAX_LAYERS, TENSORS
 from kvcodec.entropy import rans
-from kvcodec.entropy.quantizer import entropy_bits, quantize
+from kvcodec.entropy.quantizer import counts_entropy_bits, quantize, value_counts
 from kvcodec.errors import CodecError
 
 MAX_SYMBOL = 1 << 20  # |lo| and lo + n stay below this, so decoded values are exact in float32
@@ -63,42 +63,54 @@ class ChannelTables:
         return self.heads * self.head_dim + np.arange(int(self.anchored.sum()))
 
 
-def table_counts(direct: torch.Tensor, anchors: torch.Tensor, deltas: torch.Tensor, anchored: torch.Tensor):
+def table_counts(direct, anchors, deltas, anchored: np.ndarray):
     """First value, alphabet size and symbol counts of every table of one (layer, key/value):
     per channel its direct or (anchored) anchor symbols, then the anchored channels' deltas.
-    Counted on the symbols' device; returns numpy int64 arrays (counts back to back)."""
-    plain, marked = torch.nonzero(~anchored).reshape(-1), torch.nonzero(anchored).reshape(-1)
-    channels, n_anchored = len(anchored), len(marked)
-    places = [plain, marked, channels + torch.arange(n_anchored, device=direct.device)]  # table of each row
-    values = [direct[plain], anchors[marked], deltas[marked]]
-    lo = torch.zeros(channels + n_anchored, dtype=torch.int64, device=direct.device)
-    hi = torch.zeros_like(lo)
-    for place, v in zip(places, values):
-        if v.shape[1]:
-            lo[place], hi[place] = v.min(dim=1).values, v.max(dim=1).values
-    sizes = torch.clamp(hi - lo + 1, min=2)
-    offset = torch.cumsum(sizes, 0) - sizes - lo  # symbol value -> index in the counts
-    index = torch.cat([(v + offset[place][:, None]).reshape(-1) for place, v in zip(places, values)])
-    counts = torch.bincount(index, minlength=int(sizes.sum()))
-    return lo.cpu().numpy(), sizes.cpu().numpy(), counts.cpu().numpy()
+    From the `value_counts` of each kind of symbol over every channel (all three of [H*D] rows);
+    numpy int64 arrays, counts back to back."""
+    kinds = (direct, anchors, deltas)
+    marked = np.flatnonzero(anchored)
+    kind = np.r_[anchored.astype(np.int64), np.full(len(marked), 2)]  # of each table's symbols
+    row = np.r_[np.arange(len(anchored)), marked]
+    lo = np.stack([low for low, _ in kinds])[kind, row]
+    sizes = np.maximum(np.stack([last_values(c) for _, c in kinds])[kind, row] + 1, 2)  # at least 2 values
+    padded = [np.pad(c, ((0, 0), (0, 1))) for _, c in kinds]  # room for a table's second value
+    width = np.array([p.shape[1] for p in padded])
+    at = np.cumsum([0] + [p.size for p in padded])[kind] + row * width[kind]
+    return lo, sizes, np.concatenate([p.reshape(-1) for p in padded])[ranges(at, sizes)]
+
+
+def last_values(counts: np.ndarray) -> np.ndarray:
+    """Each row's largest counted value above its first (its span; 0 for a row of no counts)."""
+    return counts.shape[1] - 1 - np.argmax(counts[:, ::-1] > 0, axis=1)
+
+
+def ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The indices start, start + 1, ... of each run (`sizes` long), back to back."""
+    return np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
 
 
 def channel_symbols(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, extra_bits):
-    """Direct, anchor and delta symbols of every channel over the chunks `bodies` ([H*D, tokens
-    of all chunks] each, on the bodies' device), and which channels are anchored: those whose
-    anchors and deltas cost fewer bits than their direct symbols, counting `extra_bits(spans)`
-    (numpy, per channel from its deltas' span) for what anchoring adds to a file."""
+    """The `value_counts` of every channel's direct, anchor and delta symbols over the chunks
+    `bodies` ([H*D, tokens of all chunks] each, counted on the bodies' device), and which
+    channels are anchored: those whose anchors and deltas cost fewer bits than their direct
+    symbols, counting `extra_bits(spans)` (numpy, per channel from its deltas' span) for what
+    anchoring adds to a file."""
     b, h, _, d = bodies[0].shape
     c_all = h * d
     parts = [quantize(body, torch.from_numpy(steps), torch.arange(c_all), group_size, anchor_bits) for body in bodies]
-    direct, anchors, deltas = (torch.cat([p[k].transpose(0, 1).reshape(c_all, -1) for p in parts], 1)
-                               for k in range(3))  # [H*D, tokens of all chunks]
+    direct, anchors, deltas = (value_counts(_joined([p[k].transpose(0, 1).reshape(c_all, -1) for p in parts]))
+                               for k in range(3))  # of [H*D, tokens of all chunks]
     anchored = np.zeros(c_all, dtype=bool)
-    if group_size > 1 and deltas.numel():
-        spans = (deltas.max(dim=1).values - deltas.min(dim=1).values).cpu().numpy()
-        cost = entropy_bits(anchors) + entropy_bits(deltas) + extra_bits(spans)
-        anchored = cost < entropy_bits(direct)
+    if group_size > 1 and deltas[1].any():  # there are deltas
+        cost = counts_entropy_bits(anchors[1]) + counts_entropy_bits(deltas[1]) + extra_bits(last_values(deltas[1]))
+        anchored = cost < counts_entropy_bits(direct[1])
     return direct, anchors, deltas, anchored
+
+
+def _joined(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' rows side by side (a single chunk's as they are: no copy)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, 1)
 
 
 def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_bits: int, where: str) -> ChannelTables:
@@ -110,7 +122,7 @@ def fit(bodies: list[torch.Tensor], steps: np.ndarray, group_size: int, anchor_b
     lane_bits = len(bodies) * b * (32 + 48)  # a delta lane's length and final state per chunk
     direct, anchors, deltas, anchored = channel_symbols(bodies, steps, group_size, anchor_bits,
                                                         lambda spans: 8 * (spans + 7) + lane_bits)
-    los, sizes, counts = table_counts(direct, anchors, deltas, torch.from_numpy(anchored).to(direct.device))
+    los, sizes, counts = table_counts(direct, anchors, deltas, anchored)
     if sizes.max() > rans.MAX_ALPHABET or np.abs(los).max() + sizes.max() >= MAX_SYMBOL:
         raise CodecError(f"{where} spans {sizes.max()} steps; use a larger step")
     return ChannelTables(h, d, group_size, anchor_bits, steps, anchored, los.astype(np.int64), sizes.astype(np.int64),
