@@ -3,6 +3,8 @@ conflict with one another and with the test environment (LMCache pins numpy, kvp
 transformers). A stack's environment is made on first use and reused after, under
 $KVCODEC_STACKS (default ~/.cache/kvcodec-stacks), named by what it holds and by this
 checkout, which it installs in editable mode. KVCODEC_STACKS=off skips the tests that need one.
+The conftest starts making the environments a session's tests need on a background thread as
+soon as they are collected, and runs those tests last.
 """
 
 from __future__ import annotations
