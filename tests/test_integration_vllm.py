@@ -78,8 +78,14 @@ def first(vllm_python, vllm_model, tmp_path_factory):
     return folder, results
 
 
+def test_the_connector_reads_keys_and_values_where_vllm_s_cpu_kernels_write_them(first):
+    _, got = first
+    assert got["layouts"] == {"name": "layouts", "vec": True, "vec16": True}
+
+
 def test_the_first_process_stores_every_prompt_as_kvc_chunks(first):
     folder, got = first
+    got = {k: r for k, r in got.items() if k != "layouts"}
     assert all(r["cached_first"] == 0 and r["cached"] == 0 for r in got.values())
     stored = entries(folder)
     prose, code, longer = (got[n]["ids"] for n in ("prose", "code", "prose+"))

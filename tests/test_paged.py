@@ -15,9 +15,12 @@ B, H, N, D = 6, 3, 4, 8
 
 
 def vllm_cpu_split(kv):
-    """CPU_ATTN: `kv.view(blocks, heads, 2 * block_size, -1).chunk(2, dim=2)`, [B, H, N, D] each."""
-    key, value = kv.view(B, H, 2 * N, -1).chunk(2, dim=2)
-    return key, value
+    """CPU_ATTN ("vec" and "vec16" kernels): `kv.view(blocks, heads, 2 * block_size, -1).chunk(2,
+    dim=2)`, into which `cpu_attn_reshape_and_cache` writes each tile's keys transposed (dim d
+    of the tile's token t at d * block_size + t) and its values as rows: [B, H, N, D] each.
+    (Checked against the real op in the vLLM test environment, tests/stacks/vllm_connector.py.)"""
+    key_tiles, value = kv.view(B, H, 2 * N, -1).chunk(2, dim=2)
+    return key_tiles.reshape(B, H, D, N).transpose(2, 3), value
 
 
 def vllm_flash_split(kv):
@@ -32,7 +35,7 @@ def test_token_slots_follow_the_block_table():
 
 
 @pytest.mark.parametrize("split, vllm_split, physical", [
-    ("rows", vllm_cpu_split, "BHNC"),
+    ("tiles", vllm_cpu_split, "BHNC"),
     ("columns", vllm_flash_split, "BHNC"),
     ("columns", vllm_flash_split, "BNHC"),  # the layout FlashAttention allocates: heads inside tokens
 ])
@@ -59,8 +62,8 @@ def test_writes_land_where_the_attention_backend_reads_and_reads_invert_them(spl
 
 def test_layers_of_another_shape_or_split_are_refused():
     with pytest.raises(InputError, match="2 x 8"):
-        PagedLayer("l", torch.zeros(B, H, N, D), "rows", D)
+        PagedLayer("l", torch.zeros(B, H, N, D), "tiles", D)
     with pytest.raises(InputError, match="no paged KV split"):
         PagedLayer("l", torch.zeros(B, H, N, 2 * D), "diagonal", D)
     with pytest.raises(InputError, match="contiguous"):
-        PagedLayer("l", torch.zeros(B, N, H, 2 * D).transpose(1, 2), "rows", D)
+        PagedLayer("l", torch.zeros(B, N, H, 2 * D).transpose(1, 2), "tiles", D)

@@ -9,11 +9,13 @@ import torch
 from kvcodec.cache import LayerKV
 from kvcodec.errors import InputError
 
-# How each attention backend lays keys and values in a layer's standardized [blocks, heads,
-# block_size, C] view: "rows", the first block_size rows of each (block, head) tile are keys and
-# the next ones values (C = 2 x head_dim read as [2 x block_size, head_dim]); "columns", the
-# first head_dim of C are the key and the rest the value.
-KV_SPLITS = {"CPU_ATTN": "rows", "FLASH_ATTN": "columns", "TRITON_ATTN": "columns", "FLEX_ATTENTION": "columns"}
+# How an attention backend lays keys and values in a layer's standardized [blocks, heads,
+# block_size, C] view (C = 2 x head_dim): "tiles", each (block, head) tile holds its keys as
+# [head_dim, block_size] (transposed) and then its values as [block_size, head_dim] (vLLM's CPU
+# backend with its "vec"/"vec16" kernels); "columns", the first head_dim of C are the key and the
+# rest the value (FlashAttention, Triton and FlexAttention backends).
+KV_SPLITS = {("CPU_ATTN", "vec"): "tiles", ("CPU_ATTN", "vec16"): "tiles", ("FLASH_ATTN", None): "columns",
+             ("TRITON_ATTN", None): "columns", ("FLEX_ATTENTION", None): "columns"}
 
 
 def token_slots(block_ids: list[int], block_size: int, start: int, stop: int) -> torch.Tensor:
@@ -33,17 +35,18 @@ class PagedLayer:
             raise InputError(f"a paged KV layer is [blocks, heads, block_size, 2 x {head_dim}]; {name} is "
                              f"{tuple(kv.shape)}")
         self.name, self.head_dim, self.block_size = name, head_dim, kv.shape[2]
-        if split == "rows":  # [B, H, 2N, D]: keys then values
+        if split == "tiles":  # per tile: keys [D, N], then values [N, D]
             b, h, n, _ = kv.shape
             try:
-                both = kv.view(b, h, 2, n, head_dim)
+                both = kv.view(b, h, 2, n * head_dim)
             except RuntimeError:
-                raise InputError(f"{name}: keys and values in rows need each block's tiles contiguous") from None
-            self.key, self.value = both[:, :, 0], both[:, :, 1]
+                raise InputError(f"{name}: keys and values in tiles need each block's tiles contiguous") from None
+            self.key = both[:, :, 0].view(b, h, head_dim, n).transpose(2, 3)
+            self.value = both[:, :, 1].view(b, h, n, head_dim)
         elif split == "columns":
             self.key, self.value = kv[..., :head_dim], kv[..., head_dim:]
         else:
-            raise InputError(f"{name}: no paged KV split {split!r} (rows or columns)")
+            raise InputError(f"{name}: no paged KV split {split!r} (tiles or columns)")
 
     def read(self, slots: torch.Tensor) -> LayerKV:
         """The keys and values at `slots`, as [1, heads, tokens, head_dim] copies on the CPU."""

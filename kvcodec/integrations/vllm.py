@@ -93,6 +93,14 @@ class KVCodecConnector(KVConnectorBase_V1):
         if len(groups) > 1:
             raise InputError(f"kvcodec's vLLM connector stores one KV cache group, not {len(groups)}: "
                              "start vLLM with --disable-hybrid-kv-cache-manager")
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        if groups and not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+            raise InputError("kvcodec's vLLM connector stores full-attention KV (a sliding window frees the blocks "
+                             f"it reads), not {type(groups[0].kv_cache_spec).__name__}")
+        if vllm_config.cache_config.cache_dtype != "auto":
+            raise InputError(f"kvcodec's vLLM connector stores the model's own KV dtype; kv_cache_dtype is "
+                             f"{vllm_config.cache_config.cache_dtype!r} (its scales are not stored)")
         model = vllm_config.model_config
         model_id = cfg.get("model_id") or f"vllm:{model.model}@{model.revision or ''}:{model.dtype}"
         parallel = vllm_config.parallel_config
@@ -121,10 +129,12 @@ class KVCodecConnector(KVConnectorBase_V1):
             self._loads: dict[str, tuple[Any, int, int]] = {}  # req_id: (request, start, stop)
             self._unsaved: dict[str, Transfer] = {}  # prefilling requests to store when their prompt is done
             self._saved: dict[str, Transfer] = {}  # saves issued, kept in case vLLM rolls the request back
+            self._private: set[str] = set()  # requests with a LoRA adapter or a cache salt: never stored
         else:
             self._layers: list[PagedLayer] = []
             self._failed_blocks: set[int] = set()
             self._failed_reqs: set[str] = set()  # this step's requests whose load failed
+            self._step_failed_blocks: set[int] = set()  # and their blocks (reported ones are taken by vLLM)
             self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvcodec-save")
 
     def _rank_model_id(self, tp: int, pp: int) -> str:
@@ -134,6 +144,10 @@ class KVCodecConnector(KVConnectorBase_V1):
     # -- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         ids = list(request.prompt_token_ids or [])
+        if getattr(request, "lora_request", None) is not None or getattr(request, "cache_salt", None):
+            # the keys name the base model only: an adapter's or a tenant's KV is neither loaded nor stored
+            self._private.add(request.request_id)
+            return 0, False
         if not self._loads_ok or len(ids) < 2 or getattr(request, "mm_features", None):
             return 0, False
         stored = self._looked_up.get(request.request_id)
@@ -163,7 +177,9 @@ class KVCodecConnector(KVConnectorBase_V1):
             if new.req_id in self._loads:
                 _, start, stop = self._loads.pop(new.req_id)
                 meta.loads.append(Transfer(new.req_id, ids, blocks, start, stop))
-            if self._saves_ok and ids and not getattr(new, "mm_features", None):
+            self._saved.pop(new.req_id, None)  # (a resumed request arrives as new: its old blocks are gone)
+            private = new.req_id in self._private or getattr(new, "lora_request", None) is not None
+            if self._saves_ok and ids and not getattr(new, "mm_features", None) and not private:
                 self._unsaved[new.req_id] = Transfer(new.req_id, ids, blocks, 0, len(ids))
                 self._save_if_done(meta, new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
@@ -184,6 +200,7 @@ class KVCodecConnector(KVConnectorBase_V1):
         for req_id in scheduler_output.finished_req_ids:
             self._unsaved.pop(req_id, None)
             self._saved.pop(req_id, None)
+            self._private.discard(req_id)
         self._loads.clear()
         return meta
 
@@ -197,6 +214,7 @@ class KVCodecConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         for tracked in (self._unsaved, self._saved, self._matched, self._looked_up):
             tracked.pop(request.request_id, None)
+        self._private.discard(request.request_id)
         return False, None
 
     # -- worker side -------------------------------------------------------------------------
@@ -214,10 +232,13 @@ class KVCodecConnector(KVConnectorBase_V1):
             seen.add(kv.data_ptr())
             impl = layers[name]
             backend = impl.attn_backend.get_name()
-            if backend not in KV_SPLITS:
-                raise InputError(f"kvcodec's vLLM connector does not know how {backend} lays out keys and values "
-                                 f"(it reads {', '.join(KV_SPLITS)})")
-            self._layers.append(PagedLayer(name, kv, KV_SPLITS[backend], impl.head_size))
+            kernel = getattr(impl, "isa", None) if backend == "CPU_ATTN" else None  # the CPU kernels' layouts differ
+            split = KV_SPLITS.get((backend, kernel))
+            if split is None:
+                known = ", ".join(b if k is None else f"{b} ({k})" for b, k in KV_SPLITS)
+                raise InputError(f"kvcodec's vLLM connector does not know how {backend}"
+                                 f"{'' if kernel is None else f' ({kernel})'} lays out keys and values (it reads {known})")
+            self._layers.append(PagedLayer(name, kv, split, impl.head_size))
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         meta = self._get_connector_metadata()
@@ -242,13 +263,24 @@ class KVCodecConnector(KVConnectorBase_V1):
             log.warning("kvcodec connector: request %s: tokens [%d, %d) could not be loaded (%s); vLLM recomputes "
                         "them", load.req_id, max(good, load.start), load.stop,
                         problem or f"the store holds {found} tokens of its prompt")
-            self._failed_blocks.update(load.block_ids[max(good, load.start) // self._block_size:
-                                                      -(-load.stop // self._block_size)])
-            self._failed_reqs.add(load.req_id)
+            self._failed(load, max(good, load.start))
         if good > load.start:
             slots = load.slots(self._block_size, stop=good).to(device)
-            for layer, lay in zip(self._layers, cache.layers):
-                layer.write(slots, LayerKV(lay.key[:, :, load.start:good], lay.value[:, :, load.start:good]))
+            try:
+                for layer, lay in zip(self._layers, cache.layers):
+                    layer.write(slots, LayerKV(lay.key[:, :, load.start:good], lay.value[:, :, load.start:good]))
+            except Exception as e:  # noqa: BLE001 - a load that cannot be written is recomputed, never a crash
+                log.warning("kvcodec connector: request %s: writing its loaded KV failed (%s); vLLM recomputes it",
+                            load.req_id, e)
+                self._failed(load, load.start)
+
+    def _failed(self, load: Transfer, first: int) -> None:
+        """Tokens [first, stop) of `load` are not loaded: report their blocks, and keep the
+        request (and anything sharing those blocks) from being stored this step."""
+        blocks = load.block_ids[first // self._block_size:-(-load.stop // self._block_size)]
+        self._failed_blocks.update(blocks)
+        self._step_failed_blocks.update(blocks)
+        self._failed_reqs.add(load.req_id)
 
     def _mismatch(self, cache: KVCache) -> str | None:
         if cache.num_layers != len(self._layers):
@@ -268,13 +300,19 @@ class KVCodecConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         failed, self._failed_reqs = self._failed_reqs, set()
+        failed_blocks, self._step_failed_blocks = self._step_failed_blocks, set()
         if not self.has_connector_metadata():
             return
         for save in self._get_connector_metadata().saves:
-            if save.req_id in failed:
+            # a request whose load failed, or that shares a block one failed to load, holds KV not its own
+            if save.req_id in failed or not failed_blocks.isdisjoint(save.block_ids):
                 continue
-            slots = save.slots(self._block_size).to(self._layers[0].key.device)
-            cache = KVCache([layer.read(slots) for layer in self._layers])
+            try:
+                slots = save.slots(self._block_size).to(self._layers[0].key.device)
+                cache = KVCache([layer.read(slots) for layer in self._layers])
+            except Exception as e:  # noqa: BLE001 - a save that fails is a future miss, never the engine's failure
+                log.warning("kvcodec connector: reading request %s's KV to store it failed: %s", save.req_id, e)
+                continue
             if self._background:
                 self._saver.submit(self._put, save, cache)
             else:

@@ -37,11 +37,36 @@ def prompt_ids(tokenizer) -> dict[str, list[int]]:
     return prompts
 
 
+def cpu_layouts() -> dict:
+    """Whether `PagedLayer` reads back what vLLM's own CPU kernel (`cpu_attn_reshape_and_cache`)
+    writes into a paged layer, for each kernel ISA the connector accepts."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from kvcodec.integrations.paged import KV_SPLITS, PagedLayer
+
+    found = {}
+    for (backend, isa), split in KV_SPLITS.items():
+        if backend != "CPU_ATTN":
+            continue
+        blocks, heads, block_size, dim = 4, 3, 128 if isa == "vec" else 16, 64 if isa == "vec" else 80
+        kv = torch.zeros(blocks, heads, block_size, 2 * dim, dtype=torch.bfloat16)
+        key_cache, value_cache = kv.view(blocks, heads, 2 * block_size, -1).chunk(2, dim=2)  # as cpu_attn.py
+        tokens = blocks * block_size - 5
+        key, value = (torch.randn(tokens, heads, dim).to(torch.bfloat16) for _ in range(2))
+        slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(0))[:tokens]
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+        got = PagedLayer("layer", kv, split, dim).read(slots)
+        found[isa] = bool(got.key[0].transpose(0, 1).equal(key) and got.value[0].transpose(0, 1).equal(value))
+    return found
+
+
 def main(model: str, url: str, codec: str, role: str, verify: str, names: str):
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
+    print(json.dumps({"name": "layouts", **cpu_layouts()}), flush=True)
     transfer = None
     if url != "none":
         transfer = KVTransferConfig(
