@@ -63,10 +63,15 @@ def entry_of(folder, ids, start, stop) -> Path:
     return entries(folder)[(start, stop, tuple(ids[start:stop]))]
 
 
-def damage(path: Path) -> None:
-    data = bytearray(path.read_bytes())
+def flipped(data: bytes) -> bytes:
+    """`data` with one bit of its middle byte flipped."""
+    data = bytearray(data)
     data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def damage(path: Path) -> None:
+    path.write_bytes(flipped(path.read_bytes()))
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +147,7 @@ def test_a_consumer_over_redis_catches_a_damaged_entry_at_lookup_and_stores_noth
     prose = ref["prose"]["ids"]
     damaged_file = entry_of(folder, prose, 256, 512)
     damaged = next(k for k in served.keys() if folder / entry_name(k) == damaged_file)
-    data = bytearray(tier.get_many([damaged])[0])
-    data[len(data) // 2] ^= 0x01
-    redis_client.set("kvc:" + damaged, bytes(data))
+    redis_client.set("kvc:" + damaged, flipped(tier.get_many([damaged])[0]))
     before = set(tier.keys())
     port = redis_client.connection_pool.connection_kwargs["port"]
     got, log = engine(vllm_python, vllm_model, f"redis://127.0.0.1:{port}/0", "kv_consumer", "verify",

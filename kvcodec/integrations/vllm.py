@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CODEC = "zstd"
 DEFAULT_CHUNK_TOKENS = 256
+
+
 @dataclass
 class Transfer:
     """One request's transfer this step: tokens [start, stop) of its prompt between the store and
@@ -125,7 +127,7 @@ class KVCodecConnector(KVConnectorBase_V1):
                             "between lookup and load fails its request; 'recompute' recomputes it instead",
                             self._kv_transfer_config.kv_load_failure_policy)
             self._looked_up: dict[str, int] = {}  # req_id: prompt tokens the store holds
-            self._matched: dict[str, tuple[int, int]] = {}  # req_id: (tokens computed locally, loadable)
+            self._computed: dict[str, int] = {}  # req_id: tokens computed locally when it was looked up
             self._loads: dict[str, tuple[Any, int, int]] = {}  # req_id: (request, start, stop)
             self._unsaved: dict[str, Transfer] = {}  # prefilling requests to store when their prompt is done
             self._saved: dict[str, Transfer] = {}  # saves issued, kept in case vLLM rolls the request back
@@ -133,8 +135,7 @@ class KVCodecConnector(KVConnectorBase_V1):
         else:
             self._layers: list[PagedLayer] = []
             self._failed_blocks: set[int] = set()
-            self._failed_reqs: set[str] = set()  # this step's requests whose load failed
-            self._step_failed_blocks: set[int] = set()  # and their blocks (reported ones are taken by vLLM)
+            self._step_failed_blocks: set[int] = set()  # this step's (the reported ones are taken by vLLM)
             self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvcodec-save")
 
     def _rank_model_id(self, tp: int, pp: int) -> str:
@@ -160,12 +161,12 @@ class KVCodecConnector(KVConnectorBase_V1):
             self._looked_up[request.request_id] = stored
         # whole blocks only, and never the last prompt token: vLLM computes it for the logits
         loadable = min(stored, len(ids) - 1) // self._block_size * self._block_size
-        self._matched[request.request_id] = (num_computed_tokens, loadable)
+        self._computed[request.request_id] = num_computed_tokens
         return max(0, loadable - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         self._looked_up.pop(request.request_id, None)
-        computed, _ = self._matched.pop(request.request_id, (0, 0))
+        computed = self._computed.pop(request.request_id, 0)
         if num_external_tokens > 0:
             self._loads[request.request_id] = (request, computed, computed + num_external_tokens)
 
@@ -212,7 +213,7 @@ class KVCodecConnector(KVConnectorBase_V1):
             meta.saves.append(self._saved[req_id])
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
-        for tracked in (self._unsaved, self._saved, self._matched, self._looked_up):
+        for tracked in (self._unsaved, self._saved, self._computed, self._looked_up):
             tracked.pop(request.request_id, None)
         self._private.discard(request.request_id)
         return False, None
@@ -280,7 +281,6 @@ class KVCodecConnector(KVConnectorBase_V1):
         blocks = load.block_ids[first // self._block_size:-(-load.stop // self._block_size)]
         self._failed_blocks.update(blocks)
         self._step_failed_blocks.update(blocks)
-        self._failed_reqs.add(load.req_id)
 
     def _mismatch(self, cache: KVCache) -> str | None:
         if cache.num_layers != len(self._layers):
@@ -299,13 +299,12 @@ class KVCodecConnector(KVConnectorBase_V1):
         return  # the whole prompt is read after the forward, in wait_for_save
 
     def wait_for_save(self):
-        failed, self._failed_reqs = self._failed_reqs, set()
         failed_blocks, self._step_failed_blocks = self._step_failed_blocks, set()
         if not self.has_connector_metadata():
             return
         for save in self._get_connector_metadata().saves:
-            # a request whose load failed, or that shares a block one failed to load, holds KV not its own
-            if save.req_id in failed or not failed_blocks.isdisjoint(save.block_ids):
+            # a request with a block that failed to load (its own load, or one it shares) holds KV not its own
+            if not failed_blocks.isdisjoint(save.block_ids):
                 continue
             try:
                 slots = save.slots(self._block_size).to(self._layers[0].key.device)
@@ -336,7 +335,6 @@ class KVCodecConnector(KVConnectorBase_V1):
         if self._role == KVConnectorRole.WORKER:
             self._saver.shutdown(wait=True)  # pending saves complete before the engine exits
         self._backend.close()
-
 
 
 class SavesExtension:

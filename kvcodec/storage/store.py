@@ -470,20 +470,28 @@ def _entry_intact(data: bytes, key: str, start: int, stop: int) -> bool:
     except KVCError as e:
         log.warning("prefix store: entry for tokens [%d, %d) (key %s) is damaged: %s", start, stop, key, e)
         return False
-    if meta.get(META_KEY) != key or meta.get(META_TOKENS) != f"{start}:{stop}":
-        log.warning("prefix store: entry for tokens [%d, %d) (key %s) names another chunk", start, stop, key)
+    problem = _naming_problem(meta, key, start, stop)
+    if problem is not None:
+        log.warning("prefix store: entry for tokens [%d, %d) (key %s) refused: %s", start, stop, key, problem)
         return False
     return True
+
+
+def _naming_problem(meta: dict, key: str, start: int, stop: int) -> str | None:
+    """Why an entry's metadata `meta` does not name chunk [start, stop) of `key`, or None."""
+    if meta.get(META_KEY) != key:
+        return "it names another key" if META_KEY in meta else "it does not name its key"
+    if meta.get(META_TOKENS) != f"{start}:{stop}":
+        return f"it holds tokens {meta.get(META_TOKENS)!r}"
+    return None
 
 
 def _verify(part: KVCache, key: str, start: int, stop: int, ids: np.ndarray, first: KVCache | None) -> str | None:
     """Why the decoded entry `part` is not chunk [start, stop) of key `key` with token ids `ids`
     (consistent with the prefix's first chunk `first`), or None when it is."""
-    meta = part.metadata
-    if meta.get(META_KEY) != key:
-        return "it names another key" if META_KEY in meta else "it does not name its key"
-    if meta.get(META_TOKENS) != f"{start}:{stop}":
-        return f"it holds tokens {meta.get(META_TOKENS)!r}"
+    problem = _naming_problem(part.metadata, key, start, stop)
+    if problem is not None:
+        return problem
     n = stop - start
     t = part.token_ids
     if t is None or tuple(t.shape) != (1, n) or not np.array_equal(t.cpu().numpy().reshape(-1), ids):
