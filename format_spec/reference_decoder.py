@@ -87,6 +87,7 @@ def check_header(doc) -> None:
         pos = lay.get("positions")
         need(pos is None or (type(pos) is dict and pos.get("rows") in (1, lay["key"]["heads"])
                              and pos.get("encoding", "int64") in ("runs", "int64")), "3.2", "positions")
+        need(lay.get("window") is None or is_int(lay["window"], 1, 2**31 - 1), "3.2", "window")
     length = doc.get("length")
     need(length is None or (is_int(length, 0, 2**31 - 1) and all(l["key"]["tokens"] <= length for l in layers)),
          "3.2", "length")

@@ -11,6 +11,7 @@ from kvcodec.dtypes import dtype_name
 from kvcodec.errors import InputError
 
 MAX_LAYERS = 4096  # layers a cache (and a file) may have
+MAX_WINDOW = 2**31 - 1  # the largest attention window a layer may record
 TENSORS = ("key", "value")  # the two tensors of a layer, in the order files and codecs use
 
 
@@ -20,11 +21,39 @@ class LayerKV:
 
     `positions` (int64, `[tokens]` or `[heads, tokens]`) are the original sequence positions of
     the kept tokens; None means 0..tokens-1.
+
+    `window` is the attention window of a sliding-window layer (a model's `sliding_window`: a
+    query at position p sees keys at positions above p - window), None for full attention. Such
+    a layer needs only its last window - 1 positions, and transformers keeps no more: a cache
+    read from a model holds the tail of the sequence there, its positions recorded.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     positions: torch.Tensor | None = None
+    window: int | None = None
+
+    def index_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Long [heads, n]: where the tokens at `positions` ([1 or heads, n], positions this
+        layer holds) sit along its token axis."""
+        heads = self.key.shape[1]
+        positions = positions.to(torch.int64).expand(heads, -1).contiguous()
+        if self.positions is None:
+            return positions
+        return torch.searchsorted(self.positions.expand(heads, -1).contiguous(), positions)
+
+    def at(self, positions: torch.Tensor | None) -> "LayerKV":
+        """This layer's tokens at `positions` (per head), as a pruned copy holding them would;
+        itself when `positions` is None."""
+        if positions is None:
+            return self
+        index = self.index_of(positions).to(self.key.device)
+        b, h = self.key.shape[:2]
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(2, index[None, :, :, None].expand(b, h, -1, t.shape[3]))
+
+        return LayerKV(take(self.key), take(self.value), positions, self.window)
 
 
 @dataclass
@@ -67,7 +96,7 @@ class KVCache:
 
     def to(self, device=None, dtype=None) -> "KVCache":
         layers = [LayerKV(lay.key.to(device=device, dtype=dtype), lay.value.to(device=device, dtype=dtype),
-                          lay.positions) for lay in self.layers]
+                          lay.positions, lay.window) for lay in self.layers]
         return KVCache(layers, self.token_ids, dict(self.metadata), self.layout, self.length, self.selection)
 
     def equal(self, other: "KVCache") -> bool:
@@ -83,38 +112,97 @@ class KVCache:
     # -- transformers --------------------------------------------------------------------
     @classmethod
     def from_hf(cls, cache, metadata: dict[str, str] | None = None) -> "KVCache":
-        """From a transformers `DynamicCache` (or the legacy tuple of (key, value) pairs)."""
+        """From a transformers `DynamicCache` (or the legacy tuple of (key, value) pairs). Its
+        sliding-window layers keep their window, and the positions of the tokens they still hold
+        (the last window - 1 of the sequence); the cache then records the sequence's length."""
         if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
-            pairs = [(lay.keys, lay.values) for lay in cache.layers]
+            found = [(lay.keys, lay.values, _sliding_window(lay)) for lay in cache.layers]
         elif hasattr(cache, "key_cache"):
-            pairs = list(zip(cache.key_cache, cache.value_cache))
+            found = [(k, v, None) for k, v in zip(cache.key_cache, cache.value_cache)]
         elif isinstance(cache, (tuple, list)):
-            pairs = list(cache)
+            found = [(pair[0], pair[1], None) if isinstance(pair, (tuple, list)) and len(pair) >= 2 else (None, None, None)
+                     for pair in cache]
         else:
             raise InputError(f"cannot read a cache from {type(cache).__name__}")
-        for i, (k, v) in enumerate(pairs):
+        for i, (k, v, _) in enumerate(found):
             if k is None or v is None:
                 raise InputError(f"layer {i} of the cache is empty (was the model run with use_cache=True?)")
-        layers = [LayerKV(k.detach(), v.detach()) for k, v in pairs]
-        return cls(layers, metadata=dict(metadata or {}), layout="hf")
+        layers, ends = [], []
+        for (k, v, sliding), lay in zip(found, getattr(cache, "layers", found)):
+            n = k.shape[2] if k.dim() == 4 else 0
+            end = int(getattr(lay, "cumulative_length", n)) if sliding else n
+            positions = torch.arange(end - n, end).reshape(1, -1) if sliding and end != n else None
+            layers.append(LayerKV(k.detach(), v.detach(), positions, sliding))
+            ends.append(end)
+        length = max(ends) if any(lay.positions is not None for lay in layers) else None
+        return cls(layers, metadata=dict(metadata or {}), layout="hf", length=length)
 
     def to_hf(self, config=None, device=None):
         """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts. Its
-        layers hold this cache's tensors (moved to `device`), not copies."""
-        return to_dynamic_cache(self, config, device)
+        layers hold this cache's tensors (moved to `device`), not copies; sliding-window layers
+        (from the cache, or from `config`) count the whole sequence, as the model's own do."""
+        return to_dynamic_cache(self.layers, self.next_position, config, device)
 
 
-def to_dynamic_cache(pairs, config=None, device=None):
-    """A transformers `DynamicCache` from (key, value) pairs in layer order, taken one at a time
-    (a generator's layers are added as they come). Its plain layers hold the given tensors
-    (moved to `device`) as they are: `update` would copy each onto an empty tensor."""
+def _sliding_window(layer) -> int | None:
+    """The window of a transformers sliding-window cache layer (which counts the tokens it has
+    seen), None for any other."""
+    if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
+        window = getattr(layer, "sliding_window", None)
+        return int(window) if window is not None else None
+    return None
+
+
+def to_dynamic_cache(layers, length: int, config=None, device=None):
+    """A transformers `DynamicCache` from `LayerKV`s in layer order, taken one at a time (a
+    generator's layers are added as they come); `length` is the sequence length the cache
+    continues from. Its plain layers hold the given tensors (moved to `device`) as they are:
+    `update` would copy each onto an empty tensor. A layer is a sliding-window layer where the
+    config says so (the config's window must agree with one the layer records) or, without a
+    config, where the layer records a window."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     first_plain = None
-    for i, (key, value) in enumerate(pairs):
-        first_plain = _add_layer(cache, i, key.to(device), value.to(device), first_plain)
+    for i, lay in enumerate(layers):
+        key, value = lay.key.to(device), lay.value.to(device)
+        made = cache.layers[i] if config is not None and i < len(cache.layers) else None
+        window = _sliding_window(made) if made is not None else lay.window
+        if made is not None and lay.window is not None and window != lay.window:
+            raise InputError(f"layer {i} has an attention window of {lay.window} tokens; the model's config says "
+                             f"{'full attention' if window is None else window}")
+        if window is None:
+            first_plain = _add_layer(cache, i, key, value, first_plain)
+        else:
+            _add_sliding_layer(cache, i, lay, key, value, window, length, made)
     return cache
+
+
+def _add_sliding_layer(cache, i: int, lay: LayerKV, key: torch.Tensor, value: torch.Tensor, window: int,
+                       length: int, made=None) -> None:
+    """Layer `i` of `cache` as transformers' sliding-window layer (`made`, or a new one): the
+    last window - 1 tokens of a sequence of `end` tokens (from the layer's positions, else
+    `length`), which is what such a layer holds and what the attention mask assumes."""
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:
+        raise InputError(f"layer {i} is a sliding-window layer; this transformers has no such cache layers") from None
+    end = _end(lay) if lay.positions is not None else length
+    keep = min(end, window - 1)
+    held = key.shape[2]
+    tail = torch.arange(end - held, end)
+    if held < keep or (lay.positions is not None and not bool((lay.positions == tail).all())):
+        raise InputError(f"layer {i} is a sliding-window layer of {window} tokens holding {held} tokens that are not the "
+                         f"last {keep} of the sequence: transformers cannot continue it")
+    layer = made if made is not None else DynamicSlidingWindowLayer(sliding_window=window)
+    layer.lazy_initialization(key[..., :0, :], value[..., :0, :])
+    layer.keys, layer.values = key[..., held - keep:, :], value[..., held - keep:, :]
+    layer.cumulative_length = end
+    if made is None:
+        if i < len(cache.layers):
+            cache.layers[i] = layer
+        else:
+            cache.layers.append(layer)
 
 
 def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor, first_plain=None):
@@ -175,6 +263,9 @@ def validate(cache: KVCache) -> None:
             dtype_name(t.dtype)
             if min(t.shape[0], t.shape[1], t.shape[3]) < 1:
                 raise InputError(f"layer {i} {name} has an empty batch, head or head_dim axis: {tuple(t.shape)}")
+        if lay.window is not None and (not isinstance(lay.window, int) or isinstance(lay.window, bool)
+                                       or not 1 <= lay.window <= MAX_WINDOW):
+            raise InputError(f"layer {i} window must be an integer from 1 to {MAX_WINDOW}, not {lay.window!r}")
         if lay.key.shape[:3] != lay.value.shape[:3]:
             raise InputError(
                 f"layer {i}: key {tuple(lay.key.shape)} and value {tuple(lay.value.shape)} differ in batch, heads or tokens"

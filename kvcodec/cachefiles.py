@@ -22,7 +22,7 @@ LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSION = ".safetensors"
 # safetensors metadata keys that carry a pruned cache's length and selection stage
-LENGTH_KEY, SELECTION_KEY = "kvcodec.length", "kvcodec.selection"
+LENGTH_KEY, SELECTION_KEY, WINDOWS_KEY = "kvcodec.length", "kvcodec.selection", "kvcodec.windows"
 
 
 def check_readable(path) -> str:
@@ -134,7 +134,10 @@ def _from_dict(obj) -> KVCache:
     selection = obj.get("selection")
     if selection is not None and not (isinstance(selection, dict) and {"id", "name", "config"} <= selection.keys()):
         raise InputError("'selection' must be a dict with id, name and config")
-    return KVCache([LayerKV(k, v, p) for k, v, p in zip(keys, values, positions)],
+    windows = obj.get("windows") or [None] * len(keys)
+    if not isinstance(windows, (list, tuple)) or len(windows) != len(keys):
+        raise InputError("'windows' needs one entry per layer")
+    return KVCache([LayerKV(k, v, p, w) for k, v, p, w in zip(keys, values, positions, windows)],
                    token_ids=obj.get("token_ids"), metadata=dict(meta), layout="dict", length=obj.get("length"),
                    selection=selection)
 
@@ -181,13 +184,28 @@ def _load_safetensors(path) -> KVCache:
     try:
         length = int(meta.pop(LENGTH_KEY)) if LENGTH_KEY in meta else None
         selection = json.loads(meta.pop(SELECTION_KEY)) if SELECTION_KEY in meta else None
+        windows = json.loads(meta.pop(WINDOWS_KEY)) if WINDOWS_KEY in meta else [None] * len(layers)
     except ValueError:
-        raise InputError(f"{path}: unreadable {LENGTH_KEY} or {SELECTION_KEY} metadata") from None
+        raise InputError(f"{path}: unreadable {LENGTH_KEY}, {SELECTION_KEY} or {WINDOWS_KEY} metadata") from None
+    if not isinstance(windows, list) or len(windows) != len(layers):
+        raise InputError(f"{path}: {WINDOWS_KEY} needs one entry per layer")
+    for lay, window in zip(layers, windows):
+        lay.window = window
     return KVCache(layers, token_ids=ids, metadata=meta, layout="safetensors", length=length, selection=selection)
+
+
+def needs_dict(cache: KVCache) -> bool:
+    """Whether the cache holds more than tensors (positions, windows, a length, a selection),
+    which only the dict and safetensors layouts keep."""
+    return (cache.length is not None or cache.selection is not None
+            or any(l.positions is not None or l.window is not None for l in cache.layers))
 
 
 def to_object(cache: KVCache, layout: str):
     """The cache as a plain Python object in `layout`, ready for torch.save."""
+    if layout in ("legacy", "stacked", "cachegen") and needs_dict(cache):
+        raise InputError(f"layout {layout!r} holds tensors only; this cache also has positions, sliding-window "
+                         "layers or a length: use the dict layout or .safetensors")
     if layout == "legacy":
         return tuple((l.key, l.value) for l in cache.layers)
     if layout == "dict":
@@ -195,6 +213,8 @@ def to_object(cache: KVCache, layout: str):
                "metadata": dict(cache.metadata)}
         if any(l.positions is not None for l in cache.layers):
             obj["positions"] = [l.positions for l in cache.layers]
+        if any(l.window is not None for l in cache.layers):
+            obj["windows"] = [l.window for l in cache.layers]
         if cache.token_ids is not None:
             obj["token_ids"] = cache.token_ids
         if cache.length is not None:
@@ -242,13 +262,15 @@ def save_cache(cache: KVCache, path, layout: str | None = None, overwrite: bool 
             meta[LENGTH_KEY] = str(cache.length)
         if cache.selection is not None:
             meta[SELECTION_KEY] = json.dumps(cache.selection, sort_keys=True)
+        if any(l.window is not None for l in cache.layers):
+            meta[WINDOWS_KEY] = json.dumps([l.window for l in cache.layers])
         data = save(tensors, metadata=meta)
         with atomic_output(path, overwrite) as f:
             f.write(data)
         return "safetensors"
     if ext not in TORCH_EXTENSIONS:
         raise InputError(f"{path}: output must end in .pt, .pth, .bin or .safetensors")
-    layout = layout or (cache.layout if cache.layout in LAYOUTS[:4] else "legacy")
+    layout = layout or ("dict" if needs_dict(cache) else cache.layout if cache.layout in LAYOUTS[:4] else "legacy")
     obj = to_object(cache, layout)
     with atomic_output(path, overwrite) as f:
         try:

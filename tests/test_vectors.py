@@ -43,6 +43,9 @@ def test_there_is_a_vector_for_every_builtin_codec():
     second_row = [blob[5 + 12 * int.from_bytes(blob[1:5], "little")] for blob in rows]  # row 0 holds runs
     assert {blob[0] for blob in rows} == {0} and set(second_row) == {1}  # both position forms
     assert pruned["header"]["length"] == 420
+    sliding = read_kvc((VECTORS / "zstd-f16-sliding.kvc").read_bytes())
+    assert [lay.get("window") for lay in sliding["header"]["layers"]] == [8, None, 8]
+    assert (VECTORS / "zstd-f16-sliding.kvc").read_bytes()[10] == 2  # minor 2, for the windows
     files = {n: read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"}
     framed = {n: blob[:4] == (0x184D2A5B).to_bytes(4, "little") for n, v in files.items()
               for (owner, _), blob in v["blobs"].items()
@@ -69,6 +72,7 @@ def test_library_decodes_vector(name):
     assert got.length == want.length and got.selection == want.selection
     for a, b in zip(got.layers, want.layers):
         assert (a.positions is None and b.positions is None) or torch.equal(a.positions, b.positions)
+        assert a.window == b.window
     assert (got.token_ids is None and want.token_ids is None) or torch.equal(got.token_ids, want.token_ids)
 
 
@@ -88,6 +92,7 @@ def test_spec_only_decoder_agrees(name):
             spec = decoded["header"]["layers"][i]["positions"]
             stored = read_positions(decoded["blobs"][(0xFFFF, 1 + i)], spec["rows"], spec.get("encoding", "int64"))
             assert stored == lay.positions.tolist()
+        assert decoded["header"]["layers"][i].get("window") == lay.window
 
 
 @pytest.mark.parametrize("name", NAMES)

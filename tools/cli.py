@@ -17,6 +17,7 @@ from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
 from kvcodec.encoding import presets
 from kvcodec.errors import InputError, KVCError
+from kvcodec.eval.models import DEFAULT_MODEL, MODELS
 from kvcodec.selection import needing_no_scores, scores
 from kvcodec.selection.scores import AttentionScores
 from kvcodec.tools.common import (
@@ -135,7 +136,8 @@ def inspect(file, as_json):
     console = make_console()
     several = len(info["codecs"]) > 1
     codecs = ", ".join((f"[{slot}] " if several else "") + describe(c) for slot, c in enumerate(info["codecs"]))
-    pruned = info["selection"] is not None or info["length"] is not None
+    pruned = info["selection"] is not None or any(lay["kept"] < 1 for lay in info["layers"])
+    windows = any(lay["window"] is not None for lay in info["layers"])
     against = (f"{human(info['full_raw_bytes'])} full cache of {info['length']} tokens ({info['full_ratio']:.2f}x)"
                if pruned else f"{human(info['raw_bytes'])} ({info['ratio']:.2f}x)")
     # what the header says is the file's to choose: shown folded and escaped, never as markup
@@ -152,9 +154,10 @@ def inspect(file, as_json):
         more = f" ... and {len(items) - METADATA_SHOWN} more (--json shows all)" if len(items) > METADATA_SHOWN else ""
         console.print("metadata: " + escape(shown) + more)
     table = Table(show_edge=False)
-    columns = ["layer", "shape", "dtype"] + (["kept"] if pruned else []) + ["codec", "bytes", "ratio", "chunks"]
+    columns = (["layer", "shape", "dtype"] + (["window"] if windows else []) + (["kept"] if pruned else [])
+               + ["codec", "bytes", "ratio", "chunks"])
     for col in columns:
-        table.add_column(col, justify="right" if col in ("layer", "kept", "bytes", "ratio", "chunks") else "left")
+        table.add_column(col, justify="right" if col in ("layer", "window", "kept", "bytes", "ratio", "chunks") else "left")
     for lay in info["layers"]:
         k, v = lay["key"], lay["value"]
         stored = k["bytes"] + v["bytes"]
@@ -163,6 +166,7 @@ def inspect(file, as_json):
         if v["shape"] != k["shape"]:
             shape = f"K {shape} V {'x'.join(map(str, v['shape']))}"
         table.add_row(str(lay["index"]), shape, k["dtype"] if k["dtype"] == v["dtype"] else f"{k['dtype']}/{v['dtype']}",
+                      *([str(lay["window"] or "-")] if windows else []),
                       *([f"{100 * lay['kept']:.1f}%"] if pruned else []),
                       slot_use(k, v) if several else ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
@@ -217,8 +221,8 @@ def verify(file, against, layout, heads):
     worst, broken = 0.0, []
     for i, (a, b) in enumerate(zip(original.layers, cache.layers)):
         parts = []
-        for name, x, y in (("K", a.key, b.key), ("V", a.value, b.value)):
-            x = kept_part(x, b.positions)
+        kept = a.at(b.positions)
+        for name, x, y in (("K", kept.key, b.key), ("V", kept.value, b.value)):
             if x.shape != y.shape:
                 raise InputError(f"layer {i} {name}: original {tuple(x.shape)}, file {tuple(y.shape)}")
             if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
@@ -229,21 +233,13 @@ def verify(file, against, layout, heads):
             exact = x.dtype == y.dtype and torch.equal(x, y)
             worst = max(worst, 0.0 if exact else top)
             parts.append(f"{name} max {top:.3g} rel {rel:.3g}")
-        click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)" if b.positions is not None else ""))
+        pruned = b.positions is not None and b.window is None
+        click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)" if pruned else ""))
     if broken:
         raise KVCError(f"non-finite values decoded where the original is finite: {', '.join(broken[:4])}")
     if lossless and worst > 0:
         raise KVCError("a lossless codec did not reproduce the original exactly")
     click.echo("identical to the original" if worst == 0 else f"lossy: largest error {worst:.3g}")
-
-
-def kept_part(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """The original's tokens at a pruned layer's kept positions ([1 or heads, kept]), per head."""
-    if positions is None:
-        return x
-    b, h, _, d = x.shape
-    index = positions.expand(h, -1).to(x.device)
-    return x.gather(2, index[None, :, :, None].expand(b, h, -1, d))
 
 
 @cli.command()
@@ -282,10 +278,12 @@ def codecs(as_json):
               help="Also save attention statistics (for h2o, keyformer, snapkv, cam) as OUTPUT's .scores.safetensors.")
 @click.option("--window", type=click.IntRange(1), default=None,
               help="Observation-window queries kept with --scores [64; larger lets keyformer accumulate over more].")
+@click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
+              help="Development model to run (its wheels installed).")
 @force_option
 @quiet_option
-def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
-    """Run SmolLM2-135M on a text and save its real KV cache."""
+def capture(text, tokens, dtype, output, with_scores, window, model, force, quiet):
+    """Run a development model (SmolLM2-135M, Gemma-3-270M) on a text and save its real KV cache."""
     from kvcodec.eval import capture as cap
 
     if not output.lower().endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -297,13 +295,16 @@ def capture(text, tokens, dtype, output, with_scores, window, force, quiet):
     if window is not None and not with_scores:
         raise InputError("--window goes with --scores")
     cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
-                                           window=(window or cap.DEFAULT_WINDOW) if with_scores else None)
+                                           window=(window or cap.DEFAULT_WINDOW) if with_scores else None, model=model)
     cachefiles.save_cache(cache, output, overwrite=force)
     if stats is not None:
         stats.save(scores_out)
     if not quiet:
-        lay = cache.layers[0]
-        click.echo(f"{output}: {cache.num_layers} layers x {tuple(lay.key.shape)} {dtype}, "
+        full = [lay for lay in cache.layers if lay.window is None] or cache.layers
+        sliding = [lay for lay in cache.layers if lay.window is not None]
+        kinds = (f" ({len(sliding)} sliding-window layers of {sliding[0].window} hold {sliding[0].key.shape[2]})"
+                 if sliding else "")
+        click.echo(f"{output}: {cache.num_layers} layers x {tuple(full[0].key.shape)} {dtype}{kinds}, "
                    f"{human(cache.nbytes)}" + (f"; scores in {scores_out}" if stats is not None else ""), err=True)
 
 

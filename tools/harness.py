@@ -10,13 +10,18 @@ import click
 from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
 from kvcodec.errors import InputError
-from kvcodec.eval import bench, capture, fidelity
+from kvcodec.eval import bench, capture, fidelity, models
 from kvcodec.tools.common import heads_option, layout_option, make_console, parse_options, progress_bar, quiet_option
 
 
 def texts_option(default: str):
     return click.option("--texts", default=default, show_default=True,
                         help=f"Comma-separated shipped texts ({', '.join(capture.shipped_texts())}).")
+
+
+def model_option(fn):
+    return click.option("--model", type=click.Choice(list(models.MODELS)), default=models.DEFAULT_MODEL,
+                        show_default=True, help="Development model to run (its wheels installed).")(fn)
 
 
 def length_options(fn):
@@ -83,9 +88,10 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @layout_option
 @heads_option
+@model_option
 def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
-                 layout, heads):
-    """Measure how a codec or pipeline (or an existing .kvc FILE) changes SmolLM2's predictions.
+                 layout, heads, model):
+    """Measure how a codec or pipeline (or an existing .kvc FILE) changes a model's predictions.
 
     With -c: each shipped text is split into a prefix, whose cache is compressed and restored, and
     a continuation scored with the restored versus the original cache. With FILE and --original
@@ -103,7 +109,7 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
     else:
         options = parse_options(opts)
         pipeline.checked(codec, options)
-        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
+        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy, model=model) for t in text_names(texts)]
         report = fidelity.evaluate_codec(contexts, codec, options, chunk_tokens=chunk_tokens)
     print_report(report, layers)
     if json_path:
@@ -125,7 +131,7 @@ def print_bench(result: bench.BenchResult) -> None:
     from rich.table import Table
 
     bws = bench.BANDWIDTHS_GBPS
-    table = Table(title=f"SmolLM2-135M, texts {', '.join(result.texts)}, prefix {result.prefix}, "
+    table = Table(title=f"{models.model_named(result.model).title}, texts {', '.join(result.texts)}, prefix {result.prefix}, "
                         f"continuation {result.continuation}, device {result.device}", show_edge=False)
     cols = ["codec", "options", "bits/elem", "ratio", "enc MB/s", "dec MB/s", "GPU dec MB/s", "ΔPPL %", "|ΔPPL| %", "top-1",
             "restore s"] + [f"TTFT {bw}G s" for bw in bws]
@@ -157,8 +163,9 @@ def print_bench(result: bench.BenchResult) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
               help="Folder for bench.json, rate_distortion.png and ttft.png.")
 @quiet_option
+@model_option
 def bench_command(codec_specs, quick, selection, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat,
-                  out_dir, quiet):
+                  out_dir, quiet, model):
     """Sweep codecs: ratio, speed, ΔPPL, top-1 and time to first token; JSON and plots."""
     sweep = (parse_sweep(codec_specs) if codec_specs else bench.SELECTION_SWEEP if selection
              else bench.QUICK_SWEEP if quick else bench.SWEEP)
@@ -168,7 +175,7 @@ def bench_command(codec_specs, quick, selection, caches, texts, prefix, continua
     if caches:
         contexts = [fidelity.Context.from_captured(cachefiles.load_cache(c), continuation, greedy) for c in caches]
     else:
-        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy) for t in text_names(texts)]
+        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy, model=model) for t in text_names(texts)]
     total = sum(len(v) for v in sweep.values())
     with progress_bar(total, "benchmarking", quiet) as update:
         result = bench.run(contexts, sweep, chunk_tokens, repeat, progress=update)

@@ -189,6 +189,7 @@ def vectors() -> dict[str, bytes]:
     out["3.2-no-layers"] = with_header_text(raw, lambda t: t[:t.index('"layers":')] + '"layers":[],' +
                                             t[t.index('"layout"'):])
     out["3.2-tokens-out-of-range"] = with_header_text(raw, lambda t: t.replace('"tokens":12', '"tokens":-12', 1))
+    out["3.2-window-zero"] = with_header_text(raw, lambda t: t.replace('"positions":null', '"positions":null,"window":0', 1))
     out["4.2-no-end-magic"] = raw[:-8] + b"KVC1END?"
     index = bytearray(raw)
     index[-40] ^= 1  # inside the index (the trailer is the last 32 bytes)

@@ -52,6 +52,9 @@ VECTORS = {
     "cachegen2-bf16-ladder": ("cachegen", {"target_ratio": 2.0, "sinks": 2, "tables": 2}, 64,
                               dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16,
                                    drift=True)),
+    # version 1.2: sliding-window layers (window 8: the last 7 of 20 positions) beside a full one
+    "zstd-f16-sliding": ("zstd", {"level": 3}, 4, dict(layers=3, heads=1, tokens=[7, 20, 7], dims=(4, 4),
+                                                        dtype=torch.float16, positions="window")),
 }
 
 
@@ -68,15 +71,18 @@ def make_cache(seed: int, layers, heads, tokens, dims, dtype, batch=1, ids=False
         pos = None
         if positions == "per-head":
             pos = torch.stack([torch.arange(n) * (h + 1) for h in range(heads)]).to(torch.int64)
+        elif positions == "window":  # a sliding layer holds the tail of the sequence
+            pos = torch.arange(20 - n, 20).reshape(1, -1) if n < 20 else None
         elif positions == "pruned":  # head 0 keeps runs (sinks + recent), head 1 scattered tokens (a bitmap)
             pos = torch.tensor([[0, 1, 2, 3, 400, 401, 402, 403, 404], [0, 2, 5, 11, 17, 18, 23, 31, 40]]) + i
         elif positions:
             pos = torch.arange(n, dtype=torch.int64) + 100
-        out.append(kvcodec.LayerKV(k.to(dtype), v.to(dtype), pos))
-    length = 420 if positions == "pruned" else None
+        window = 8 if positions == "window" and n < 20 else None
+        out.append(kvcodec.LayerKV(k.to(dtype), v.to(dtype), pos, window))
+    length = {"pruned": 420, "window": 20}.get(positions) if isinstance(positions, str) else None
     n_ids = length or (max(tokens) if isinstance(tokens, list) else tokens)
     token_ids = torch.randint(0, 50000, (batch, n_ids), generator=g) if ids else None
-    selection = {"id": 20, "name": "streamingllm", "config": {"keep": 9, "sink": 4}} if length else None
+    selection = {"id": 20, "name": "streamingllm", "config": {"keep": 9, "sink": 4}} if positions == "pruned" else None
     return kvcodec.KVCache(out, token_ids=token_ids, metadata={"model": "test-vector", "seed": str(seed)},
                            length=length, selection=selection)
 

@@ -19,7 +19,7 @@ from kvcodec.errors import ChecksumError, FormatError
 MAGIC = b"\x89KVC\r\n\x1a\n"
 END_MAGIC = b"KVC1END\n"
 INDEX_MAGIC = b"KVCX"
-MAJOR, MINOR = 1, 1
+MAJOR, MINOR = 1, 2  # the newest minor version written; a file says the lowest that holds it (`Header.minor`)
 ALIGN = 64
 MIN_FILE = 128  # preamble and the shortest header padded to ALIGN (64), an empty index (32), the trailer (32)
 PREAMBLE = struct.Struct("<8sHHII8sI")  # magic, major, minor, header_length, flags, reserved, crc
@@ -79,6 +79,7 @@ class LayerSpec:
     value: TensorSpec
     position_rows: int | None = None  # None: positions not stored
     position_encoding: str = "runs"
+    window: int | None = None  # a sliding-window layer's attention window (1.2); None: full attention
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class Header:
         doc = {
             "layers": [{"key": asdict(l.key), "value": asdict(l.value),
                         "positions": None if l.position_rows is None else
-                        {"rows": l.position_rows, "encoding": l.position_encoding}}
+                        {"rows": l.position_rows, "encoding": l.position_encoding},
+                        **({} if l.window is None else {"window": l.window})}
                        for l in self.layers],
             "codecs": [asdict(c) for c in self.codecs],
             "chunk_tokens": self.chunk_tokens,
@@ -117,6 +119,12 @@ class Header:
         if self.selection is not None:
             doc["selection"] = asdict(self.selection)
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @property
+    def minor(self) -> int:
+        """The minor version of a file holding this header: 2 if a layer records its window
+        (the member 1.2 adds), else 1."""
+        return 2 if any(l.window is not None for l in self.layers) else 1
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Header":
@@ -228,14 +236,16 @@ def _layer(i: int, lay) -> LayerSpec:
     _check(isinstance(lay, dict), f"header layer {i} is not an object")
     k, v = _tensor(f"layer {i} key", lay.get("key")), _tensor(f"layer {i} value", lay.get("value"))
     _check(k.shape[:3] == v.shape[:3], f"header layer {i}: key and value differ in batch, heads or tokens")
+    window = lay.get("window")
+    _check(window is None or _is_int(window, 1, MAX_TOKENS), f"header layer {i} window must be a token count")
     pos = lay.get("positions")
     if pos is None:
-        return LayerSpec(k, v)
+        return LayerSpec(k, v, window=window)
     _check(isinstance(pos, dict) and pos.get("rows") in (1, k.heads) and _is_int(pos.get("rows"), 1, MAX_DIM),
            f"header layer {i} positions.rows must be 1 or the head count")
     encoding = pos.get("encoding", "int64")
     _check(encoding in POSITION_ENCODINGS, f"header layer {i} positions.encoding must be one of {POSITION_ENCODINGS}")
-    return LayerSpec(k, v, pos["rows"], encoding)
+    return LayerSpec(k, v, pos["rows"], encoding, window)
 
 
 def _codec(where: str, c) -> CodecEntry:
@@ -245,8 +255,8 @@ def _codec(where: str, c) -> CodecEntry:
 
 
 # -- preamble and trailer --------------------------------------------------------------------
-def pack_preamble(header: bytes) -> bytes:
-    head = PREAMBLE.pack(MAGIC, MAJOR, MINOR, len(header), 0, bytes(8), 0)[:28]
+def pack_preamble(header: bytes, minor: int = MINOR) -> bytes:
+    head = PREAMBLE.pack(MAGIC, MAJOR, minor, len(header), 0, bytes(8), 0)[:28]
     return head + struct.pack("<I", crc32(head, header))
 
 

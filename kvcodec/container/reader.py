@@ -59,6 +59,7 @@ class KVCReader:
             raise FormatError("file is too short to be a .kvc file")
         preamble = bytes(src.read(0, fmt.PREAMBLE.size))
         header_len = fmt.parse_preamble(preamble)
+        self.format_version = "{}.{}".format(*fmt.PREAMBLE.unpack(preamble)[1:3])
         header_bytes = bytes(src.read(fmt.PREAMBLE.size, min(header_len, src.size - fmt.PREAMBLE.size)))
         if len(header_bytes) < header_len:
             raise FormatError("file is truncated inside its header")
@@ -106,8 +107,9 @@ class KVCReader:
         """A JSON-ready summary: shapes, codecs, metadata and stored bytes per layer."""
         layers = []
         for i, lay in enumerate(self.header.layers):
-            entry = {"index": i, "positions": lay.position_rows is not None,
-                     "kept": lay.key.tokens / self.header.length if self.header.length else 1.0}
+            # a sliding-window layer holds all its model keeps: it is measured as it is
+            entry = {"index": i, "positions": lay.position_rows is not None, "window": lay.window,
+                     "kept": lay.key.tokens / self.header.length if self.header.length and lay.window is None else 1.0}
             for t, name in enumerate(TENSORS):
                 spec = getattr(lay, name)
                 idx = self._groups.get((i, t), np.array([], dtype=np.int64))
@@ -123,7 +125,7 @@ class KVCReader:
         # a pruned cache is measured against the full one it came from
         full = sum(l[n]["raw_bytes"] / l["kept"] if l["kept"] else 0 for l in layers for n in TENSORS)
         return {
-            "format_version": f"{fmt.MAJOR}.{fmt.MINOR}",
+            "format_version": self.format_version,
             "file_bytes": self.file_size,
             "raw_bytes": raw,
             "ratio": raw / self.file_size,
@@ -374,11 +376,25 @@ class KVCReader:
                 if progress:
                     for i in group:
                         progress(i + 1)
-        layers = [LayerKV(k, v, self.positions(i)) for i, (k, v) in enumerate(pairs)]
+        layers = [self._layer(i, k, v) for i, (k, v) in enumerate(pairs)]
         selection = self.header.selection
         return KVCache(layers, self.token_ids(), dict(self.header.metadata), self.header.layout, self.header.length,
                        None if selection is None else {"id": selection.id, "name": selection.name,
                                                        "config": selection.config})
+
+    def _layer(self, i: int, key: torch.Tensor, value: torch.Tensor) -> LayerKV:
+        return LayerKV(key, value, self.positions(i), self.header.layers[i].window)
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next token fed after the cache, by `KVCache.next_position`'s rule."""
+        if self.header.length is not None:
+            return self.header.length
+        ends = []
+        for i, lay in enumerate(self.header.layers):
+            found = self.positions(i)
+            ends.append(lay.key.tokens if found is None else int(found.max()) + 1 if found.numel() else 0)
+        return max(ends)
 
     def _read_layers(self, layers, device, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Key and value of every layer in `layers`, decoded by the kernels in one read."""
@@ -412,16 +428,15 @@ class KVCReader:
                 else:
                     pairs = [self.read(i, device=device, decoder=decoder) for i in group]
                 for i, (key, value) in zip(group, pairs):
-                    yield i, LayerKV(key, value, self.positions(i))
+                    yield i, self._layer(i, key, value)
                 self.source.forget(*span)
 
     def to_hf(self, device=None, config=None, decoder: str = "auto"):
         """A transformers `DynamicCache`: a local file decoded at once, a remote one built layer
         by layer as it streams in (transfer and decoding overlap)."""
         if self.source.remote is None:
-            layers = self.read_cache(device, decoder=decoder).layers
-            return to_dynamic_cache(((lay.key, lay.value) for lay in layers), config)
-        return to_dynamic_cache(((lay.key, lay.value) for _, lay in self.stream(device, decoder)), config)
+            return self.read_cache(device, decoder=decoder).to_hf(config)
+        return to_dynamic_cache((lay for _, lay in self.stream(device, decoder)), self.next_position, config)
 
     def check_layout(self) -> None:
         """Every byte of the file accounted for: items dense and aligned, all padding zero.

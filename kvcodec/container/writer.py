@@ -31,8 +31,8 @@ def header_for(cache: KVCache, codecs: Sequence[Codec], chunk_tokens: int) -> fm
         if max(b, h, d, lay.value.shape[3]) > fmt.MAX_DIM or n > fmt.MAX_TOKENS:
             raise InputError(f"layer {i} shape {tuple(lay.key.shape)} exceeds the format's bounds")
     return fmt.Header(
-        layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0])
-                for l in cache.layers],
+        layers=[fmt.LayerSpec(spec(l.key), spec(l.value), None if l.positions is None else l.positions.shape[0],
+                              window=l.window) for l in cache.layers],
         length=cache.length,
         selection=None if cache.selection is None else
         fmt.CodecEntry(cache.selection["id"], cache.selection["name"], cache.selection["config"]),
@@ -69,7 +69,7 @@ class KVCWriter:
             fmt.Header.from_bytes(head)
         except FormatError as exc:
             raise InputError(f"cannot store this cache: {exc}") from None
-        self._write(fmt.pack_preamble(head))
+        self._write(fmt.pack_preamble(head, header.minor))
         self._write(head)
         self._pad()
 

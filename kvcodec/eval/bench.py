@@ -19,8 +19,8 @@ import torch
 from kvcodec import api
 from kvcodec.encoding import pipeline
 from kvcodec.encoding.plan import make_codec
-from kvcodec.errors import KVCError
-from kvcodec.eval import capture, fidelity
+from kvcodec.errors import InputError, KVCError
+from kvcodec.eval import capture, fidelity, models
 
 SWEEP: dict[str, list[dict]] = {
     "raw": [{}],
@@ -65,26 +65,26 @@ def best_time(fn, repeat: int) -> float:
     return best
 
 
-def model_device() -> torch.device:
-    model, _ = capture.load_model()
-    return next(model.parameters()).device
+def model_device(model: str | None = None) -> torch.device:
+    lm, _ = capture.load_model(model)
+    return next(lm.parameters()).device
 
 
 @torch.no_grad()
 def time_prefill(ctx: fidelity.Context, repeat: int) -> float:
-    model, _ = capture.load_model()
-    ids = ctx.ids[:, :ctx.prefix].to(model_device())
-    return best_time(lambda: model(ids, use_cache=True), repeat)
+    lm, _ = capture.load_model(ctx.model)
+    ids = ctx.ids[:, :ctx.prefix].to(model_device(ctx.model))
+    return best_time(lambda: lm(ids, use_cache=True), repeat)
 
 
 @torch.no_grad()
 def time_first_token(ctx: fidelity.Context, repeat: int) -> float:
     """One forward step of the next token on top of the restored cache."""
-    model, _ = capture.load_model()
-    token = ctx.ids[:, ctx.prefix:ctx.prefix + 1].to(model_device())
+    lm, _ = capture.load_model(ctx.model)
+    token = ctx.ids[:, ctx.prefix:ctx.prefix + 1].to(model_device(ctx.model))
     pos = torch.tensor([[ctx.prefix]], device=token.device)
-    cache = ctx.cache.to(device=token.device, dtype=model.dtype)
-    return best_time(lambda: model(token, past_key_values=cache.to_hf(), position_ids=pos), repeat)
+    cache = ctx.cache.to(device=token.device, dtype=lm.dtype)
+    return best_time(lambda: lm(token, past_key_values=cache.to_hf(), position_ids=pos), repeat)
 
 
 @dataclass
@@ -116,6 +116,7 @@ class BenchResult:
     prefill_s: float
     first_token_s: float
     rows: list[BenchRow]
+    model: str = models.DEFAULT_MODEL
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +157,7 @@ def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chu
     report = fidelity.Report(name, [fidelity.score(c, api.decode(d), len(d)) for c, d in zip(contexts, datas)])
     mean = report.mean
     elements = sum(c.fp16_bytes // fidelity.FP16_BYTES for c in contexts)
-    restore_s = _restore_time(datas[0], model_device(), repeat)
+    restore_s = _restore_time(datas[0], model_device(contexts[0].model), repeat)
     ttft = {str(bw): len(datas[0]) * 8 / (bw * 1e9) + restore_s + first_token_s for bw in BANDWIDTHS_GBPS}
     return BenchRow(
         codec=name, options=config, lossless=pipe.selector is None and make_codec(pipe.codec, pipe.options).lossless,
@@ -178,8 +179,11 @@ def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_to
             rows.append(bench_codec(contexts, codec, options, chunk_tokens, repeat, first_token_s))
             if progress:
                 progress(len(rows))
-    return BenchResult([c.text for c in contexts], contexts[0].prefix, contexts[0].continuation, str(model_device()),
-                       prefill_s, first_token_s, rows)
+    model = contexts[0].model
+    if any(c.model != model for c in contexts):
+        raise InputError("a benchmark runs on one model; these contexts come from several")
+    return BenchResult([c.text for c in contexts], contexts[0].prefix, contexts[0].continuation,
+                       str(model_device(model)), prefill_s, first_token_s, rows, model)
 
 
 def short_options(row: BenchRow) -> str:
@@ -243,7 +247,7 @@ def plot_rate_distortion(result: BenchResult, path: str) -> None:
     selection stage's colour, dashed when a lossy codec follows it."""
     import matplotlib
 
-    title = (f"SmolLM2-135M, prefix {result.prefix}, continuation {result.continuation}, "
+    title = (f"{models.model_named(result.model).title}, prefix {result.prefix}, continuation {result.continuation}, "
              f"mean of {', '.join(result.texts)}")
     families = list(dict.fromkeys(r.codec for r in result.rows))
     stages = list(dict.fromkeys(f.split("+")[0] for f in families))

@@ -1,4 +1,5 @@
-"""Fidelity harness: how much a restored cache changes SmolLM2's predictions.
+"""Fidelity harness: how much a restored cache changes a model's predictions (SmolLM2 unless
+another development model is named).
 
 A text is split into a prefix, whose cache is compressed and restored, and a continuation that
 the model reads teacher-forced on top of the original and of the restored cache. Restored caches
@@ -18,7 +19,7 @@ from kvcodec.cache import KVCache, LayerKV
 from kvcodec.encoding import pipeline
 from kvcodec.encoding.plan import make_codec
 from kvcodec.errors import InputError
-from kvcodec.eval import capture
+from kvcodec.eval import capture, models
 
 DEFAULT_PREFIX = 1536
 DEFAULT_CONTINUATION = 512
@@ -27,23 +28,25 @@ FP16_BYTES = 2
 
 
 @torch.no_grad()
-def continue_logits(cache: KVCache, input_ids: torch.Tensor, start_position: int) -> torch.Tensor:
+def continue_logits(cache: KVCache, input_ids: torch.Tensor, start_position: int,
+                    model: str | None = None) -> torch.Tensor:
     """Logits [tokens, vocab] of `input_ids` read after `cache`, at positions from `start_position`."""
-    model, _ = capture.load_model()
+    lm, _ = capture.load_model(model)
     n = input_ids.shape[1]
     positions = torch.arange(start_position, start_position + n).unsqueeze(0)
-    past = cache.to(dtype=model.dtype).to_hf()
-    return model(input_ids, past_key_values=past, position_ids=positions).logits[0].float()
+    past = cache.to(dtype=lm.dtype).to_hf()
+    return lm(input_ids, past_key_values=past, position_ids=positions).logits[0].float()
 
 
 @torch.no_grad()
-def greedy_tokens(cache: KVCache, first_token: int, start_position: int, steps: int) -> torch.Tensor:
+def greedy_tokens(cache: KVCache, first_token: int, start_position: int, steps: int,
+                  model: str | None = None) -> torch.Tensor:
     """`steps` greedily generated token ids after `cache`, fed `first_token` at `start_position`."""
-    model, _ = capture.load_model()
-    past = cache.to(dtype=model.dtype).to_hf()
+    lm, _ = capture.load_model(model)
+    past = cache.to(dtype=lm.dtype).to_hf()
     token, out = torch.tensor([[first_token]]), []
     for step in range(steps):
-        logits = model(token, past_key_values=past, position_ids=torch.tensor([[start_position + step]])).logits
+        logits = lm(token, past_key_values=past, position_ids=torch.tensor([[start_position + step]])).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return torch.tensor(out, dtype=torch.int64)
@@ -59,13 +62,14 @@ class Context:
     cache: KVCache  # the original cache, in the dtype it is stored in
     ref_logprobs: torch.Tensor  # [continuation, vocab]
     ref_greedy: torch.Tensor  # [greedy]
+    model: str = models.DEFAULT_MODEL
     _scores: object = None
 
     @property
     def scores(self):
         """Attention statistics of the prefix (AttentionScores), computed on first use."""
         if self._scores is None:
-            self._scores = capture.prefill(self.ids[:, :self.prefix], capture.DEFAULT_WINDOW)[2]
+            self._scores = capture.prefill(self.ids[:, :self.prefix], capture.DEFAULT_WINDOW, self.model)[2]
         return self._scores
 
     @property
@@ -78,22 +82,27 @@ class Context:
 
     @classmethod
     def from_text(cls, text: str, prefix: int = DEFAULT_PREFIX, continuation: int = DEFAULT_CONTINUATION,
-                  greedy: int = DEFAULT_GREEDY, dtype: torch.dtype = torch.float16) -> "Context":
+                  greedy: int = DEFAULT_GREEDY, dtype: torch.dtype = torch.float16,
+                  model: str | None = None) -> "Context":
+        model = models.model_named(model).name
         name, contents = capture.read_text(text)
-        ids = capture.tokenize(contents, prefix + continuation + 1)
-        _, past, _ = capture.prefill(ids[:, :prefix])
-        cache = KVCache.from_hf(past, metadata={"model": capture.MODEL_NAME, "text": name}).to(dtype=dtype)
+        ids = capture.tokenize(contents, prefix + continuation + 1, model)
+        _, past, _ = capture.prefill(ids[:, :prefix], model=model)
+        cache = KVCache.from_hf(past, metadata={"model": models.MODELS[model].title, "text": name}).to(dtype=dtype)
         cache.token_ids = ids[:, :prefix]
-        return cls.from_cache(name, ids, cache, greedy)
+        return cls.from_cache(name, ids, cache, greedy, model)
 
     @classmethod
-    def from_cache(cls, text: str, ids: torch.Tensor, cache: KVCache, greedy: int = DEFAULT_GREEDY) -> "Context":
-        prefix = cache.layers[0].key.shape[2]
+    def from_cache(cls, text: str, ids: torch.Tensor, cache: KVCache, greedy: int = DEFAULT_GREEDY,
+                   model: str | None = None) -> "Context":
+        model = models.model_named(model).name
+        prefix = cache.next_position
         if ids.shape[1] <= prefix + 1:
             raise InputError(f"text {text!r} has no tokens after the cached {prefix} to score")
-        logits = continue_logits(cache, ids[:, prefix:-1], prefix)
-        ref = greedy_tokens(cache, int(ids[0, prefix]), prefix, greedy) if greedy else torch.empty(0, dtype=torch.int64)
-        return cls(text, ids, prefix, cache, logits.log_softmax(-1), ref)
+        logits = continue_logits(cache, ids[:, prefix:-1], prefix, model)
+        ref = (greedy_tokens(cache, int(ids[0, prefix]), prefix, greedy, model) if greedy
+               else torch.empty(0, dtype=torch.int64))
+        return cls(text, ids, prefix, cache, logits.log_softmax(-1), ref, model)
 
     @classmethod
     def from_captured(cls, cache: KVCache, continuation: int = DEFAULT_CONTINUATION,
@@ -103,11 +112,12 @@ class Context:
         if text not in capture.shipped_texts() or cache.token_ids is None:
             raise InputError("the original cache must come from `kvc capture` on a shipped text "
                              f"(it names text {text!r} and {'has' if cache.token_ids is not None else 'lacks'} token ids)")
+        model = models.of_cache(cache.metadata).name
         prefix = cache.token_ids.shape[1]
-        ids = capture.tokenize(capture.read_text(text)[1], None)[:, :prefix + continuation + 1]
+        ids = capture.tokenize(capture.read_text(text)[1], None, model)[:, :prefix + continuation + 1]
         if not torch.equal(ids[:, :prefix], cache.token_ids):
             raise InputError(f"the cache's token ids are not the start of the shipped text {text!r}")
-        return cls.from_cache(text, ids, cache, greedy)
+        return cls.from_cache(text, ids, cache, greedy, model)
 
 
 @dataclass
@@ -128,25 +138,23 @@ class TextResult:
     value_rel_err: list[float] = field(default_factory=list)
 
 
-def _rel_err(original: torch.Tensor, restored: torch.Tensor, positions: torch.Tensor | None) -> float:
-    x = original.double()
-    if positions is not None:  # compare the kept tokens with the originals at their positions
-        idx = positions.to(torch.int64).expand(x.shape[1], -1)
-        x = x.gather(2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3]))
+def _rel_err(original: LayerKV, tensor: str, restored: LayerKV) -> float:
+    x = getattr(original.at(restored.positions), tensor).double()  # the kept tokens, at their positions
+    y = getattr(restored, tensor).double()
     denom = float(x.norm())
-    return float((x - restored.double()).norm()) / denom if denom else float(x.norm() != restored.double().norm())
+    return float((x - y).norm()) / denom if denom else float(x.norm() != y.norm())
 
 
 def score(ctx: Context, restored: KVCache, stored_bytes: int) -> TextResult:
     """Compare the model's predictions on `restored` with those on the original cache."""
     inputs, targets = ctx.ids[:, ctx.prefix:-1], ctx.ids[0, ctx.prefix + 1:]
-    logprobs = continue_logits(restored, inputs, ctx.prefix).log_softmax(-1)
+    logprobs = continue_logits(restored, inputs, ctx.prefix, ctx.model).log_softmax(-1)
     nll_ref = -ctx.ref_logprobs.gather(1, targets[:, None]).mean()
     nll = -logprobs.gather(1, targets[:, None]).mean()
     ppl_ref, ppl = math.exp(float(nll_ref)), math.exp(float(nll))
     kl = float((ctx.ref_logprobs.exp() * (ctx.ref_logprobs - logprobs)).sum(-1).mean())
     top1 = float((logprobs.argmax(-1) == ctx.ref_logprobs.argmax(-1)).double().mean())
-    greedy = greedy_tokens(restored, int(ctx.ids[0, ctx.prefix]), ctx.prefix, len(ctx.ref_greedy))
+    greedy = greedy_tokens(restored, int(ctx.ids[0, ctx.prefix]), ctx.prefix, len(ctx.ref_greedy), ctx.model)
     same = (greedy == ctx.ref_greedy).long()
     match = int(same.cumprod(0).sum()) if len(same) else 0
     return TextResult(
@@ -154,8 +162,8 @@ def score(ctx: Context, restored: KVCache, stored_bytes: int) -> TextResult:
         ratio=ctx.fp16_bytes / stored_bytes, ppl_ref=ppl_ref, ppl=ppl,
         delta_ppl_pct=100.0 * (ppl - ppl_ref) / ppl_ref, top1=top1, kl=kl,
         greedy_match=match, greedy_of=len(ctx.ref_greedy),
-        key_rel_err=[_rel_err(o.key, r.key, r.positions) for o, r in zip(ctx.cache.layers, restored.layers)],
-        value_rel_err=[_rel_err(o.value, r.value, r.positions) for o, r in zip(ctx.cache.layers, restored.layers)],
+        key_rel_err=[_rel_err(o, "key", r) for o, r in zip(ctx.cache.layers, restored.layers)],
+        value_rel_err=[_rel_err(o, "value", r) for o, r in zip(ctx.cache.layers, restored.layers)],
     )
 
 
@@ -207,14 +215,15 @@ def masked_reference_logits(ctx: Context, restored: KVCache) -> torch.Tensor:
     layers, hidden = [], {}
     for i, (full, lay) in enumerate(zip(ctx.cache.layers, restored.layers)):
         b, h, n, _ = full.key.shape
-        positions = (lay.positions if lay.positions is not None else torch.arange(lay.key.shape[2])[None]).expand(h, -1)
+        kept = lay.positions if lay.positions is not None else full.positions
+        index = torch.arange(n).expand(h, -1) if kept is None else full.index_of(kept)
         key, value = full.key.clone(), full.value.clone()
-        index = positions[None, :, :, None]
-        key.scatter_(2, index.expand(b, -1, -1, key.shape[3]), lay.key.to(key.dtype))
-        value.scatter_(2, index.expand(b, -1, -1, value.shape[3]), lay.value.to(value.dtype))
-        keep = torch.zeros(h, n, dtype=torch.bool).scatter_(1, positions, True)
-        layers.append(LayerKV(key, value))
+        key.scatter_(2, index[None, :, :, None].expand(b, -1, -1, key.shape[3]), lay.key.to(key.dtype))
+        value.scatter_(2, index[None, :, :, None].expand(b, -1, -1, value.shape[3]), lay.value.to(value.dtype))
+        keep = torch.zeros(h, n, dtype=torch.bool).scatter_(1, index, True)
+        layers.append(LayerKV(key, value, full.positions, full.window))
         hidden[i] = ~keep
-    model, _ = capture.load_model()
-    with hooked(model, HideTokens(hidden)):
-        return continue_logits(KVCache(layers), ctx.ids[:, ctx.prefix:-1], ctx.prefix)
+    lm, _ = capture.load_model(ctx.model)
+    with hooked(lm, HideTokens(hidden)):
+        return continue_logits(KVCache(layers, length=ctx.cache.length), ctx.ids[:, ctx.prefix:-1], ctx.prefix,
+                               ctx.model)

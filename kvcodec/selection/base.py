@@ -3,7 +3,9 @@
 A stage runs once over the whole cache before any value codec sees it and returns a pruned
 `KVCache` whose layers carry the original positions of what they kept. Heads of one layer keep
 equal counts, so the result is still a rectangular cache a model accepts. Restoring needs
-nothing from the stage: the positions travel in the container.
+nothing from the stage: the positions travel in the container. Sliding-window layers
+(`LayerKV.window`) pass through as they are: they hold only their window already, all of which
+the model's attention reads, and transformers' mask assumes it whole.
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class Selector(Configurable):
             scores.check(cache)
         layers = []
         for i, lay in enumerate(cache.layers):
+            if lay.window is not None:
+                layers.append(lay)
+                continue
             kept = self.keep_indices(i, cache.num_layers, lay, scores)
             layers.append(self.merge(i, lay, kept, scores))
         return KVCache(layers, cache.token_ids, dict(cache.metadata), cache.layout, length=cache.next_position,

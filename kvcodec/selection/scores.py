@@ -34,11 +34,14 @@ class AttentionScores:
         return len(self.attention)
 
     def check(self, cache) -> None:
-        """Raise InputError unless these statistics describe `cache` (same layers, heads, tokens)."""
+        """Raise InputError unless these statistics describe `cache` (same layers, heads, tokens;
+        sliding-window layers, which no stage prunes, are not checked)."""
         if self.num_layers != cache.num_layers or len(self.queries) != cache.num_layers:
             raise InputError(f"the attention scores cover {self.num_layers} layers, the cache {cache.num_layers}")
         for i, (att, q, lay) in enumerate(zip(self.attention, self.queries, cache.layers)):
             b, h, t, d = lay.key.shape
+            if lay.window is not None:
+                continue
             if lay.positions is not None:
                 raise InputError(f"layer {i} of the cache is already pruned; scores describe full caches")
             if tuple(att.shape) != (b, h, t):

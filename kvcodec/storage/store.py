@@ -388,6 +388,10 @@ class PrefixStore:
         how many were new."""
         ids = self._ids(token_ids if token_ids is not None else cache.token_ids if cache.token_ids is not None
                         else _missing_ids())
+        sliding = [i for i, lay in enumerate(cache.layers) if lay.window is not None]
+        if sliding:
+            raise InputError(f"a prefix store keeps caches whose layers hold every token; layer {sliding[0]} is a "
+                             "sliding-window layer")
         if any(lay.positions is not None for lay in cache.layers):
             raise InputError("a prefix store keeps whole caches; this one is pruned")
         b, _, t, _ = cache.layers[0].key.shape
