@@ -108,6 +108,23 @@ def test_large_channels_get_finer_steps():
             assert len(set(steps.tolist())) == 1
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_channel_of_outliers_widens_its_step_instead_of_refusing(lanes):
+    """Gemma-3's keys hold channels far larger than the rest: key emphasis gives them finer
+    steps, and they would need more symbols than a table holds."""
+    cache = synthetic_cache(layers=1, tokens=300, heads=1, head_dim=16, dtype=torch.float32)
+    cache.layers[0].key[0, 0, :, 3] *= 300 / cache.layers[0].key[0, 0, :, 3].std()
+    data = kvcodec.encode(cache, "cachegen", key_step=0.1, value_step=0.1, lanes=lanes, chunk_tokens=128)
+    steps = tables_of(data)[(0, "key")].steps
+    x = cache.layers[0].key[0, 0, 4:]
+    floor = ((x.amax(0) - x.amin(0)) / 4000).numpy()
+    assert np.isclose(steps[3], floor[3], rtol=1e-6)  # widened to fit its table
+    assert np.all(np.delete(steps, 3) > np.delete(floor, 3))  # the others as asked
+    err = (kvcodec.decode(data).layers[0].key[0, 0, 4:] - x).abs()
+    assert float(err[:, 3].max()) <= steps[3] / 2 * (1 + 1e-5)
+    assert kvcodec.encode(cache, "cachegen", target_ratio=3.0)  # the ladder's finest rung codes it too
+
+
 def test_presets_trade_size_for_error():
     cache = synthetic_cache(layers=2, tokens=400, heads=2, head_dim=16, dtype=torch.float32)
     sizes, errors = [], []

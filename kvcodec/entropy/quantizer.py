@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 MAX_WEIGHT = 64.0  # per-channel step multipliers are clamped to [1/64, 64]
+MAX_SPAN_STEPS = 4000  # a channel spans at most this many steps (tables hold 4096 symbols)
 
 
 def group_layout(n: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +67,8 @@ def tree_sum(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def channel_steps(x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarray:
     """float32 [H*D] steps for the coded tokens `x` [B, H, N, D] of one (layer, key/value):
     `rel_step * sigma` (sigma: the spread of the channels around their means), scaled per
-    channel by `(rms_c / mean rms) ** -emphasis` (0: one step for every channel).
+    channel by `(rms_c / mean rms) ** -emphasis` (0: one step for every channel), and never
+    less than the channel's range over MAX_SPAN_STEPS, so that every cache fits the tables.
 
     Sums run on x's device in a fixed pairwise order (`tree_sum`) and everything after them on
     the CPU, so the steps are the same bits wherever the cache lies."""
@@ -79,7 +81,11 @@ def channel_steps(x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarr
     rms = (tree_sum(x.pow(2), (0, 2)).cpu() / (b * n)).sqrt().reshape(-1)  # [H*D]
     weight = (rms / rms.mean()).clamp_min(1e-6).pow(-emphasis) if rms.mean() > 0 else torch.ones_like(rms)
     weight = (weight / weight.log().mean().exp()).clamp(1 / MAX_WEIGHT, MAX_WEIGHT)
-    return (rel_step * sigma * weight).numpy().astype(np.float32)
+    steps = (rel_step * sigma * weight).numpy().astype(np.float32)
+    # a channel of outliers would span more symbols than a table holds: its step widens to fit
+    # (min and max are exact on any device, so the steps stay the same bits everywhere)
+    spread = (x.amax(dim=(0, 2)) - x.amin(dim=(0, 2))).cpu().reshape(-1).numpy()
+    return np.maximum(steps, (spread / MAX_SPAN_STEPS).astype(np.float32))
 
 
 def value_counts(symbols) -> tuple[np.ndarray, np.ndarray]:
