@@ -1,4 +1,4 @@
-"""`kvc train-ae`: train the key/value autoencoders of the `ae` codec on SmolLM2's caches."""
+"""`kvc train-ae`: train the key/value autoencoders of the `ae` codec on a model's caches."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
+from kvcodec.eval.models import DEFAULT_MODEL, MODELS
 from kvcodec.tools.common import force_option, progress_bar, quiet_option
 
 
@@ -24,13 +25,16 @@ from kvcodec.tools.common import force_option, progress_bar, quiet_option
 @click.option("--tokens", type=click.IntRange(16), default=1024, show_default=True,
               help="Tokens of each text (fewer if a text is shorter).")
 @click.option("--steps", type=click.IntRange(1), default=1500, show_default=True, help="Optimizer steps.")
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Seed of the networks' initial weights and of the training batches.")
+@click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
+              help="Development model whose caches to train on.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="Weights (.safetensors); the config goes beside it as .json.")
 @force_option
 @quiet_option
-def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, output, force, quiet):
-    """Train autoencoders for SmolLM2's keys and values, for `kvc pack -c ae --opt weights=FILE`.
+def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, model, output, force, quiet):
+    """Train autoencoders for a model's keys and values, for `kvc pack -c ae --opt weights=FILE`.
 
     Caches are captured from training texts disjoint from the evaluation texts; keys and values
     get separate networks. Prints the relative reconstruction error on the training caches and
@@ -51,14 +55,14 @@ def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, out
     caches, hashes = [], {}
     for name in names:
         label, contents = capture.read_text(name)
-        ids = capture.tokenize(contents, None)[:, :tokens]
-        _, past, _ = capture.prefill(ids)
+        ids = capture.tokenize(contents, None, model)[:, :tokens]
+        _, past, _ = capture.prefill(ids, model=model)
         caches.append(KVCache.from_hf(past).to(dtype=torch.float32))
         hashes[label] = hashlib.sha256(contents.encode()).hexdigest()
     with progress_bar(steps, "training", quiet) as update:
         report = None if update is None else (lambda step, loss: update(step, f"training, loss {loss:.4f}"))
         ae = ae_training.train(caches, latent_dim, hidden=hidden, shared=shared, steps=steps, seed=seed,
-                               model=capture.MODEL_NAME, texts=hashes, progress=report)
+                               model=MODELS[model].title, texts=hashes, progress=report)
     digest = ae.save(output)
     if not quiet:
         errors = [ae_training.relative_error(ae, c) for c in caches]
