@@ -43,6 +43,10 @@ def check_readable(path) -> str:
 
 def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVCache:
     """Load a cache file (.pt/.pth/.bin or .safetensors) in any supported layout."""
+    from kvcodec.container.remote import is_url
+
+    if is_url(path):
+        raise InputError(f"{path}: caches are loaded from local files (download it first); .kvc files open from URLs")
     path = check_readable(path)
     ext = os.path.splitext(path)[1].lower()
     if ext == SAFETENSORS_EXTENSION:
@@ -55,13 +59,13 @@ def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVC
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # not a forbidden class or function: just garbage
-            raise InputError(f"{path} is not a readable PyTorch file (UnpicklingError)") from None
+            raise InputError(f"{path} is not a PyTorch file (torch.save output) or is damaged") from None
         raise InputError(
             f"{path} holds pickled Python objects other than tensors; refusing to unpickle them "
             "(save plain tensors, lists, tuples or dicts)"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
-        raise InputError(f"{path} is not a readable PyTorch file ({type(exc).__name__})") from None
+        raise InputError(f"{path} is not a PyTorch file (torch.save output) or is damaged") from None
     return from_object(obj, layout, heads)
 
 

@@ -95,7 +95,7 @@ def test_unreadable_inputs(tmp_path):
     with pytest.raises(InputError, match="extension"):
         cachefiles.load_cache(tmp_path / "x.txt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(InputError, match="not a readable PyTorch file"):
+    with pytest.raises(InputError, match="is not a PyTorch file .torch.save output. or is damaged"):
         cachefiles.load_cache(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(InputError, match="safetensors"):

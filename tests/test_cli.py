@@ -33,7 +33,7 @@ def run(*args):
 
 
 def assert_clean_error(code, output, pattern):
-    assert code != 0
+    assert code == 1, (code, output)
     assert "Traceback" not in output
     lines = [l for l in output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("kvc: error:"), output
@@ -103,10 +103,16 @@ def test_existing_output_is_refused_without_force(tmp_path, cache_pt):
     (["pack", "{d}/cache.pt", "-c", "quant", "--opt", "bits=5"], "bits"),
     (["pack", "{d}/cache.pt", "-c", "quant", "--opt", "colour=red"], "no option 'colour'"),
     (["pack", "{d}/cache.pt", "--opt", "noequals"], "KEY=VALUE"),
-    (["unpack", "{d}/random.kvc"], "not a .kvc file"),
+    (["unpack", "{d}/random.kvc"], "random.kvc: not a .kvc file"),
     (["unpack", "{d}/truncated.kvc"], "truncated"),
-    (["inspect", "{d}/empty.kvc"], "too short"),
-    (["verify", "{d}/flipped.kvc"], "corrupt"),
+    (["inspect", "{d}/empty.kvc"], "empty.kvc: file is too short"),
+    (["verify", "{d}/flipped.kvc"], "flipped.kvc: record of layer"),
+    (["inspect", "--check", "{d}/flipped.kvc"], "corrupt"),
+    (["pack", "{d}"], "is a directory. (kvc pack --help)"),  # click's own checks: one line and exit 1 too
+    (["pack", "{d}/cache.pt", "--target-ratio", "0.5"], "0.5 is not in the range"),
+    (["pack", "{d}/cache.pt", "--chunk-tokens", "0"], "0 is not in the range"),
+    (["frobnicate"], "No such command 'frobnicate'. (kvc --help)"),
+    (["pack", "http://127.0.0.1:9/cache.pt"], "caches are loaded from local files"),
     (["unpack", "{d}/flipped.kvc", "-o", "{d}/out.pt"], "corrupt"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, cache_pt, args, pattern):

@@ -36,7 +36,7 @@ from kvcodec.tools.harness import bench_command, eval_command
 from kvcodec.tools.train import train_ae_command
 
 
-@click.group(cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("kvc", cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(kvcodec.__version__, prog_name="kvc")
 def cli():
     """Compress, store and restore LLM key-value caches (.kvc files)."""
@@ -123,10 +123,17 @@ def unpack(input, output, layout, force, quiet):
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(file, as_json):
-    """Show what a .kvc file holds, layer by layer."""
+@click.option("--check", is_flag=True, help="Also verify every checksum (reads the whole file).")
+def inspect(file, as_json, check):
+    """Show what a .kvc file holds, layer by layer.
+
+    Reads the header and the index (both checksummed); payloads are not read unless --check
+    (`kvc verify` also decodes them)."""
     with kvcodec.open(cachefiles.check_readable(file)) as reader:
         info = reader.info()
+        if check:
+            reader.verify()
+        info["payloads_checked"] = check
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -171,6 +178,8 @@ def inspect(file, as_json):
                       slot_use(k, v) if several else ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
                       f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
     console.print(table)
+    console.print("payload checksums ok" if check else
+                  "payload checksums not read (--check verifies them; kvc verify also decodes)", style="dim")
 
 
 METADATA_SHOWN = 20  # entries the table view lists

@@ -16,7 +16,22 @@ EXIT_ERROR = 1
 
 
 class KvcGroup(click.Group):
-    """Turns every exception into one line on stderr (KVC_DEBUG=1 shows the traceback)."""
+    """Turns every exception into one line on stderr (KVC_DEBUG=1 shows the traceback), click's
+    own usage errors included, and exits 1."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" ({ctx.command_path if ctx else 'kvc'} --help)" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"kvc: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(EXIT_ERROR)
+        except click.Abort:
+            click.echo("kvc: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:

@@ -49,9 +49,16 @@ class KVCReader:
         self.source = ByteSource(src)
         try:
             self._open()
+        except FormatError as exc:
+            self.source.close()
+            raise type(exc)(self._named(str(exc))) from None
         except BaseException:
             self.source.close()
             raise
+
+    def _named(self, message: str) -> str:
+        """An error message led by the file's path or URL, when it has one."""
+        return f"{self.source.name}: {message}" if self.source.name else message
 
     def _open(self):
         src = self.source
@@ -148,7 +155,7 @@ class KVCReader:
         is needed) names them in the error."""
         data = self.source.read(offset, length)
         if fmt.crc32(data) != crc:
-            raise ChecksumError(f"{what() if callable(what) else what} checksum mismatch: the file is corrupt")
+            raise ChecksumError(self._named(f"{what() if callable(what) else what} checksum mismatch: the file is corrupt"))
         return data
 
     def codec(self, slot: int) -> Codec:

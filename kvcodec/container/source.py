@@ -26,6 +26,7 @@ class ByteSource:
         self._lock = threading.Lock()
         self.tensor = None  # a CPU uint8 tensor holding the file, when given one (may be pinned)
         self.remote = None  # a remote.RangedFile for URLs
+        self.name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None  # a path or URL, for errors
         if remote.is_url(src):
             self.remote, self._own = remote.RangedFile(remote.backend_for(src)), True
             self._buf = self._file = None
