@@ -18,6 +18,8 @@ from kvcodec.encoding import pipeline
 from kvcodec.encoding import presets
 from kvcodec.errors import InputError, KVCError
 from kvcodec.eval.models import DEFAULT_MODEL, MODELS
+
+DEFAULT_CAPTURE_TOKENS = 1024  # what `kvc capture` reads of a text unless told
 from kvcodec.selection import needing_no_scores, scores
 from kvcodec.selection.scores import AttentionScores
 from kvcodec.tools.common import (
@@ -31,6 +33,7 @@ from kvcodec.tools.common import (
     parse_options,
     progress_bar,
     quiet_option,
+    status,
 )
 from kvcodec.tools.harness import bench_command, eval_command
 from kvcodec.tools.train import train_ae_command
@@ -280,8 +283,10 @@ def codecs(as_json):
 
 @cli.command()
 @click.option("--text", default=None, help="Text file, or a shipped text name (prose) [prose].")
-@click.option("--tokens", type=click.IntRange(1), default=1024, show_default=True, help="Prompt tokens.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--tokens", type=click.IntRange(1), default=None,
+              help="Prompt tokens: the text's first N [1024, or the whole text if shorter].")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Dtype the cache is saved in (the model runs in float32).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output .pt or .safetensors.")
 @click.option("--scores", "with_scores", is_flag=True,
               help="Also save attention statistics (for h2o, keyformer, snapkv, cam) as OUTPUT's .scores.safetensors.")
@@ -303,8 +308,19 @@ def capture(text, tokens, dtype, output, with_scores, window, model, force, quie
             raise InputError(f"{path} exists (use --force to overwrite)")
     if window is not None and not with_scores:
         raise InputError("--window goes with --scores")
-    cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
-                                           window=(window or cap.DEFAULT_WINDOW) if with_scores else None, model=model)
+    with status(quiet) as show:
+        show(f"reading the text with {MODELS[model].title}'s tokenizer")
+        name, contents = cap.read_text(text)
+        available = cap.tokenize(contents, None, model).shape[1]
+        if tokens is not None and tokens > available:
+            raise InputError(f"{name} has {available} tokens, fewer than the {tokens} asked for")
+        tokens = min(DEFAULT_CAPTURE_TOKENS, available) if tokens is None else tokens
+        show(f"loading {MODELS[model].title}")
+        cap.load_model(model)
+        show(f"running the model on {tokens} tokens" + (" (recording attention)" if with_scores else ""))
+        cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
+                                               window=(window or cap.DEFAULT_WINDOW) if with_scores else None,
+                                               model=model)
     cachefiles.save_cache(cache, output, overwrite=force)
     if stats is not None:
         stats.save(scores_out)

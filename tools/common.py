@@ -78,6 +78,19 @@ def progress_bar(total: int, label: str, quiet: bool):
         yield update
 
 
+@contextlib.contextmanager
+def status(quiet: bool):
+    """A spinner on stderr when it is a terminal, for work without a count (loading a model);
+    yields `show(label)`, which names the phase now running."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda label: None
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status("") as spinner:
+        yield lambda label: spinner.update(label)
+
+
 def parse_options(pairs) -> dict:
     """`--opt KEY=VALUE`: values are JSON when they parse (numbers, true/false), else strings."""
     options = {}

@@ -50,8 +50,7 @@ def read_text(text: str | os.PathLike | None) -> tuple[str, str]:
 
 def tokenize(text: str, tokens: int | None, model: str | None = None) -> torch.Tensor:
     """The first `tokens` token ids of `text` as a [1, n] tensor."""
-    _, tokenizer = load_model(model)
-    ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = models.tokenizer(models.model_named(model).name)(text, return_tensors="pt").input_ids
     if tokens is not None:
         if ids.shape[1] < tokens:
             raise InputError(f"the text has {ids.shape[1]} tokens, fewer than the {tokens} asked for")

@@ -70,22 +70,36 @@ def of_cache(metadata: dict) -> Model:
     raise InputError(f"the cache names model {title!r}, not one of ours ({', '.join(m.title for m in MODELS.values())})")
 
 
+def _quiet_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("running a model needs transformers, gguf and accelerate: pip install 'kvcodec[model]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+@functools.lru_cache(maxsize=2)
+def tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of a development model, loaded once per process (without the model: a text
+    is measured before the model loads)."""
+    path = model_named(name).gguf()
+    transformers = _quiet_transformers()
+    with contextlib.redirect_stderr(io.StringIO()):
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
+
+
 @functools.lru_cache(maxsize=2)
 def load(name: str = DEFAULT_MODEL):
     """(model, tokenizer) of a development model on the CPU in float32, in eval mode; loaded
     once per process (the GGUF is dequantized on loading: a minute for Gemma-3)."""
-    m = model_named(name)
-    try:
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise InputError("running a model needs transformers, gguf and accelerate: pip install 'kvcodec[model]'") from None
-    path = m.gguf()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    path = model_named(name).gguf()
+    transformers = _quiet_transformers()
+    import torch
+
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader draws its own progress bar
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32)
     model.eval()
-    return model, tokenizer
+    return model, tokenizer(name)
