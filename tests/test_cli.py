@@ -251,3 +251,19 @@ def test_inspect_folds_long_header_strings_and_never_reads_them_as_markup(tmp_pa
     assert "[bold]boom[/] [/unclosed]" in flat and "more (--json shows all)" in flat
     full = runner.invoke(cli, ["inspect", "--json", str(tmp_path / "m.kvc")])
     assert json.loads(full.output)["metadata"]["big"] == "x" * 1_000_000
+
+
+def test_inspect_accounts_for_every_byte_and_counts_chunks_as_the_header(tmp_path):
+    cache = synthetic_cache(layers=2, tokens=300, dtype=torch.float16)
+    cachefiles.save_cache(cache, tmp_path / "c.pt")
+    assert run("pack", tmp_path / "c.pt", "-c", "cachegen", "--chunk-tokens", "128", "-q")[0] == 0
+    code, out = run("inspect", tmp_path / "c.kvc", "--json")
+    info = json.loads(out)
+    in_layers = sum(lay[t]["bytes"] for lay in info["layers"] for t in ("key", "value"))
+    assert info["shared_bytes"] > 0
+    assert in_layers + info["shared_bytes"] + info["container_blob_bytes"] + info["overhead_bytes"] == info["file_bytes"]
+    code, out = run("inspect", tmp_path / "c.kvc")
+    rows = [line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(rows) == 2 and all(row.split()[-1] == "3" for row in rows)  # 300 tokens in chunks of 128
+    assert "of tables shared by the layers" in out and "payload checksums not read" in out
+    assert not any(line != line.rstrip() for line in out.splitlines())  # no padding when piped

@@ -179,8 +179,12 @@ def inspect(file, as_json, check):
                       *([str(lay["window"] or "-")] if windows else []),
                       *([f"{100 * lay['kept']:.1f}%"] if pruned else []),
                       slot_use(k, v) if several else ",".join(sorted(set(k["codecs"] + v["codecs"]))) or "-", human(stored),
-                      f"{raw / stored:.2f}x" if stored else "-", str(k["chunks"] + v["chunks"]))
+                      f"{raw / stored:.2f}x" if stored else "-", str(max(k["chunks"], v["chunks"])))
     console.print(table)
+    rest = info["container_blob_bytes"] + info["overhead_bytes"]
+    shared = f"{human(info['shared_bytes'])} of tables shared by the layers, " if info["shared_bytes"] else ""
+    ids = ", token ids and positions" if info["container_blob_bytes"] else ""
+    console.print(f"in no layer: {shared}{human(rest)} of header, index{ids}")
     console.print("payload checksums ok" if check else
                   "payload checksums not read (--check verifies them; kvc verify also decodes)", style="dim")
 

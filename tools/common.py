@@ -131,8 +131,26 @@ force_option = click.option("--force", is_flag=True, help="Overwrite an existing
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 
 
+PIPE_WIDTH = 160
+
+
+class _TrimmedLines:
+    """A text stream writing to stdout without the spaces that pad a line's end."""
+
+    def write(self, text: str) -> int:
+        sys.stdout.write("\n".join(line.rstrip() for line in text.split("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def make_console():
-    """A rich console on stdout; wide enough for our tables when stdout is not a terminal."""
+    """A rich console on stdout. When stdout is not a terminal, tables fold at PIPE_WIDTH columns
+    (or $COLUMNS) and lines carry no padding."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    if sys.stdout.isatty():
+        return Console()
+    width = int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else PIPE_WIDTH
+    return Console(file=_TrimmedLines(), width=width)

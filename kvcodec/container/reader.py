@@ -129,6 +129,9 @@ class KVCReader:
                                                    zip(*np.unique(self.records["codec_slot"][idx], return_counts=True))}}
             layers.append(entry)
         raw = sum(l[n]["raw_bytes"] for l in layers for n in TENSORS)
+        lengths = self.blobs["length"].astype(np.int64)
+        shared, own = (lengths[self.blobs["owner"] != fmt.CONTAINER_OWNER],
+                       lengths[self.blobs["owner"] == fmt.CONTAINER_OWNER])
         # a pruned cache is measured against the full one it came from
         full = sum(l[n]["raw_bytes"] / l["kept"] if l["kept"] else 0 for l in layers for n in TENSORS)
         return {
@@ -147,6 +150,11 @@ class KVCReader:
             "token_ids": list(self.header.token_ids_shape) if self.header.token_ids_shape else None,
             "metadata": dict(self.header.metadata),
             "layers": layers,
+            # bytes in no layer: codecs' shared context (tables, weights), the container's own
+            # blobs (token ids, positions), and header, index, alignment
+            "shared_bytes": int(shared.sum()),
+            "container_blob_bytes": int(own.sum()),
+            "overhead_bytes": self.file_size - int(self.records["length"].sum()) - int(self.blobs["length"].sum()),
         }
 
     # -- payload access ----------------------------------------------------------------------
