@@ -43,6 +43,19 @@ def text_names(texts: str) -> list[str]:
     return names
 
 
+def contexts_of(names: list[str], prefix: int, continuation: int, greedy: int, model: str, update=None):
+    """The texts' contexts (a prefill and the reference continuation each), reporting progress
+    through a `progress_bar` update."""
+    contexts = []
+    for i, name in enumerate(names):
+        if update:
+            update(i, f"reading {name} ({prefix} + {continuation} tokens)" + ("" if i else ", after loading the model"))
+        contexts.append(fidelity.Context.from_text(name, prefix, continuation, greedy, model=model))
+    if update:
+        update(len(names))
+    return contexts
+
+
 def write_json(path: str, doc) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -89,8 +102,9 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @layout_option
 @heads_option
 @model_option
+@quiet_option
 def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
-                 layout, heads, model):
+                 layout, heads, model, quiet):
     """Measure how a codec or pipeline (or an existing .kvc FILE) changes a model's predictions.
 
     With -c: each shipped text is split into a prefix, whose cache is compressed and restored, and
@@ -109,8 +123,12 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
     else:
         options = parse_options(opts)
         pipeline.checked(codec, options)
-        contexts = [fidelity.Context.from_text(t, prefix, continuation, greedy, model=model) for t in text_names(texts)]
-        report = fidelity.evaluate_codec(contexts, codec, options, chunk_tokens=chunk_tokens)
+        names = text_names(texts)
+        with progress_bar(2 * len(names), f"loading {models.MODELS[model].title}", quiet) as update:
+            report = fidelity.evaluate_codec(contexts_of(names, prefix, continuation, greedy, model, update), codec,
+                                             options, chunk_tokens=chunk_tokens,
+                                             progress=None if update is None else
+                                             lambda done, text: update(len(names) + done, f"scoring {text}"))
     print_report(report, layers)
     if json_path:
         write_json(json_path, report.to_dict())

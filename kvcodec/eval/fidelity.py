@@ -193,15 +193,19 @@ def scores_for(ctx: Context, pipe: pipeline.Pipeline):
 
 
 def evaluate_codec(contexts: list[Context], codec, options: dict | None = None,
-                   chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS) -> Report:
+                   chunk_tokens: int = api.DEFAULT_CHUNK_TOKENS, progress=None) -> Report:
     """Encode each context's cache with the codec or pipeline (`h2o+cachegen`), restore it,
-    and score it."""
+    and score it; `progress(done, text)` is called before each text and once at the end."""
     pipe = pipeline.parse(codec, options)
     codec_obj = make_codec(pipe.codec, pipe.options)
     results = []
-    for ctx in contexts:
+    for i, ctx in enumerate(contexts):
+        if progress:
+            progress(i, ctx.text)
         data = api.encode(ctx.cache, codec, chunk_tokens=chunk_tokens, scores=scores_for(ctx, pipe), **dict(options or {}))
         results.append(score(ctx, api.decode(data), len(data)))
+    if progress:
+        progress(len(contexts), "")
     return Report(pipeline.label(pipe.selector, codec_obj), results)
 
 
