@@ -64,7 +64,7 @@ def load_cache(path, layout: str | None = None, heads: int | None = None) -> KVC
             f"{path} holds pickled Python objects other than tensors; refusing to unpickle them "
             "(save plain tensors, lists, tuples or dicts)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError):
         raise InputError(f"{path} is not a PyTorch file (torch.save output) or is damaged") from None
     return from_object(obj, layout, heads)
 
