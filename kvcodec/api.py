@@ -17,7 +17,7 @@ from kvcodec.files import atomic_output
 
 
 def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-         overwrite: bool = True, progress: Callable[[int], None] | None = None, target_ratio: float | None = None,
+         overwrite: bool = False, progress: Callable[[int], None] | None = None, target_ratio: float | None = None,
          max_error: float | None = None, scores=None, **options) -> int:
     """Write `cache` to `dest` (a path or a binary file object) as `.kvc`; return its size.
 
@@ -26,7 +26,8 @@ def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens:
     them. Options go to the stage that has them (`stage.option` to name one). With
     `target_ratio` (file at most `cache.nbytes / target_ratio` bytes) or `max_error` (every
     chunk within that relative RMS error), each chunk gets one of the codec's presets.
-    A path is written under a temporary name and renamed when complete.
+    A path is written under a temporary name and renamed when complete; an existing file is
+    replaced only with `overwrite=True` (as `kvc pack --force`).
     """
     cache, how = prepare(cache, codec, options, scores, chunk_tokens, target_ratio, max_error, progress)
     if isinstance(how, Encoding):  # planning already reported progress, layer by layer

@@ -205,6 +205,11 @@ def test_read_rejects_bad_layer_and_step(small_cache):
         reader.read(99)
     with pytest.raises(ValueError):
         reader.read(0, tokens=slice(0, 10, 2))
+    n = small_cache.layers[0].key.shape[2]
+    with pytest.raises(IndexError, match=f"tokens {n}:{2 * n} start outside layer 0's {n} stored tokens"):
+        reader.read(0, tokens=slice(n, 2 * n))  # would be empty: an error, not silence
+    assert reader.read(0, tokens=slice(n - 2, 2 * n))[0].shape[2] == 2  # a stop past the end stops there
+
 
 
 def test_writer_refuses_what_the_reader_would_refuse(tmp_path, small_cache):

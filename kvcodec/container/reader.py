@@ -314,6 +314,9 @@ class KVCReader:
             return 0, n
         if not isinstance(tokens, slice) or tokens.step not in (None, 1):
             raise ValueError("tokens must be a slice with step 1")
+        first = tokens.start
+        if first is not None and not (-n <= first < n or first == n == 0):  # Python would give nothing, silently
+            raise IndexError(f"tokens {first}:{tokens.stop} start outside layer {layer}'s {n} stored tokens")
         start, stop, _ = tokens.indices(n)
         return start, max(start, stop)
 
