@@ -4,6 +4,7 @@ caches at their original positions, determinism, and the `kvc eval` / `kvc bench
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -138,6 +139,7 @@ def test_kvc_bench_writes_table_json_and_plots(tmp_path, real_model):
     assert rows[("quant", 2)]["ratio"] > rows[("quant", 4)]["ratio"] > 3
     assert set(rows[("raw", None)]["ttft_s"]) == {"1", "10", "100"} and doc["prefill_s"] > 0
     assert rows[("raw", None)]["ttft_s"]["1"] > rows[("raw", None)]["ttft_s"]["100"]
+    assert doc["repeat"] == 1 and doc["model"] == "smollm2" and all(r["speed_spread"] >= 0 for r in doc["rows"])
     for png in ("rate_distortion.png", "ttft.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "quant" in out.output and "TTFT" in out.output
@@ -150,3 +152,16 @@ def test_cachegen_medium_beats_quant4_in_divergence(contexts):
     quant = fidelity.evaluate_codec(contexts, "quant", {"bits": 4}).mean
     assert cachegen["abs_delta_ppl_pct"] < 1.5 and cachegen["top1"] >= 0.97
     assert cachegen["kl"] < quant["kl"] and cachegen["ratio"] > 2.5
+
+
+def test_timings_are_medians_after_a_warm_up():
+    from kvcodec.eval.bench import timed
+
+    calls, durations = [], iter([0.0, 0.03, 0.01, 0.02])  # the warm-up first, then three runs
+
+    def work():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    t = timed(work, 3)
+    assert len(calls) == 4 and 0.019 < t.median < 0.03 and 0.5 < t.spread < 1.5

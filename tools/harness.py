@@ -94,7 +94,8 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @click.option("--original", type=click.Path(dir_okay=False), help="With FILE: the cache it was packed from.")
 @click.option("-c", "--codec", default=None, help="Codec to evaluate (instead of FILE).")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Codec option, repeatable.")
-@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True)
+@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
+              help="Tokens per chunk (record) of the files the codecs write.")
 @texts_option("prose,code,data")
 @length_options
 @click.option("--layers", is_flag=True, help="Also print the reconstruction error of every layer.")
@@ -145,6 +146,9 @@ def parse_sweep(specs) -> dict[str, list[dict]]:
     return sweep
 
 
+BUSY_SPREAD = 0.25  # timings of one figure further apart than this (over their median) are called busy
+
+
 def print_bench(result: bench.BenchResult) -> None:
     from rich.table import Table
 
@@ -164,7 +168,12 @@ def print_bench(result: bench.BenchResult) -> None:
     console = make_console()
     console.print(table)
     console.print(f"recompute prefill of {result.prefix} tokens: {result.prefill_s:.3f} s; "
-                  f"first-token step on a restored cache: {result.first_token_s:.4f} s")
+                  f"first-token step on a restored cache: {result.first_token_s:.4f} s; speeds are medians of "
+                  f"{result.repeat} runs after a warm-up")
+    busy = [r for r in result.rows if r.speed_spread > BUSY_SPREAD]
+    if busy:
+        console.print(f"[yellow]speeds of {len(busy)} rows varied by more than {BUSY_SPREAD:.0%} between runs "
+                      f"(up to {max(r.speed_spread for r in busy):.0%}): the machine was busy; their MB/s are rough[/]")
 
 
 @click.command("bench")
@@ -176,8 +185,10 @@ def print_bench(result: bench.BenchResult) -> None:
               help="Caches from `kvc capture` to sweep over, repeatable [the shipped texts].")
 @texts_option("prose,code,data")
 @length_options
-@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True)
-@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True, help="Timing runs (best kept).")
+@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
+              help="Tokens per chunk (record) of the files the codecs write.")
+@click.option("--repeat", type=click.IntRange(1), default=5, show_default=True,
+              help="Timing runs after a warm-up (their median is reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
               help="Folder for bench.json, rate_distortion.png and ttft.png.")
 @quiet_option

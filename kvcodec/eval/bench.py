@@ -54,15 +54,32 @@ def _selection_sweep() -> dict[str, list[dict]]:
 SELECTION_SWEEP = _selection_sweep()
 
 
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of `repeat` runs after a warm-up: their median, and their spread (max - min over
+    the median; large when the machine was busy)."""
+
+    median: float
+    spread: float
+
+
+def timed(fn, repeat: int) -> Timing:
+    fn()  # warm-up: first-call costs (imports, allocations, kernel builds) are not the codec's
+    runs = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+        runs.append(time.perf_counter() - start)
+    runs.sort()
+    median = runs[len(runs) // 2] if len(runs) % 2 else (runs[len(runs) // 2 - 1] + runs[len(runs) // 2]) / 2
+    return Timing(median, (runs[-1] - runs[0]) / median if median > 0 else 0.0)
+
+
+def best_time(fn, repeat: int) -> float:
+    """The median of `timed`, for figures whose spread is not reported."""
+    return timed(fn, repeat).median
 
 
 def model_device(model: str | None = None) -> torch.device:
@@ -105,6 +122,7 @@ class BenchRow:
     greedy_match: float
     ttft_s: dict[str, float] = field(default_factory=dict)
     per_text: list[dict] = field(default_factory=list)
+    speed_spread: float = 0.0  # the larger spread of the encode and decode timings (`Timing.spread`)
 
 
 @dataclass
@@ -117,6 +135,7 @@ class BenchResult:
     first_token_s: float
     rows: list[BenchRow]
     model: str = models.DEFAULT_MODEL
+    repeat: int = 1  # timed runs per figure, after a warm-up
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,8 +168,9 @@ def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chu
         return api.encode(ctx.cache, codec, chunk_tokens=chunk_tokens, scores=fidelity.scores_for(ctx, pipe), **options)
 
     datas = [encode(c) for c in contexts]
-    encode_s = best_time(lambda: [encode(c) for c in contexts], repeat)
-    decode_s = best_time(lambda: [api.decode(d) for d in datas], repeat)
+    encode_t = timed(lambda: [encode(c) for c in contexts], repeat)
+    decode_t = timed(lambda: [api.decode(d) for d in datas], repeat)
+    encode_s, decode_s = encode_t.median, decode_t.median
     gpu = None
     if torch.cuda.is_available():
         gpu = fp16_mb / best_time(lambda: [api.decode(d, device="cuda") for d in datas], repeat)
@@ -163,6 +183,7 @@ def bench_codec(contexts: list[fidelity.Context], codec: str, options: dict, chu
         codec=name, options=config, lossless=pipe.selector is None and make_codec(pipe.codec, pipe.options).lossless,
         bits_per_element=8 * sum(map(len, datas)) / elements, ratio=sum(c.fp16_bytes for c in contexts) / sum(map(len, datas)),
         encode_MBps=fp16_mb / encode_s, decode_MBps=fp16_mb / decode_s, gpu_decode_MBps=gpu, restore_s=restore_s,
+        speed_spread=max(encode_t.spread, decode_t.spread),
         delta_ppl_pct=mean["delta_ppl_pct"], abs_delta_ppl_pct=mean["abs_delta_ppl_pct"], top1=mean["top1"],
         kl=mean["kl"], greedy_match=mean["greedy_match"],
         ttft_s=ttft, per_text=[asdict(r) for r in report.results],
@@ -183,7 +204,7 @@ def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_to
     if any(c.model != model for c in contexts):
         raise InputError("a benchmark runs on one model; these contexts come from several")
     return BenchResult([c.text for c in contexts], contexts[0].prefix, contexts[0].continuation,
-                       str(model_device(model)), prefill_s, first_token_s, rows, model)
+                       str(model_device(model)), prefill_s, first_token_s, rows, model, repeat)
 
 
 def short_options(row: BenchRow) -> str:
