@@ -138,9 +138,10 @@ class KVCache:
         return cls(layers, metadata=dict(metadata or {}), layout="hf", length=length)
 
     def to_hf(self, config=None, device=None):
-        """A transformers `DynamicCache` that `model.generate(past_key_values=...)` accepts. Its
-        layers hold this cache's tensors (moved to `device`), not copies; sliding-window layers
-        (from the cache, or from `config`) count the whole sequence, as the model's own do."""
+        """A transformers `DynamicCache` that `model.generate(cache=...)` accepts (the keyword is
+        `past_key_values` before transformers 5). Its layers hold this cache's tensors (moved to
+        `device`), not copies; sliding-window layers (from the cache, or from `config`) count the
+        whole sequence, as the model's own do."""
         return to_dynamic_cache(self.layers, self.next_position, config, device)
 
 

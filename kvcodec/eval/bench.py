@@ -101,7 +101,7 @@ def time_first_token(ctx: fidelity.Context, repeat: int) -> float:
     token = ctx.ids[:, ctx.prefix:ctx.prefix + 1].to(model_device(ctx.model))
     pos = torch.tensor([[ctx.prefix]], device=token.device)
     cache = ctx.cache.to(device=token.device, dtype=lm.dtype)
-    return best_time(lambda: lm(token, past_key_values=cache.to_hf(), position_ids=pos), repeat)
+    return best_time(lambda: lm(token, **models.with_cache(lm, cache.to_hf()), position_ids=pos), repeat)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def continue_logits(cache: KVCache, input_ids: torch.Tensor, start_position: int
     n = input_ids.shape[1]
     positions = torch.arange(start_position, start_position + n).unsqueeze(0)
     past = cache.to(dtype=lm.dtype).to_hf()
-    return lm(input_ids, past_key_values=past, position_ids=positions).logits[0].float()
+    return lm(input_ids, **models.with_cache(lm, past), position_ids=positions).logits[0].float()
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def greedy_tokens(cache: KVCache, first_token: int, start_position: int, steps: 
     past = cache.to(dtype=lm.dtype).to_hf()
     token, out = torch.tensor([[first_token]]), []
     for step in range(steps):
-        logits = lm(token, past_key_values=past, position_ids=torch.tensor([[start_position + step]])).logits
+        logits = lm(token, **models.with_cache(lm, past), position_ids=torch.tensor([[start_position + step]])).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return torch.tensor(out, dtype=torch.int64)

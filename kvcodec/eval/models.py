@@ -103,3 +103,11 @@ def load(name: str = DEFAULT_MODEL):
                                                                   dtype=torch.float32)
     model.eval()
     return model, tokenizer(name)
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands `cache` to `model`'s forward: `cache` from transformers 5 (which
+    warns on the older name), `past_key_values` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
