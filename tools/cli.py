@@ -17,9 +17,12 @@ from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
 from kvcodec.encoding import presets
 from kvcodec.errors import InputError, KVCError
+from kvcodec.eval.capture import shipped_texts
 from kvcodec.eval.models import DEFAULT_MODEL, MODELS
 
 DEFAULT_CAPTURE_TOKENS = 1024  # what `kvc capture` reads of a text unless told
+DEFAULT_PACK_CODEC = "shuffle-zstd"  # lossless, and the smallest of the lossless codecs on real caches
+DEFAULT_TARGET_CODEC = "cachegen"  # the codec whose presets size and error targets choose from
 from kvcodec.selection import needing_no_scores, scores
 from kvcodec.selection.scores import AttentionScores
 from kvcodec.tools.common import (
@@ -48,8 +51,9 @@ def cli():
 @cli.command()
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file [INPUT with .kvc].")
-@click.option("-c", "--codec", default="raw", show_default=True,
-              help="Codec, or SELECTION+CODEC to prune tokens first, e.g. h2o+cachegen (see `kvc codecs`).")
+@click.option("-c", "--codec", default=None,
+              help="Codec, or SELECTION+CODEC to prune tokens first, e.g. h2o+cachegen (see `kvc codecs`) "
+                   f"[{DEFAULT_PACK_CODEC}, lossless; {DEFAULT_TARGET_CODEC} with --target-ratio or --max-error].")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE",
               help="Option, repeatable; STAGE.KEY=VALUE names the stage (h2o.keep=0.25).")
 @click.option("--scores", "scores_path", type=click.Path(dir_okay=False),
@@ -73,6 +77,7 @@ def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, ma
         raise InputError(f"{output} exists (use --force to overwrite)")
     options = parse_options(opts)
     targeted = target_ratio is not None or max_error is not None
+    codec = codec or (DEFAULT_TARGET_CODEC if targeted else DEFAULT_PACK_CODEC)
     if target_ratio is not None and max_error is not None:
         raise InputError("give --target-ratio or --max-error, not both")
     # fail on a bad codec, stage or option before reading anything
@@ -286,7 +291,8 @@ def codecs(as_json):
 
 
 @cli.command()
-@click.option("--text", default=None, help="Text file, or a shipped text name (prose) [prose].")
+@click.option("--text", default=None,
+              help=f"Text file, or a shipped text name ({', '.join(shipped_texts())}) [prose].")
 @click.option("--tokens", type=click.IntRange(1), default=None,
               help="Prompt tokens: the text's first N [1024, or the whole text if shorter].")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
