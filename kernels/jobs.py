@@ -10,7 +10,7 @@ import numpy as np
 import triton.language as tl
 
 from kvcodec.codecs import device
-from kvcodec.uploads import to_device  # noqa: F401  (kernels copy their small inputs with it)
+from kvcodec.uploads import to_device, to_device_many  # noqa: F401  (kernels copy their small inputs with them)
 
 SRC = tl.constexpr(device.SRC)
 LENGTH = tl.constexpr(device.LENGTH)

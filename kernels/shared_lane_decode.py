@@ -25,7 +25,9 @@ from kvcodec.kernels.lane_decode import (ANCHOR_BITS, ANCHORED, BOUNDS_BLOCK, CH
                                          on_device, tensor_entries)
 from kvcodec.kernels.rounding import to_output_dtype
 
-# the job columns are `lane_decode`'s (its `_bounds_kernel` reads them); ANCHORED is unused here
+# the job columns are `lane_decode`'s (its `_bounds_kernel` reads them; ANCHORED is unused here),
+# then each job's tensor set's first table
+TABLE_BASE = J.extra_columns(12)[-1]
 # Measured on an H200 (BENCHMARKS.md): with fewer lanes than the GPU holds threads each step waits
 # on its loads, and reading the next word beside the lookup halves that wait (+30% at 1K tokens);
 # with more, the loads' cache traffic bounds the kernel and reading the word only when it is
@@ -42,8 +44,8 @@ def _word(words_ptr, p, mask):
 
 
 @triton.jit
-def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr, chan_main_ptr, chan_other_ptr,
-                         chan_anchored_ptr, chan_step_ptr, lane_start_ptr, lane_end_ptr, table_ptr, prog_ptr, err_ptr,
+def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr, chan_main_ptr, chan_delta_ptr,
+                         chan_step_ptr, lane_start_ptr, lane_end_ptr, table_ptr, prog_ptr, err_ptr,
                          NCOL: tl.constexpr, D: tl.constexpr, BL: tl.constexpr, PREFETCH: tl.constexpr = False):
     pid = tl.program_id(0)
     job = tl.load(prog_ptr + 2 * pid)
@@ -54,6 +56,7 @@ def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr,
     n_lanes = tl.load(row + N_LANES)
     group = tl.load(row + GROUP).to(tl.int32)
     chan_base = tl.load(row + CHAN_BASE)
+    table_base = tl.load(row + TABLE_BASE)
     anchor_scale = ((127 - tl.load(row + ANCHOR_BITS)) << 23).to(tl.int32).to(tl.float32, bitcast=True)  # 2**-k
     base = tl.load(row + J.DST) + tl.load(row + SINKS) * D
 
@@ -61,9 +64,12 @@ def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr,
     valid = i < n_lanes
     b = i // channels
     c = i % channels
-    main_t = tl.load(chan_main_ptr + chan_base + c, mask=valid, other=0)
-    other_t = tl.load(chan_other_ptr + chan_base + c, mask=valid, other=0)
-    anchored = tl.load(chan_anchored_ptr + chan_base + c, mask=valid, other=0) != 0
+    # the stored fields (uint16 table indices within the tensor set, read through int16)
+    main = tl.load(chan_main_ptr + chan_base + c, mask=valid, other=0)
+    delta = tl.load(chan_delta_ptr + chan_base + c, mask=valid, other=-1)
+    anchored = delta != -1  # NO_TABLE (0xFFFF) for a direct channel
+    main_t = table_base + main.to(tl.uint16, bitcast=True).to(tl.int64)
+    other_t = tl.where(anchored, table_base + delta.to(tl.uint16, bitcast=True).to(tl.int64), main_t)
     step = tl.load(chan_step_ptr + chan_base + c, mask=valid, other=1.0)
     m_off = tl.load(lut_off_ptr + main_t)
     o_off = tl.load(lut_off_ptr + other_t)
@@ -107,31 +113,72 @@ def _shared_lanes_kernel(words_ptr, out_ptr, lut_ptr, lut_off_ptr, lut_prec_ptr,
     tl.store(err_ptr + pid, tl.max(tl.where(valid & ~ok, 1, 0)))
 
 
+@triton.jit
+def _lookup_kernel(weights_ptr, tables_ptr, cum_ptr, entry_ptr, n_tables, BN: tl.constexpr, BQ: tl.constexpr,
+                   STEPS: tl.constexpr):
+    """Table `program_id`'s slots of the lookup, as `rans32.Lookup.build` makes them: its weights'
+    running sums into `cum_ptr`, then each slot's symbol by binary search in them. `tables_ptr`
+    holds rows of `n_tables`: first slot, precision, first symbol, alphabet size, first value;
+    `weights_ptr` the stored uint16 weights (through int16)."""
+    t = tl.program_id(0)
+    offset = tl.load(tables_ptr + t)
+    slots = 1 << tl.load(tables_ptr + n_tables + t).to(tl.int32)
+    first = tl.load(tables_ptr + 2 * n_tables + t)
+    n = tl.load(tables_ptr + 3 * n_tables + t).to(tl.int32)
+    lo = tl.load(tables_ptr + 4 * n_tables + t)
+    weights, cum = weights_ptr + first, cum_ptr + first
+    run = tl.zeros([], dtype=tl.int32)
+    for b in range(0, n, BN):
+        i = b + tl.arange(0, BN)
+        w = tl.load(weights + i, mask=i < n, other=0).to(tl.uint16, bitcast=True).to(tl.int32)
+        tl.store(cum + i, run + tl.cumsum(w, 0) - w, mask=i < n)
+        run += tl.sum(w, 0)
+    tl.debug_barrier()  # every thread of the program reads the sums the others stored
+    for q0 in range(0, slots, BQ):
+        q = q0 + tl.arange(0, BQ)
+        a = tl.zeros([BQ], dtype=tl.int32)  # the last symbol whose running sum is at most q, in [a, z)
+        z = a + n
+        for _ in tl.static_range(STEPS):
+            mid = (a + z) // 2
+            below = tl.load(cum + mid) <= q
+            a = tl.where(below, mid, a)
+            z = tl.where(below, z, mid)
+        w = tl.load(weights + a).to(tl.uint16, bitcast=True).to(tl.int64)
+        entry = ((lo + a) << 32) | (w << 16) | (q - tl.load(cum + a)).to(tl.int64)
+        tl.store(entry_ptr + offset + q, entry, mask=q < slots)
+
+
+LOOKUP_BLOCK = 1024  # symbols summed, and slots filled, per step of a lookup program
+
+
 class DeviceSharedTables:
-    """One file's lane-format-2 tables on the device: the lookup (`rans32.Lookup`), per channel
-    of the file its main table, its table at non-anchor tokens (its delta table, or its main
-    table again when direct), whether it is anchored, and its step; `by_tensor` locates each
-    (layer, key/value)'s channels."""
+    """One file's lane-format-2 tables on the device, from the blob's stored fields as they are
+    (`SharedTables.stored`: one copy and no per-channel work on the host): per channel its step,
+    main table and delta table (within its tensor set, NO_TABLE for a direct channel) and the
+    lookup (`rans32.Lookup`, made by `_lookup_kernel`); `by_tensor` locates each (layer,
+    key/value)'s channels and tables."""
 
     def __init__(self, tables: SharedTables, device):
-        self.lookup = tables.lookup(device)
         f = tables.fields
+        n_c, n_t = len(f.steps), len(f.sizes)
+        precision = rans32.precision_of(f.sizes)
+        slots = np.ones_like(precision) << precision
+        per_table = np.stack([np.cumsum(slots) - slots, precision, np.cumsum(f.sizes) - f.sizes, f.sizes, f.los])
+        stored, per_table = J.to_device_many([tables.stored, per_table.astype(np.int64)], device)
+        words = stored.view(torch.int16)  # steps (2 words each), main and delta tables, los (2 each), sizes, weights
+        self.chan_step = stored[:4 * n_c].view(torch.float32)
+        self.chan_main, self.chan_delta = words[2 * n_c:3 * n_c], words[3 * n_c:4 * n_c]
+        entry = torch.empty(int(slots.sum()), dtype=torch.int64, device=device)
+        if n_t:
+            _lookup_kernel[(n_t,)](words[4 * n_c + 3 * n_t:], per_table, torch.empty(len(f.weights), dtype=torch.int32,
+                                   device=device), entry, n_t, BN=LOOKUP_BLOCK, BQ=LOOKUP_BLOCK,
+                                   STEPS=(rans32.MAX_ALPHABET - 1).bit_length(), num_warps=4)
+        self.lookup = rans32.Lookup(entry, per_table[0], per_table[1])
         layers = 1 + int(f.head[:, 0].max(initial=-1))
-        # row 2 * layer + key/value: first channel, group, anchor bits, heads, head_dim
-        self.by_tensor = np.full((2 * layers, 5), -1, dtype=np.int64)
-        channel_first, table_first = f.channel_first, f.table_first
-        self.by_tensor[2 * f.head[:, 0] + f.head[:, 1]] = np.column_stack([channel_first[:-1], f.head[:, 4:6],
-                                                                           f.head[:, 2:4]])
-        first = np.repeat(table_first[:-1], np.diff(channel_first))  # each channel's set's first table
-        main = first + f.main
-        n = len(main)
-        steps = np.zeros(n + n % 2, dtype=np.float32)  # as int64 words: one copy with the table indices
-        steps[:n] = f.steps
-        anchored = f.delta >= 0
-        ints = J.to_device(np.concatenate([main, np.where(anchored, first + f.delta, main), anchored.astype(np.int64),
-                                           steps.view(np.int64)]), device)
-        self.chan_main, self.chan_other, self.chan_anchored = ints[:n], ints[n:2 * n], ints[2 * n:3 * n]
-        self.chan_step = ints[3 * n:].view(torch.float32)[:n] if n else torch.zeros(0, dtype=torch.float32, device=device)
+        # row 2 * layer + key/value: first channel, group, anchor bits, first table, heads, head_dim
+        self.by_tensor = np.full((2 * layers, 6), -1, dtype=np.int64)
+        self.by_tensor[2 * f.head[:, 0] + f.head[:, 1]] = np.column_stack([f.channel_first[:-1], f.head[:, 4:6],
+                                                                           f.table_first[:-1], f.head[:, 2:4]])
 
 
 def device_tables(tables: SharedTables, device) -> DeviceSharedTables:
@@ -155,7 +202,8 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
         raise CodecError(f"{codec} payload of {where(table[broken[0]])} is truncated or has the wrong length")
     columns = {CODED: table[:, J.TOKENS] - sinks, SINKS: sinks, CHAN_BASE: entry[:, 0], CHANNELS: channels,
                ANCHORED: 0, GROUP: entry[:, 1], ANCHOR_BITS: entry[:, 2], LANE_BASE: np.cumsum(n_lanes) - n_lanes,
-               COUNTS_AT: (table[:, J.SRC] + sink_bytes) // 4, N_LANES: n_lanes, LANE_WORDS: lane_bytes // 2}
+               COUNTS_AT: (table[:, J.SRC] + sink_bytes) // 4, N_LANES: n_lanes, LANE_WORDS: lane_bytes // 2,
+               TABLE_BASE: entry[:, 3]}
     table = J.with_columns(table, *(np.broadcast_to(columns[k], len(table)) for k in sorted(columns)))
     total_lanes = int(n_lanes.sum())
     prefetch = total_lanes < PREFETCH_BELOW_LANES
@@ -177,11 +225,10 @@ def prepare_shared_lanes(tables: SharedTables, table: np.ndarray, sinks: np.ndar
     copy_sinks = raw.copy_elements(staged, out, table, sinks)
     if copy_sinks:
         steps.append(copy_sinks)
-    err = torch.zeros(len(programs), dtype=torch.int32, device=device)
+    err = torch.empty(len(programs), dtype=torch.int32, device=device)  # every program stores its flag
     words = staged.view(torch.int16)
     lookup = dev.lookup
-    args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_other, dev.chan_anchored,
-            dev.chan_step,
+    args = (words, out, lookup.entry, lookup.offset, lookup.precision, dev.chan_main, dev.chan_delta, dev.chan_step,
             lane_start, lane_end, table_d, programs_d, err)
 
     def lanes():

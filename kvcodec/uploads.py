@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from functools import cache
 
 import numpy as np
 import torch
@@ -45,17 +46,19 @@ class _Ring:
         """Forget the oldest region once the copy that reads it has run."""
         self.in_flight.popleft()[2].synchronize()
 
-    def upload(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
-        n = array.nbytes
+    def upload(self, arrays: list[np.ndarray], starts: list[int], n: int, device: torch.device) -> torch.Tensor:
+        """uint8 [n] on `device`: each array's bytes at its start."""
         with self.lock:
             start = self._reserve(n)
             staged = self.buffer[start:start + n]
-            staged.numpy()[:] = array.reshape(-1).view(np.uint8)
-            out = staged.view(torch.from_numpy(array[:0].reshape(-1)).dtype).to(device, non_blocking=True)
+            host = staged.numpy()
+            for array, at in zip(arrays, starts):
+                host[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
+            out = staged.to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(device))
             self.in_flight.append((start, start + n, done))
-        return out.view(array.shape)
+        return out
 
 
 _ring = _Ring()
@@ -64,10 +67,27 @@ _ring = _Ring()
 def to_device(array: np.ndarray, device) -> torch.Tensor:
     """`array` (any numeric numpy array) as a tensor on `device`; on a CUDA device the copy is
     queued on the current stream and the host does not wait for it."""
-    array = np.ascontiguousarray(array)
+    return to_device_many([array], device)[0]
+
+
+def to_device_many(arrays, device) -> list[torch.Tensor]:
+    """`to_device` of each of `arrays` in one copy: on a CUDA device they travel one after
+    another (at multiples of 16 bytes) and come back as views of what arrived."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
     device = torch.device(device)
-    if device.type != "cuda":
-        return torch.from_numpy(array).to(device)
-    if array.nbytes == 0 or array.nbytes > RING_BYTES // 4:
-        return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
-    return _ring.upload(array, device)
+    sizes = [-(-a.nbytes // 16) * 16 for a in arrays]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    n = sum(sizes)
+    if device.type == "cuda" and 0 < n <= RING_BYTES // 4:
+        flat = _ring.upload(arrays, starts, n, device)
+    else:
+        joined = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        for a, at in zip(arrays, starts):
+            joined.numpy()[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
+        flat = joined.to(device, non_blocking=True)
+    return [flat[at:at + a.nbytes].view(_torch_dtype(a.dtype)).view(a.shape) for a, at in zip(arrays, starts)]
+
+
+@cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype

@@ -300,3 +300,22 @@ def test_lookup_refuses_weights_that_do_not_fill_their_slots():
     for bad_weights, bad_sizes in ((np.array([30, 1, 1, 15, 2]), sizes), (good, np.array([3, 3]))):
         with pytest.raises(CodecError, match="malformed"):
             rans32.Lookup.build(bad_weights, bad_sizes, los)
+
+
+def test_device_tables_are_the_stored_fields_and_the_hosts_lookup():
+    """The GPU decoder reads the blob's stored fields as they are (the bytes a fresh `to_blob`
+    stores) and makes the lookup on the device: the same entries as `Lookup.build`, for tables
+    of over 1024 symbols and 2**14 slots (several blocks of sums and of slots per table)."""
+    pytest.importorskip("triton")
+    from kvcodec.kernels.shared_lane_decode import DeviceSharedTables
+
+    cache = synthetic_cache(layers=1, heads=2, tokens=40, head_dim=16)
+    for lay in cache.layers:
+        lay.key[..., 3] *= 10
+    tables = kvcodec.open(kvcodec.encode(cache, "cachegen", chunk_tokens=16, key_step=0.1)).context(0)
+    assert tables.fields.sizes.max() > 1024
+    assert tables.stored.tobytes() == shared_tables.SharedTables(tables.tensors).stored.tobytes()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got, want = DeviceSharedTables(tables, device).lookup, tables.lookup()
+    for g, w in ((got.entry, want.entry), (got.offset, want.offset), (got.precision, want.precision)):
+        assert np.array_equal(g.cpu().numpy(), w)

@@ -72,13 +72,14 @@ class Launch:
         return self
 
 
-def first_failure(checks: list[Check]) -> tuple[int, str] | None:
-    """(job index, problem) of the first corrupt payload, or None."""
-    for check in checks:
-        bad = torch.nonzero(check.flags.reshape(-1)).reshape(-1)
-        if bad.numel():
-            return int(check.job_of_flag[int(bad[0])]), check.problem
-    return None
+def read_back(tensors) -> list[np.ndarray]:
+    """The tensors, each read as int32 and flattened, on the host in one copy: a read waits for
+    the device once however many flags its launches left."""
+    flat = [t.reshape(-1).to(torch.int32) for t in tensors]
+    if not flat:
+        return []
+    host = (flat[0] if len(flat) == 1 else torch.cat(flat)).cpu().numpy()
+    return np.split(host, np.cumsum([len(t) for t in flat])[:-1])
 
 
 def triton_available() -> bool:
@@ -127,7 +128,7 @@ def _declared(codec: Codec, target: str | None, what: str):
                          f"{exc})") from None
 
 
-CHECKSUM_KERNEL = "kvcodec.kernels.checksum"  # `mismatches(staged, jobs, expected)`: crc32 on the GPU
+CHECKSUM_KERNEL = "kvcodec.kernels.checksum"  # `crc32s(staged, jobs)`: crc32 on the GPU
 
 
 def checksum_kernel():

@@ -88,7 +88,7 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
     reader.check_expansion(plan.records)  # before allocating the outputs
     table = job_table(reader, plan)
     buffers = plan.allocate(device)
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    copy_stream = side_stream(device) if device.type == "cuda" else None
     launches = []
     all_groups, all_cpu = decoder_groups(reader, plan, table, np.arange(len(table)))
     lengths = table[:, dev.LENGTH]
@@ -131,11 +131,13 @@ def read_tensors(reader, wanted, device, progress=None) -> list[torch.Tensor]:
                 pending.append(staged_part(parts[k + ahead]))
         if copy_stream is not None:  # the checksums ran on the copy stream
             torch.cuda.current_stream(device).wait_stream(copy_stream)
-    for launch, members, codec in launches:
-        failure = dev.first_failure(launch.checks)
-        if failure is not None:
-            job, problem = failure
-            raise CodecError(f"{codec.name} record of {dev.where(table[members[job]])} is corrupt: {problem}")
+        checks = [(check, members, codec) for launch, members, codec in launches for check in launch.checks]
+        found = checksums.verify([check.flags for check, _, _ in checks])  # one wait for the device
+    for (check, members, codec), flags in zip(checks, found):
+        bad = np.flatnonzero(flags)
+        if bad.size:
+            row = table[members[check.job_of_flag[bad[0]]]]
+            raise CodecError(f"{codec.name} record of {dev.where(row)} is corrupt: {check.problem}")
     return [plan.result(buffers, k) for k in range(len(wanted))]
 
 
@@ -145,14 +147,17 @@ def checksums_on_device(device: torch.device) -> bool:
 
 
 class Checksums:
-    """Verifying the staged payloads' crc32: launched on the GPU after each batch's copy, or run
-    on host threads; leaving the `with` block raises ChecksumError for the first mismatch."""
+    """Verifying the staged payloads' crc32: computed on the GPU after each batch's copy, or on
+    host threads; `verify`, or leaving the `with` block, raises ChecksumError for the first
+    mismatch."""
 
     def __init__(self, reader, plan, table: np.ndarray, on_device: bool):
         self.expected = reader.records["crc32"][plan.records]
         self.table, self.on_device = table, on_device
         self.pool = None if on_device else ThreadPoolExecutor(max_workers=CRC_THREADS)
-        self.pending = []  # futures giving a bad row or None; (rows, bool tensor) from the GPU
+        self.pending = []  # futures giving a bad row or None
+        self.computed = []  # (rows, their crc32s on the device, an event after them or None)
+        self.verified = False
 
     def host(self, view: np.ndarray, rows: np.ndarray):
         """Check `rows` in the host buffer `view` (their payloads at column SRC)."""
@@ -186,30 +191,47 @@ class Checksums:
         self.host(view, rows[short])
         rows = rows[~short]
         if len(rows):
-            flags = dev.checksum_kernel().mismatches(staged, self.table[rows], self.expected[rows])
-            done = torch.cuda.Event() if flags.is_cuda else None
+            crcs = dev.checksum_kernel().crc32s(staged, self.table[rows])
+            done = torch.cuda.Event() if crcs.is_cuda else None
             if done is not None:
                 done.record()  # on the stream the checksums were launched on (the copy stream)
-            self.pending.append((rows, flags, done))
+            self.computed.append((rows, crcs, done))
+
+    def verify(self, flags=()) -> list[np.ndarray]:
+        """ChecksumError for the first mismatch; `flags` (device tensors: the launches' corruption
+        flags) come back on the host, read in the same copy as the GPU's checksums."""
+        self.verified = True
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        for _, crcs, done in self.computed:
+            if done is not None:  # whichever stream the caller is on
+                torch.cuda.current_stream(crcs.device).wait_event(done)
+        found = dev.read_back([crcs for _, crcs, _ in self.computed] + list(flags))
+        for (rows, _, _), crcs in zip(self.computed, found):
+            bad = np.flatnonzero(crcs.view(np.uint32) != self.expected[rows])
+            self._raise_for(int(rows[bad[0]]) if bad.size else None)
+        for future in self.pending:
+            self._raise_for(future.result())
+        return found[len(self.computed):]
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, *_):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=kind is not None)
         if kind is not None:
-            return False
-        for item in self.pending:
-            if isinstance(item, tuple):
-                rows, flags, done = item
-                if done is not None:  # whichever stream the caller is on
-                    torch.cuda.current_stream(flags.device).wait_event(done)
-                bad = torch.nonzero(flags).reshape(-1)
-                self._raise_for(int(rows[int(bad[0])]) if bad.numel() else None)
-            else:
-                self._raise_for(item.result())
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        elif not self.verified:
+            self.verify()
         return False
+
+
+@cache
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream payloads are copied and checked on, one per device: the caching allocator
+    keeps its blocks per stream, so a fresh stream per read found none to reuse and allocated
+    the read's device memory anew."""
+    return torch.cuda.Stream(device)
 
 
 READ_PIECE = 4 << 20  # bytes per thread when staging reads a file

@@ -284,15 +284,17 @@ class KVCReader:
 
     def _prefetch(self, records) -> tuple[int, int]:
         """Announce the payloads of `records` and the blobs decoding them needs (their codecs'
-        contexts, token ids, positions) to the source; return the span the payloads cover."""
+        contexts, token ids, positions) to a remote source (local ones need nothing); return the
+        span the payloads cover."""
         records = np.asarray(records, dtype=np.int64)
         if not records.size:
             return 0, 0
         r = self.records[records]
-        owners = set(np.unique(r["codec_slot"]).tolist()) | {fmt.CONTAINER_OWNER}
-        b = self.blobs[np.isin(self.blobs["owner"], list(owners))]
-        self.source.prefetch(list(zip(r["offset"].tolist() + b["offset"].tolist(),
-                                    r["length"].tolist() + b["length"].tolist())))
+        if self.source.remote is not None:
+            owners = set(np.unique(r["codec_slot"]).tolist()) | {fmt.CONTAINER_OWNER}
+            b = self.blobs[np.isin(self.blobs["owner"], list(owners))]
+            self.source.prefetch(list(zip(r["offset"].tolist() + b["offset"].tolist(),
+                                        r["length"].tolist() + b["length"].tolist())))
         return int(r["offset"].min()), int((r["offset"] + r["length"]).max())
 
     def _layer_groups(self, limit: int, per_record: np.ndarray) -> list[list[int]]:
@@ -417,7 +419,7 @@ class KVCReader:
     def _read_layers(self, layers, device, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Key and value of every layer in `layers`, decoded by the kernels in one read."""
         layers = list(layers)
-        ends = np.cumsum([len(self._layer_records(i)) for i in layers])
+        ends = None if progress is None else np.cumsum([len(self._layer_records(i)) for i in layers])
         report = None if progress is None else (lambda n: progress(int(np.searchsorted(ends, n, "right"))))
         wanted = [(i, t, 0, self.header.layers[i].key.tokens) for i in layers for t in (0, 1)]
         tensors = device_read.read_tensors(self, wanted, device, report)

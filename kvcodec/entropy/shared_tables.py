@@ -242,11 +242,14 @@ class Fields:
 class SharedTables:
     """Every (layer, key/value)'s tables of one file: a codec's loaded context."""
 
-    def __init__(self, tensors: dict[tuple[int, str], TensorTables] | None = None, fields: Fields | None = None):
-        """From the tensors' tables, or from the blob's `fields` (the tensors then made on first
-        use: a GPU restore reads only the fields)."""
+    def __init__(self, tensors: dict[tuple[int, str], TensorTables] | None = None, fields: Fields | None = None,
+                 stored: np.ndarray | None = None):
+        """From the tensors' tables, or from the blob's `fields` and `stored` fields (the tensors
+        then made on first use: a GPU restore reads only the fields)."""
         if tensors is not None:
             self.__dict__["tensors"] = tensors
+        if stored is not None:
+            self.__dict__["stored"] = stored
         self.fields = Fields.of(tensors) if fields is None else fields
         keys = [(int(layer), TENSORS[int(t)]) for layer, t in self.fields.head[:, :2]]
         self.first_table = dict(zip(keys, self.fields.table_first[:-1].tolist()))  # in `flat`'s order
@@ -256,6 +259,12 @@ class SharedTables:
     @cached_property
     def tensors(self) -> dict[tuple[int, str], TensorTables]:
         return self.fields.tensors()
+
+    @cached_property
+    def stored(self) -> np.ndarray:
+        """`fields` after the set heads as the blob stores them (`_stored`; uint8), which the GPU
+        decoder reads as they are."""
+        return np.frombuffer(_stored(self.fields), np.uint8)
 
     def for_chunk(self, info, codec: str) -> TensorTables:
         """The tables of the (layer, key/value) of `info` (a `ChunkInfo`), checked to fit its shape."""
@@ -287,11 +296,7 @@ class SharedTables:
         """The stored form (spec 8.5, lane format 2): one zstd frame holding every layer's key then
         value set heads, then each field of all sets back to back."""
         fields = Fields.of({(i, name): self.tensors[(i, name)] for i in range(num_layers) for name in TENSORS})
-        parts = [np.uint32(num_layers).tobytes(), fields.head[:, 2:].astype("<u4").tobytes(),
-                 fields.steps.astype("<f4").tobytes(), fields.main.astype("<u2").tobytes(),
-                 np.where(fields.delta < 0, NO_TABLE, fields.delta).astype("<u2").tobytes(),
-                 fields.los.astype("<i4").tobytes(), fields.sizes.astype("<u2").tobytes(),
-                 fields.weights.astype("<u2").tobytes()]
+        parts = [np.uint32(num_layers).tobytes(), fields.head[:, 2:].astype("<u4").tobytes(), _stored(fields)]
         return zstandard.ZstdCompressor(level=19, write_checksum=True, write_content_size=True).compress(b"".join(parts))
 
     @classmethod
@@ -299,13 +304,22 @@ class SharedTables:
         """Inverse of `to_blob`; CodecError naming `codec` for anything malformed."""
         blob = bytes(blob)
         try:
-            fields = _parse(_inflate(blob), lookup_slots(len(blob)))
+            fields, stored = _parse(_inflate(blob), lookup_slots(len(blob)))
         except TooManySlots as exc:
             raise CodecError(f"{codec} tables need {exc} lookup slots, more than a reader accepts for a blob of "
                              f"{len(blob)} bytes (spec 8.5)") from None
         except (zstandard.ZstdError, ValueError, CodecError) as exc:
             raise CodecError(f"{codec} tables are corrupt ({exc})") from None
-        return cls(fields=fields)
+        return cls(fields=fields, stored=stored)
+
+
+def _stored(fields: Fields) -> bytes:
+    """The fields after the set heads as spec 8.5 stores them: steps (<f4), main and delta tables
+    (<u2, NO_TABLE for a direct channel), then los (<i4), sizes and weights (<u2)."""
+    return b"".join([fields.steps.astype("<f4").tobytes(), fields.main.astype("<u2").tobytes(),
+                     np.where(fields.delta < 0, NO_TABLE, fields.delta).astype("<u2").tobytes(),
+                     fields.los.astype("<i4").tobytes(), fields.sizes.astype("<u2").tobytes(),
+                     fields.weights.astype("<u2").tobytes()])
 
 
 def _inflate(blob: bytes) -> bytes:
@@ -331,8 +345,9 @@ def lookup_slots(blob_bytes: int) -> int:
     return min(MAX_LOOKUP_SLOTS, (1 << 20) + SLOTS_PER_BLOB_BYTE * blob_bytes)
 
 
-def _parse(content: bytes, max_slots: int) -> Fields:
-    """The content's fields, read and checked all at once (no step per tensor set)."""
+def _parse(content: bytes, max_slots: int) -> tuple[Fields, np.ndarray]:
+    """The content's fields, read and checked all at once (no step per tensor set), and the
+    stored fields after the set heads (`SharedTables.stored`, a view of `content`)."""
     if len(content) < 4:
         raise ValueError("they end early")
     n_layers = struct.unpack_from("<I", content)[0]
@@ -349,9 +364,9 @@ def _parse(content: bytes, max_slots: int) -> Fields:
     pos = 4 + 20 * sets
     if pos + 8 * n_c + 6 * n_t > len(content):
         raise ValueError("they end early")
-    steps = np.frombuffer(content, "<f4", n_c, pos).astype(np.float32)
-    main = np.frombuffer(content, "<u2", n_c, pos + 4 * n_c).astype(np.int64)
-    delta = np.frombuffer(content, "<u2", n_c, pos + 6 * n_c).astype(np.int64)
+    steps = np.frombuffer(content, "<f4", n_c, pos)
+    main = np.frombuffer(content, "<u2", n_c, pos + 4 * n_c)
+    delta = np.frombuffer(content, "<u2", n_c, pos + 6 * n_c)  # NO_TABLE for a direct channel
     los = np.frombuffer(content, "<i4", n_t, pos + 8 * n_c).astype(np.int64)
     sizes = np.frombuffer(content, "<u2", n_t, pos + 8 * n_c + 4 * n_t).astype(np.int64)
     n_w = int(sizes.sum())
@@ -362,15 +377,21 @@ def _parse(content: bytes, max_slots: int) -> Fields:
     if sizes.size and (sizes.min() < 2 or sizes.max() > rans32.MAX_ALPHABET or (np.abs(los) + sizes).max() >= MAX_SYMBOL):
         raise ValueError("a table is out of range")
     rans32.check_tables(weights, sizes)
-    delta = np.where(delta == NO_TABLE, -1, delta)
-    set_of = np.repeat(np.arange(sets), c)
-    if (not np.all(np.isfinite(steps)) or steps.min(initial=1) <= 0 or (main >= t[set_of]).any()
-            or (delta >= t[set_of]).any() or ((g[set_of] == 1) & (delta >= 0)).any()):
+    # per tensor set, its channels' highest main table and highest delta table + 1 (uint16: a
+    # direct channel's NO_TABLE + 1 is 0), checked against its table count
+    starts = np.cumsum(c) - c
+    top_main = np.maximum.reduceat(main, starts) if sets else np.zeros(0, np.uint16)
+    top_delta = np.maximum.reduceat(delta + np.uint16(1), starts) if sets else np.zeros(0, np.uint16)
+    if (not (steps.min(initial=1) > 0 and steps.max(initial=1) < np.inf) or (top_main >= t).any()
+            or (top_delta > t).any() or ((g == 1) & (top_delta > 0)).any()):  # NaN fails the first test
         raise ValueError("a tensor set has out-of-range fields")
     slots = int((1 << rans32.precision_of(sizes)).sum())
     if slots > max_slots:
         raise TooManySlots(slots)
-    if ((delta >= 0) & (delta == main)).any():
+    if (delta == main).any():  # never NO_TABLE: every main table is below it
         raise ValueError("an anchored channel's delta table is its main table")
     head = np.column_stack([np.arange(sets) // 2, np.arange(sets) % 2, h, d, g, k, t]).astype(np.int64).reshape(-1, 7)
-    return Fields(head, steps, main, delta, los, sizes, weights)
+    deltas = delta.astype(np.int64)
+    deltas[delta == NO_TABLE] = -1
+    fields = Fields(head, steps.astype(np.float32), main.astype(np.int64), deltas, los, sizes, weights)
+    return fields, np.frombuffer(content, np.uint8, end - pos, pos)
