@@ -165,3 +165,17 @@ def test_timings_are_medians_after_a_warm_up():
 
     t = timed(work, 3)
     assert len(calls) == 4 and 0.019 < t.median < 0.03 and 0.5 < t.spread < 1.5
+
+
+def test_plot_labels_tell_every_row_apart():
+    """quant's default 4 bits beside 8 bits: a label shows the options that vary in its codec."""
+    from kvcodec.eval.bench import BenchRow, label
+
+    def row(codec, **options):
+        return BenchRow(codec, options, False, 4.0, 3.0, 1.0, 1.0, None, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+
+    rows = [row("quant", bits=8, group_size=64), row("quant", bits=4, group_size=64),
+            row("quant", bits=4, group_size=32), row("raw")]
+    labels = [label(r, rows) for r in rows]
+    assert labels == ["quant bits=8 group_size=64", "quant bits=4 group_size=64", "quant bits=4 group_size=32", "raw"]
+    assert label(rows[1]) == "quant"  # alone, only what differs from the defaults

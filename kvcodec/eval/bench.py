@@ -207,18 +207,27 @@ def run(contexts: list[fidelity.Context], sweep: dict[str, list[dict]], chunk_to
                        str(model_device(model)), prefill_s, first_token_s, rows, model, repeat)
 
 
+def _shown(v) -> str:
+    """An option's value for tables and plots, long ones (a weights hash) shortened."""
+    text = str(v)
+    return text if len(text) <= 20 else text[:19] + "…"
+
+
 def short_options(row: BenchRow) -> str:
     """The options that differ from the codec's defaults, e.g. `bits=4 group_size=32`."""
     try:
         defaults = stage_config(pipeline.parse(row.codec))[1]
     except (KVCError, TypeError, ValueError):  # unknown here, or a codec with a required option
         defaults = codec_defaults(row.codec)
+    return " ".join(f"{k}={_shown(v)}" for k, v in row.options.items() if defaults.get(k, object()) != v)
 
-    def shown(v) -> str:  # long values (a weights hash) shortened for tables and plots
-        text = str(v)
-        return text if len(text) <= 20 else text[:19] + "…"
 
-    return " ".join(f"{k}={shown(v)}" for k, v in row.options.items() if defaults.get(k, object()) != v)
+def distinguishing_options(row: BenchRow, rows: list[BenchRow]) -> str:
+    """The options that tell `row` from the other rows of its codec, defaults included (quant's
+    default 4 bits beside its 2 and 8), else those that differ from the codec's defaults."""
+    same = [r for r in rows if r.codec == row.codec]
+    keys = [k for k in row.options if len({repr(r.options.get(k)) for r in same}) > 1]
+    return " ".join(f"{k}={_shown(row.options[k])}" for k in keys) if keys else short_options(row)
 
 
 def codec_defaults(name: str) -> dict:
@@ -228,8 +237,9 @@ def codec_defaults(name: str) -> dict:
     return CODECS.get(name).defaults() if name in CODECS else {}
 
 
-def label(row: BenchRow) -> str:
-    return " ".join(filter(None, [row.codec, short_options(row)]))
+def label(row: BenchRow, rows: list[BenchRow] | None = None) -> str:
+    """A row's name in plots: its codec and what sets it apart from `rows` (else from the defaults)."""
+    return " ".join(filter(None, [row.codec, distinguishing_options(row, rows) if rows else short_options(row)]))
 
 
 def result_from_dict(doc: dict) -> BenchResult:
@@ -283,7 +293,7 @@ def plot_rate_distortion(result: BenchResult, path: str) -> None:
                     color=palette(stages.index(stage)), linestyle="--" if value_codec not in ("", "raw") else "-")
             for r in rows:
                 if len(rows) > 1 and not value_codec:
-                    ax.annotate(short_options(r), (r.ratio, r.abs_delta_ppl_pct),
+                    ax.annotate(distinguishing_options(r, rows), (r.ratio, r.abs_delta_ppl_pct),
                                 fontsize=6, textcoords="offset points", xytext=(4, 4))
         ax.set_yscale("symlog", linthresh=0.1)
 
@@ -293,7 +303,7 @@ def plot_ttft(result: BenchResult, path: str) -> None:
     title = f"restore {result.prefix}-token context from .kvc vs recompute, {result.device}"
     with _figure(path, "link bandwidth (Gbit/s)", "time to first token (s)", title, legend_size=7) as ax:
         for r in result.rows:
-            ax.plot(BANDWIDTHS_GBPS, [r.ttft_s[str(bw)] for bw in BANDWIDTHS_GBPS], marker="o", label=label(r))
+            ax.plot(BANDWIDTHS_GBPS, [r.ttft_s[str(bw)] for bw in BANDWIDTHS_GBPS], marker="o", label=label(r, result.rows))
         ax.axhline(result.prefill_s, color="black", linestyle="--", label=f"recompute prefill ({result.device})")
         ax.set_xscale("log")
         ax.set_yscale("log")
