@@ -267,3 +267,14 @@ def test_inspect_accounts_for_every_byte_and_counts_chunks_as_the_header(tmp_pat
     assert len(rows) == 2 and all(row.split()[-1] == "3" for row in rows)  # 300 tokens in chunks of 128
     assert "of tables shared by the layers" in out and "payload checksums not read" in out
     assert not any(line != line.rstrip() for line in out.splitlines())  # no padding when piped
+
+
+def test_verify_reports_errors_per_layer_as_json(tmp_path, cache_pt):
+    cache, path = cache_pt
+    assert run("pack", path, "-c", "quant", "-o", tmp_path / "q.kvc", "-q")[0] == 0
+    code, out = run("verify", tmp_path / "q.kvc", "--against", path, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["checksums_ok"] and not doc["lossless"] and len(doc["per_layer"]) == cache.num_layers
+    assert all(0 < e[t]["relative_error"] < 0.2 and not e[t]["exact"] for e in doc["per_layer"] for t in ("key", "value"))
+    assert doc["largest_error"] == max(e[t]["max_abs_error"] for e in doc["per_layer"] for t in ("key", "value"))

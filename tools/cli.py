@@ -222,7 +222,8 @@ def slot_use(key: dict, value: dict) -> str:
 @click.option("--against", type=click.Path(dir_okay=False), help="Original cache to compare with.")
 @layout_option
 @heads_option
-def verify(file, against, layout, heads):
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the errors per layer).")
+def verify(file, against, layout, heads, as_json):
     """Check checksums and decode every record; with --against, report errors per layer.
 
     A pruned file is compared with the original at the positions it kept. Exits non-zero on
@@ -233,34 +234,42 @@ def verify(file, against, layout, heads):
         reader.verify()
         cache = reader.read_cache()
         lossless = all(kvcodec.codec_class(c.id).lossless for c in reader.header.codecs)
-    click.echo(f"{file}: checksums ok, {cache.num_layers} layers decode")
-    if not against:
-        return
-    original = cachefiles.load_cache(against, layout=layout, heads=heads)
-    if original.num_layers != cache.num_layers:
-        raise InputError(f"{against} has {original.num_layers} layers, the file {cache.num_layers}")
-    worst, broken = 0.0, []
-    for i, (a, b) in enumerate(zip(original.layers, cache.layers)):
-        parts = []
-        kept = a.at(b.positions)
-        for name, x, y in (("K", kept.key, b.key), ("V", kept.value, b.value)):
-            if x.shape != y.shape:
-                raise InputError(f"layer {i} {name}: original {tuple(x.shape)}, file {tuple(y.shape)}")
-            if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
-                broken.append(f"layer {i} {name}")
-            diff = (x.double() - y.double()).abs().nan_to_num(nan=float("inf"))
-            top = float(diff.max()) if diff.numel() else 0.0
-            rel = float(diff.norm() / x.double().norm().clamp_min(1e-30))
-            exact = x.dtype == y.dtype and torch.equal(x, y)
-            worst = max(worst, 0.0 if exact else top)
-            parts.append(f"{name} max {top:.3g} rel {rel:.3g}")
-        pruned = b.positions is not None and b.window is None
-        click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)" if pruned else ""))
-    if broken:
-        raise KVCError(f"non-finite values decoded where the original is finite: {', '.join(broken[:4])}")
-    if lossless and worst > 0:
-        raise KVCError("a lossless codec did not reproduce the original exactly")
-    click.echo("identical to the original" if worst == 0 else f"lossy: largest error {worst:.3g}")
+    report = {"file": file, "checksums_ok": True, "layers": cache.num_layers, "lossless": lossless}
+    if not as_json:
+        click.echo(f"{file}: checksums ok, {cache.num_layers} layers decode")
+    if against:
+        original = cachefiles.load_cache(against, layout=layout, heads=heads)
+        if original.num_layers != cache.num_layers:
+            raise InputError(f"{against} has {original.num_layers} layers, the file {cache.num_layers}")
+        worst, broken, errors = 0.0, [], []
+        for i, (a, b) in enumerate(zip(original.layers, cache.layers)):
+            parts, entry = [], {"layer": i, "at_kept_positions": b.positions is not None and b.window is None}
+            kept = a.at(b.positions)
+            for name, x, y in (("K", kept.key, b.key), ("V", kept.value, b.value)):
+                if x.shape != y.shape:
+                    raise InputError(f"layer {i} {name}: original {tuple(x.shape)}, file {tuple(y.shape)}")
+                if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
+                    broken.append(f"layer {i} {name}")
+                diff = (x.double() - y.double()).abs().nan_to_num(nan=float("inf"))
+                top = float(diff.max()) if diff.numel() else 0.0
+                rel = float(diff.norm() / x.double().norm().clamp_min(1e-30))
+                exact = x.dtype == y.dtype and torch.equal(x, y)
+                worst = max(worst, 0.0 if exact else top)
+                parts.append(f"{name} max {top:.3g} rel {rel:.3g}")
+                entry[{"K": "key", "V": "value"}[name]] = {"max_abs_error": top, "relative_error": rel, "exact": exact}
+            errors.append(entry)
+            if not as_json:
+                click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)"
+                                                                     if entry["at_kept_positions"] else ""))
+        report.update(against=against, per_layer=errors, largest_error=worst)
+        if broken:
+            raise KVCError(f"non-finite values decoded where the original is finite: {', '.join(broken[:4])}")
+        if lossless and worst > 0:
+            raise KVCError("a lossless codec did not reproduce the original exactly")
+        if not as_json:
+            click.echo("identical to the original" if worst == 0 else f"lossy: largest error {worst:.3g}")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
 
 
 @cli.command()
