@@ -116,7 +116,7 @@ class KVCache:
         sliding-window layers keep their window, and the positions of the tokens they still hold
         (the last window - 1 of the sequence); the cache then records the sequence's length."""
         if hasattr(cache, "layers") and cache.layers and hasattr(cache.layers[0], "keys"):
-            found = [(lay.keys, lay.values, _sliding_window(lay)) for lay in cache.layers]
+            found = [(lay.keys, lay.values, lay) for lay in cache.layers]
         elif hasattr(cache, "key_cache"):
             found = [(k, v, None) for k, v in zip(cache.key_cache, cache.value_cache)]
         elif isinstance(cache, (tuple, list)):
@@ -124,18 +124,18 @@ class KVCache:
                      for pair in cache]
         else:
             raise InputError(f"cannot read a cache from {type(cache).__name__}")
-        for i, (k, v, _) in enumerate(found):
+        layers = []
+        for i, (k, v, hf_layer) in enumerate(found):
             if k is None or v is None:
                 raise InputError(f"layer {i} of the cache is empty (was the model run with use_cache=True?)")
-        layers, ends = [], []
-        for (k, v, sliding), lay in zip(found, getattr(cache, "layers", found)):
-            n = k.shape[2] if k.dim() == 4 else 0
-            end = int(getattr(lay, "cumulative_length", n)) if sliding else n
-            positions = torch.arange(end - n, end).reshape(1, -1) if sliding and end != n else None
-            layers.append(LayerKV(k.detach(), v.detach(), positions, sliding))
-            ends.append(end)
-        length = max(ends) if any(lay.positions is not None for lay in layers) else None
-        return cls(layers, metadata=dict(metadata or {}), layout="hf", length=length)
+            window, positions = _sliding_window(hf_layer), None
+            if window is not None and hf_layer.cumulative_length != k.shape[-2]:  # it holds the sequence's tail
+                positions = torch.arange(hf_layer.cumulative_length - k.shape[-2], hf_layer.cumulative_length)[None]
+            layers.append(LayerKV(k.detach(), v.detach(), positions, window))
+        out = cls(layers, metadata=dict(metadata or {}), layout="hf")
+        if any(lay.positions is not None for lay in layers):
+            out.length = out.next_position  # where the sequence the sliding layers counted ends
+        return out
 
     def to_hf(self, config=None, device=None):
         """A transformers `DynamicCache` that `model.generate(cache=...)` accepts (the keyword is
@@ -147,7 +147,7 @@ class KVCache:
 
 def _sliding_window(layer) -> int | None:
     """The window of a transformers sliding-window cache layer (which counts the tokens it has
-    seen), None for any other."""
+    seen), None for any other layer or None."""
     if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
         window = getattr(layer, "sliding_window", None)
         return int(window) if window is not None else None
@@ -243,10 +243,15 @@ def _add_layer(cache, i: int, key: torch.Tensor, value: torch.Tensor, first_plai
 
 
 def _end(lay: LayerKV) -> int:
-    """One past the last position a layer holds."""
-    if lay.positions is None:
-        return lay.key.shape[2]
-    return int(lay.positions.max()) + 1 if lay.positions.numel() else 0
+    return sequence_end(lay.key.shape[2], lay.positions)
+
+
+def sequence_end(tokens: int, positions: torch.Tensor | None) -> int:
+    """One past the last position a layer of `tokens` tokens holds (at `positions`, or
+    0..tokens-1 without them)."""
+    if positions is None:
+        return tokens
+    return int(positions.max()) + 1 if positions.numel() else 0
 
 
 def validate(cache: KVCache) -> None:

@@ -51,9 +51,7 @@ class _Ring:
         with self.lock:
             start = self._reserve(n)
             staged = self.buffer[start:start + n]
-            host = staged.numpy()
-            for array, at in zip(arrays, starts):
-                host[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
+            _pack(staged, arrays, starts)
             out = staged.to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(device))
@@ -62,6 +60,14 @@ class _Ring:
 
 
 _ring = _Ring()
+
+
+def _pack(buffer: torch.Tensor, arrays: list[np.ndarray], starts: list[int]) -> torch.Tensor:
+    """`buffer` (a host uint8 tensor) holding each array's bytes at its start."""
+    host = buffer.numpy()
+    for array, at in zip(arrays, starts):
+        host[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
+    return buffer
 
 
 def to_device(array: np.ndarray, device) -> torch.Tensor:
@@ -82,9 +88,7 @@ def to_device_many(arrays, device) -> list[torch.Tensor]:
         flat = _ring.upload(arrays, starts, n, device)
     else:
         joined = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        for a, at in zip(arrays, starts):
-            joined.numpy()[at:at + a.nbytes] = a.reshape(-1).view(np.uint8)
-        flat = joined.to(device, non_blocking=True)
+        flat = _pack(joined, arrays, starts).to(device, non_blocking=True)
     return [flat[at:at + a.nbytes].view(_torch_dtype(a.dtype)).view(a.shape) for a, at in zip(arrays, starts)]
 
 

@@ -17,10 +17,9 @@ from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
 from kvcodec.encoding import presets
 from kvcodec.errors import InputError, KVCError
-from kvcodec.eval.capture import shipped_texts
-from kvcodec.eval.models import DEFAULT_MODEL, MODELS
+from kvcodec.eval.capture import DEFAULT_TOKENS, shipped_texts
+from kvcodec.eval.models import MODELS
 
-DEFAULT_CAPTURE_TOKENS = 1024  # what `kvc capture` reads of a text unless told
 DEFAULT_PACK_CODEC = "shuffle-zstd"  # lossless, and the smallest of the lossless codecs on real caches
 DEFAULT_TARGET_CODEC = "cachegen"  # the codec whose presets size and error targets choose from
 from kvcodec.selection import needing_no_scores, scores
@@ -32,6 +31,7 @@ from kvcodec.tools.common import (
     human,
     layout_option,
     make_console,
+    model_option,
     output_path,
     parse_options,
     progress_bar,
@@ -245,7 +245,8 @@ def verify(file, against, layout, heads, as_json):
         for i, (a, b) in enumerate(zip(original.layers, cache.layers)):
             parts, entry = [], {"layer": i, "at_kept_positions": b.positions is not None and b.window is None}
             kept = a.at(b.positions)
-            for name, x, y in (("K", kept.key, b.key), ("V", kept.value, b.value)):
+            for name, tensor in (("K", "key"), ("V", "value")):
+                x, y = getattr(kept, tensor), getattr(b, tensor)
                 if x.shape != y.shape:
                     raise InputError(f"layer {i} {name}: original {tuple(x.shape)}, file {tuple(y.shape)}")
                 if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
@@ -256,7 +257,7 @@ def verify(file, against, layout, heads, as_json):
                 exact = x.dtype == y.dtype and torch.equal(x, y)
                 worst = max(worst, 0.0 if exact else top)
                 parts.append(f"{name} max {top:.3g} rel {rel:.3g}")
-                entry[{"K": "key", "V": "value"}[name]] = {"max_abs_error": top, "relative_error": rel, "exact": exact}
+                entry[tensor] = {"max_abs_error": top, "relative_error": rel, "exact": exact}
             errors.append(entry)
             if not as_json:
                 click.echo(f"layer {i:3d}: " + ", ".join(parts) + (" (at the kept positions)"
@@ -303,7 +304,7 @@ def codecs(as_json):
 @click.option("--text", default=None,
               help=f"Text file, or a shipped text name ({', '.join(shipped_texts())}) [prose].")
 @click.option("--tokens", type=click.IntRange(1), default=None,
-              help="Prompt tokens: the text's first N [1024, or the whole text if shorter].")
+              help=f"Prompt tokens: the text's first N [{DEFAULT_TOKENS}, or the whole text if shorter].")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
               help="Dtype the cache is saved in (the model runs in float32).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output .pt or .safetensors.")
@@ -311,8 +312,7 @@ def codecs(as_json):
               help="Also save attention statistics (for h2o, keyformer, snapkv, cam) as OUTPUT's .scores.safetensors.")
 @click.option("--window", type=click.IntRange(1), default=None,
               help="Observation-window queries kept with --scores [64; larger lets keyformer accumulate over more].")
-@click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
-              help="Development model to run (its wheels installed).")
+@model_option()
 @force_option
 @quiet_option
 def capture(text, tokens, dtype, output, with_scores, window, model, force, quiet):
@@ -333,7 +333,7 @@ def capture(text, tokens, dtype, output, with_scores, window, model, force, quie
         available = cap.tokenize(contents, None, model).shape[1]
         if tokens is not None and tokens > available:
             raise InputError(f"{name} has {available} tokens, fewer than the {tokens} asked for")
-        tokens = min(DEFAULT_CAPTURE_TOKENS, available) if tokens is None else tokens
+        tokens = min(DEFAULT_TOKENS, available) if tokens is None else tokens
         show(f"loading {MODELS[model].title}")
         cap.load_model(model)
         show(f"running the model on {tokens} tokens" + (" (recording attention)" if with_scores else ""))

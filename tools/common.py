@@ -11,6 +11,7 @@ import click
 
 from kvcodec import cachefiles
 from kvcodec.errors import InputError, KVCError
+from kvcodec.eval.models import DEFAULT_MODEL, MODELS
 
 EXIT_ERROR = 1
 
@@ -127,6 +128,11 @@ layout_option = click.option("--layout", type=click.Choice(cachefiles.LAYOUTS[:4
                              help="Layout of a .pt input when it cannot be detected.")
 heads_option = click.option("--heads", type=click.IntRange(1), default=None,
                             help="KV heads, for the cachegen [layers, tokens, heads*head_dim] layout.")
+def model_option(help: str = "Development model to run (its wheels installed)."):
+    return click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
+                        help=help)
+
+
 force_option = click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 

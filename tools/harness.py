@@ -11,17 +11,13 @@ from kvcodec import api, cachefiles
 from kvcodec.encoding import pipeline
 from kvcodec.errors import InputError
 from kvcodec.eval import bench, capture, fidelity, models
-from kvcodec.tools.common import heads_option, layout_option, make_console, parse_options, progress_bar, quiet_option
+from kvcodec.tools.common import (heads_option, layout_option, make_console, model_option, parse_options, progress_bar,
+                                  quiet_option)
 
 
 def texts_option(default: str):
     return click.option("--texts", default=default, show_default=True,
                         help=f"Comma-separated shipped texts ({', '.join(capture.shipped_texts())}).")
-
-
-def model_option(fn):
-    return click.option("--model", type=click.Choice(list(models.MODELS)), default=models.DEFAULT_MODEL,
-                        show_default=True, help="Development model to run (its wheels installed).")(fn)
 
 
 def length_options(fn):
@@ -102,7 +98,7 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @layout_option
 @heads_option
-@model_option
+@model_option()
 @quiet_option
 def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
                  layout, heads, model, quiet):
@@ -192,7 +188,7 @@ def print_bench(result: bench.BenchResult) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
               help="Folder for bench.json, rate_distortion.png and ttft.png.")
 @quiet_option
-@model_option
+@model_option()
 def bench_command(codec_specs, quick, selection, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat,
                   out_dir, quiet, model):
     """Sweep codecs: ratio, speed, ΔPPL, top-1 and time to first token; JSON and plots."""

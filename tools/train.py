@@ -10,8 +10,8 @@ import torch
 
 from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
-from kvcodec.eval.models import DEFAULT_MODEL, MODELS
-from kvcodec.tools.common import force_option, progress_bar, quiet_option
+from kvcodec.eval.models import MODELS
+from kvcodec.tools.common import force_option, model_option, progress_bar, quiet_option
 
 
 @click.command("train-ae")
@@ -27,8 +27,7 @@ from kvcodec.tools.common import force_option, progress_bar, quiet_option
 @click.option("--steps", type=click.IntRange(1), default=1500, show_default=True, help="Optimizer steps.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Seed of the networks' initial weights and of the training batches.")
-@click.option("--model", type=click.Choice(list(MODELS)), default=DEFAULT_MODEL, show_default=True,
-              help="Development model whose caches to train on.")
+@model_option("Development model whose caches to train on.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="Weights (.safetensors); the config goes beside it as .json.")
 @force_option

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from kvcodec.cache import TENSORS, KVCache, LayerKV, to_dynamic_cache
+from kvcodec.cache import TENSORS, KVCache, LayerKV, sequence_end, to_dynamic_cache
 from kvcodec.codecs import device as device_seam
 from kvcodec.codecs.base import ChunkInfo, Codec
 from kvcodec.container import device_read, positions
@@ -410,11 +410,7 @@ class KVCReader:
         """The position of the next token fed after the cache, by `KVCache.next_position`'s rule."""
         if self.header.length is not None:
             return self.header.length
-        ends = []
-        for i, lay in enumerate(self.header.layers):
-            found = self.positions(i)
-            ends.append(lay.key.tokens if found is None else int(found.max()) + 1 if found.numel() else 0)
-        return max(ends)
+        return max(sequence_end(lay.key.tokens, self.positions(i)) for i, lay in enumerate(self.header.layers))
 
     def _read_layers(self, layers, device, progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Key and value of every layer in `layers`, decoded by the kernels in one read."""

@@ -59,6 +59,7 @@ def tokenize(text: str, tokens: int | None, model: str | None = None) -> torch.T
 
 
 DEFAULT_WINDOW = 64
+DEFAULT_TOKENS = 1024  # what a capture reads of a text unless told
 
 
 @torch.no_grad()
@@ -81,7 +82,7 @@ def prefill(ids: torch.Tensor, window: int | None = None, model: str | None = No
                                                             [stats.queries_of[i] for i in layers])
 
 
-def capture_with_scores(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16,
+def capture_with_scores(text=None, tokens: int | None = DEFAULT_TOKENS, dtype: torch.dtype = torch.float16,
                         window: int | None = DEFAULT_WINDOW, model: str | None = None):
     """(KVCache, AttentionScores or None) of a model (default SmolLM2) after reading `tokens`
     tokens of `text`."""
@@ -100,7 +101,7 @@ def capture_with_scores(text=None, tokens: int | None = 1024, dtype: torch.dtype
     return cache, scores
 
 
-def capture(text=None, tokens: int | None = 1024, dtype: torch.dtype = torch.float16,
+def capture(text=None, tokens: int | None = DEFAULT_TOKENS, dtype: torch.dtype = torch.float16,
             model: str | None = None) -> KVCache:
     """The KV cache of a model (default SmolLM2) after reading `tokens` tokens of `text`."""
     return capture_with_scores(text, tokens, dtype, window=None, model=model)[0]

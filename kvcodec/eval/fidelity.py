@@ -43,10 +43,10 @@ def greedy_tokens(cache: KVCache, first_token: int, start_position: int, steps: 
                   model: str | None = None) -> torch.Tensor:
     """`steps` greedily generated token ids after `cache`, fed `first_token` at `start_position`."""
     lm, _ = capture.load_model(model)
-    past = cache.to(dtype=lm.dtype).to_hf()
+    past = models.with_cache(lm, cache.to(dtype=lm.dtype).to_hf())
     token, out = torch.tensor([[first_token]]), []
     for step in range(steps):
-        logits = lm(token, **models.with_cache(lm, past), position_ids=torch.tensor([[start_position + step]])).logits
+        logits = lm(token, **past, position_ids=torch.tensor([[start_position + step]])).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return torch.tensor(out, dtype=torch.int64)
