@@ -1,30 +1,38 @@
-"""kvcodec: compression codecs for LLM key-value caches and the `.kvc` container."""
+"""kvcodec: compression codecs for LLM key-value caches and the `.kvc` container.
 
-from kvcodec import codecs as _builtin_codecs  # noqa: F401  (registers the built-in codecs)
-from kvcodec import selection as _builtin_selectors  # noqa: F401  (registers the built-in selection stages)
-from kvcodec.api import decode, encode, open, pack, unpack
-from kvcodec.cache import KVCache, LayerKV
-from kvcodec.codecs.base import ChunkInfo, Codec
-from kvcodec.container.reader import KVCReader
-from kvcodec.errors import ChecksumError, CodecError, FormatError, InputError, KVCError
-from kvcodec.registry import (
-    available_codecs,
-    available_selectors,
-    codec_class,
-    get_codec,
-    register_codec,
-    register_selector,
-    selector_class,
-)
-from kvcodec.selection.scores import AttentionScores
-from kvcodec.storage.store import MemoryBackend, PrefixStore, RedisBackend, content_key, encode_chunk
+The public names below are imported on first use (PEP 562), so that `import kvcodec` is cheap
+and loads torch only when something that needs it is touched (`kvc --help` never does).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "pack", "unpack", "open", "encode", "decode", "KVCache", "LayerKV", "Codec", "ChunkInfo",
-    "KVCReader", "register_codec", "get_codec", "codec_class", "available_codecs", "register_selector",
-    "selector_class", "available_selectors", "AttentionScores", "PrefixStore", "MemoryBackend", "RedisBackend",
-    "content_key", "encode_chunk",
-    "KVCError", "InputError", "FormatError", "ChecksumError", "CodecError",
-]
+# The one list of what kvcodec exports: module -> the names taken from it.
+_EXPORTS = {
+    "kvcodec.api": ("pack", "unpack", "open", "encode", "decode"),
+    "kvcodec.cache": ("KVCache", "LayerKV"),
+    "kvcodec.codecs.base": ("Codec", "ChunkInfo"),
+    "kvcodec.container.reader": ("KVCReader",),
+    "kvcodec.registry": ("register_codec", "get_codec", "codec_class", "available_codecs", "register_selector",
+                         "selector_class", "available_selectors"),
+    "kvcodec.selection.scores": ("AttentionScores",),
+    "kvcodec.storage.store": ("PrefixStore", "MemoryBackend", "RedisBackend", "content_key", "encode_chunk"),
+    "kvcodec.errors": ("KVCError", "InputError", "FormatError", "ChecksumError", "CodecError"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvcodec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,10 +15,10 @@ import zipfile
 import torch
 
 from kvcodec.cache import KVCache, LayerKV
+from kvcodec.constants import LAYOUTS
 from kvcodec.errors import InputError, KVCError
 from kvcodec.files import atomic_output
 
-LAYOUTS = ("legacy", "dict", "stacked", "cachegen", "safetensors")
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 SAFETENSORS_EXTENSION = ".safetensors"
 # safetensors metadata keys that carry a pruned cache's length and selection stage

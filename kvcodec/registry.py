@@ -2,32 +2,44 @@
 entry-point plugins.
 
 Third-party packages register codecs through the entry-point group `kvcodec.codecs` and
-selection stages through `kvcodec.selectors`; each entry point names the class.
+selection stages through `kvcodec.selectors`; each entry point names the class. The built-ins
+are registered by their package (`kvcodec.codecs`, `kvcodec.selection`), which a registry
+imports on first use, so that `import kvcodec` need not load them (nor torch).
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-from kvcodec.codecs.base import Codec
 from kvcodec.errors import CodecError
+
+if TYPE_CHECKING:
+    from kvcodec.codecs.base import Codec
 
 THIRD_PARTY_MIN_ID = 1024
 
 
 class Registry:
-    """Classes with an integer `codec_id` and a string `name`, unique within the registry."""
+    """Classes with an integer `codec_id` and a string `name`, unique within the registry: the
+    built-ins, which the module `builtins` registers when a registry first imports it, then the
+    plugins of `entry_point_group`, loaded when a key is missing or all are listed."""
 
-    def __init__(self, kind: str, entry_point_group: str, check=None):
+    def __init__(self, kind: str, entry_point_group: str, builtins: str, check=None):
         self.kind = kind
         self.group = entry_point_group
+        self.builtins = builtins
         self.check = check  # raises CodecError for a class this registry must not hold
         self.by_id: dict[int, type] = {}
         self.by_name: dict[str, type] = {}
+        self.builtins_loaded = False
         self.plugins_loaded = False
         self.plugin_errors: list[str] = []
 
     def register(self, cls: type, builtin: bool = False) -> type:
+        if not builtin:
+            self._load_builtins()  # a plugin's id or name clashing with a built-in fails here, not later
         if not (isinstance(getattr(cls, "codec_id", None), int) and isinstance(getattr(cls, "name", None), str)):
             raise CodecError(f"{cls.__name__} must define integer codec_id and string name")
         if self.check is not None:
@@ -41,7 +53,15 @@ class Registry:
         self.by_name[cls.name] = cls
         return cls
 
+    def _load_builtins(self) -> None:
+        if not self.builtins_loaded:
+            # another thread's import in progress is waited for; within the import itself (its
+            # registrations, any lookup they make) this returns the module being imported
+            importlib.import_module(self.builtins)
+            self.builtins_loaded = True
+
     def _load_plugins(self) -> None:
+        self._load_builtins()
         if self.plugins_loaded:
             return
         self.plugins_loaded = True
@@ -52,6 +72,7 @@ class Registry:
                 self.plugin_errors.append(f"plugin {ep.name!r} ({ep.value}) failed to load: {exc}")
 
     def __contains__(self, key) -> bool:
+        self._load_builtins()
         table = self.by_id if isinstance(key, int) else self.by_name
         if key not in table:
             self._load_plugins()
@@ -77,8 +98,8 @@ def _check_codec(cls) -> None:
                          "can yield (a number >= 1)")
 
 
-CODECS = Registry("codec", "kvcodec.codecs", _check_codec)
-SELECTORS = Registry("selection method", "kvcodec.selectors")
+CODECS = Registry("codec", "kvcodec.codecs", "kvcodec.codecs", _check_codec)
+SELECTORS = Registry("selection method", "kvcodec.selectors", "kvcodec.selection")
 
 
 def register_codec(cls: type[Codec], *, builtin: bool = False) -> type[Codec]:

@@ -159,6 +159,71 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
 
 
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """`code` run in a new interpreter, where nothing is imported yet."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+
+
+def test_help_imports_neither_torch_nor_the_codecs():
+    """`kvc --help` and every `kvc COMMAND --help` answer without importing torch, transformers or
+    kvcodec's codecs: they take a fraction of a second, not the seconds torch takes to load."""
+    proc = fresh_python('''
+        import sys
+        from kvcodec.tools.cli import cli
+        for args in [["--help"], ["--version"]] + [[name, "--help"] for name in cli.commands]:
+            try:
+                cli.main(args, prog_name="kvc")
+            except SystemExit as exc:
+                assert exc.code == 0, (args, exc.code)
+        loaded = sorted(m for m in ("torch", "transformers", "numpy", "kvcodec.codecs", "kvcodec.api")
+                        if m in sys.modules)
+        print("LOADED", loaded, file=sys.stderr)
+    ''')
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: kvc eval [OPTIONS] [FILE]" in proc.stdout and "[default: 1536; x>=1]" in proc.stdout
+    assert "LOADED []" in proc.stderr, proc.stderr
+
+
+def test_the_package_imports_its_names_on_first_use():
+    """`import kvcodec` loads nothing heavy; every exported name resolves, and dir() lists them."""
+    proc = fresh_python('''
+        import sys
+        import kvcodec
+        assert "torch" not in sys.modules and "kvcodec.api" not in sys.modules
+        assert set(kvcodec.__all__) <= set(dir(kvcodec)) and len(set(kvcodec.__all__)) == len(kvcodec.__all__)
+        assert kvcodec.CodecError is kvcodec.errors.CodecError and "torch" not in sys.modules
+        for name in kvcodec.__all__:
+            getattr(kvcodec, name)
+        try:
+            kvcodec.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("no AttributeError")
+    ''')
+    assert proc.returncode == 0, proc.stderr
+    star = {}
+    exec("from kvcodec import *", star)
+    assert set(kvcodec.__all__) <= set(star) and star["pack"] is kvcodec.api.pack
+
+
+def test_the_registries_find_the_builtins_whatever_is_imported_first():
+    """Nothing need import `kvcodec.codecs` or `kvcodec.selection` before a lookup: the registries
+    import their built-ins on first use."""
+    proc = fresh_python('''
+        from kvcodec.registry import available_selectors, codec_class, selector_class
+        assert codec_class("cachegen").codec_id == 5 and codec_class(1).name == "raw"
+        assert selector_class("h2o").codec_id == 16 and len(available_selectors()) >= 7
+    ''')
+    assert proc.returncode == 0, proc.stderr
+    proc = fresh_python('''
+        from kvcodec.encoding import pipeline
+        pipe = pipeline.checked("h2o+quant", {"keep": 0.5, "bits": 8})
+        assert pipe.selector.name == "h2o" and (pipe.codec, pipe.options) == ("quant", {"bits": 8})
+    ''')
+    assert proc.returncode == 0, proc.stderr
+
+
 PLUGIN = textwrap.dedent('''
     import torch
     from kvcodec import Codec

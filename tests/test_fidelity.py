@@ -110,20 +110,25 @@ def test_pruned_cache_continues_at_original_positions(contexts, real_model):
 
 def test_kvc_eval_with_a_codec_and_with_a_file(tmp_path, real_model):
     runner = CliRunner()
-    out = runner.invoke(cli, ["eval", "-c", "quant", "--opt", "bits=8", "--texts", "prose,data", "--prefix", "64",
-                              "--continuation", "32", "--greedy", "4", "--json", str(tmp_path / "r.json"), "--layers"])
+    args = ["eval", "-c", "quant", "--opt", "bits=8", "--texts", "prose,data", "--prefix", "64", "--continuation", "32",
+            "--greedy", "4"]
+    out = runner.invoke(cli, args + ["--layers"])
     assert out.exit_code == 0, out.output
-    doc = json.loads((tmp_path / "r.json").read_text())
-    assert [t["text"] for t in doc["texts"]] == ["prose", "data"] and len(doc["texts"][0]["key_rel_err"]) == 30
     assert "mean" in out.output and "relative reconstruction error per layer" in out.output
+    # --json prints the report on stdout, as inspect and verify do, and no table
+    out = runner.invoke(cli, args + ["--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert [t["text"] for t in doc["texts"]] == ["prose", "data"] and len(doc["texts"][0]["key_rel_err"]) == 30
     assert runner.invoke(cli, ["capture", "--tokens", "64", "-o", str(tmp_path / "c.pt"), "-q"]).exit_code == 0
     assert runner.invoke(cli, ["pack", str(tmp_path / "c.pt"), "-q"]).exit_code == 0
     out = runner.invoke(cli, ["eval", str(tmp_path / "c.kvc"), "--original", str(tmp_path / "c.pt"),
-                              "--continuation", "32", "--greedy", "4", "--json", str(tmp_path / "f.json")])
+                              "--continuation", "32", "--greedy", "4", "--json"])
     assert out.exit_code == 0, out.output
-    assert json.loads((tmp_path / "f.json").read_text())["mean"]["delta_ppl_pct"] == 0.0
+    assert json.loads(out.stdout)["mean"]["delta_ppl_pct"] == 0.0
     for args, pattern in ((["eval"], "either a codec"), (["eval", str(tmp_path / "c.kvc")], "--original"),
-                          (["eval", "-c", "quant", "--texts", "poetry"], "unknown text")):
+                          (["eval", "-c", "quant", "--texts", "poetry"], "unknown text"),
+                          (["eval", "-c", "quant", "--json", "r.json"], "--json > r.json")):
         bad = runner.invoke(cli, args)
         assert bad.exit_code == 1 and pattern in bad.output
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 PACKAGES = {"kvcodec": ROOT / "kvcodec", "kvcodec.kernels": ROOT / "kernels", "kvcodec.tools": ROOT / "tools"}
-CORE = {"kvcodec.errors", "kvcodec.dtypes", "kvcodec.options", "kvcodec.cache", "kvcodec.files", "kvcodec.uploads"}
+CORE = {"kvcodec.errors", "kvcodec.dtypes", "kvcodec.options", "kvcodec.cache", "kvcodec.files", "kvcodec.uploads",
+        "kvcodec.constants"}
 
 # room -> the rooms its modules may import (core is open to everyone)
 BELOW = {

@@ -10,20 +10,12 @@ import json
 import os
 
 import click
-import torch
 
 import kvcodec
-from kvcodec import api, cachefiles
-from kvcodec.encoding import pipeline
-from kvcodec.encoding import presets
+from kvcodec.constants import DEFAULT_CHUNK_TOKENS, LAYOUTS
 from kvcodec.errors import InputError, KVCError
-from kvcodec.eval.capture import DEFAULT_TOKENS, shipped_texts
 from kvcodec.eval.models import MODELS
-
-DEFAULT_PACK_CODEC = "shuffle-zstd"  # lossless, and the smallest of the lossless codecs on real caches
-DEFAULT_TARGET_CODEC = "cachegen"  # the codec whose presets size and error targets choose from
-from kvcodec.selection import needing_no_scores, scores
-from kvcodec.selection.scores import AttentionScores
+from kvcodec.eval.texts import DEFAULT_TOKENS, DEFAULT_WINDOW, shipped_texts
 from kvcodec.tools.common import (
     KvcGroup,
     force_option,
@@ -40,6 +32,9 @@ from kvcodec.tools.common import (
 )
 from kvcodec.tools.harness import bench_command, eval_command
 from kvcodec.tools.train import train_ae_command
+
+DEFAULT_PACK_CODEC = "shuffle-zstd"  # lossless, and the smallest of the lossless codecs on real caches
+DEFAULT_TARGET_CODEC = "cachegen"  # the codec whose presets size and error targets choose from
 
 
 @click.group("kvc", cls=KvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +53,7 @@ def cli():
               help="Option, repeatable; STAGE.KEY=VALUE names the stage (h2o.keep=0.25).")
 @click.option("--scores", "scores_path", type=click.Path(dir_okay=False),
               help="Attention scores from `kvc capture --scores` [INPUT's .scores.safetensors if present].")
-@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
+@click.option("--chunk-tokens", type=click.IntRange(1), default=DEFAULT_CHUNK_TOKENS, show_default=True,
               help="Tokens per independently decodable chunk.")
 @click.option("--target-ratio", type=click.FloatRange(1.0), default=None,
               help="Pick the codec's preset per chunk so the file is at most 1/R of the cache.")
@@ -70,6 +65,10 @@ def cli():
 @quiet_option
 def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, max_error, layout, heads, force, quiet):
     """Compress a cache file (.pt or .safetensors) into a .kvc file."""
+    from kvcodec import api, cachefiles
+    from kvcodec.encoding import pipeline, presets
+    from kvcodec.selection.scores import AttentionScores
+
     output = output_path(output, input, ".kvc")
     if os.path.abspath(output) == os.path.abspath(input):
         raise InputError("the output would overwrite the input; choose another -o")
@@ -97,6 +96,8 @@ def pack(input, output, codec, opts, scores_path, chunk_tokens, target_ratio, ma
 
 
 def find_scores(cache_path: str, method: str) -> str:
+    from kvcodec.selection import needing_no_scores, scores
+
     path = scores.path_beside(cache_path)
     if not os.path.exists(path):
         raise InputError(f"{method} needs attention scores: capture them with `kvc capture --scores` (expected "
@@ -108,12 +109,14 @@ def find_scores(cache_path: str, method: str) -> str:
 @click.argument("input", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output .pt or .safetensors [INPUT with the extension of the original layout].")
-@click.option("--layout", type=click.Choice(cachefiles.LAYOUTS), default=None,
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
               help="Layout to write [the layout the cache came in].")
 @force_option
 @quiet_option
 def unpack(input, output, layout, force, quiet):
     """Decode a .kvc file back to .pt or .safetensors."""
+    from kvcodec import cachefiles
+
     with kvcodec.open(cachefiles.check_readable(input)) as reader:
         stored = reader.header.layout
         suffix = ".safetensors" if (layout or stored) == "safetensors" else ".pt"
@@ -137,6 +140,8 @@ def inspect(file, as_json, check):
 
     Reads the header and the index (both checksummed); payloads are not read unless --check
     (`kvc verify` also decodes them)."""
+    from kvcodec import cachefiles
+
     with kvcodec.open(cachefiles.check_readable(file)) as reader:
         info = reader.info()
         if check:
@@ -230,6 +235,10 @@ def verify(file, against, layout, heads, as_json):
     corruption, on a non-finite value where the original is finite, or when a lossless codec
     does not reproduce the original.
     """
+    import torch
+
+    from kvcodec import cachefiles
+
     with kvcodec.open(cachefiles.check_readable(file)) as reader:
         reader.verify()
         cache = reader.read_cache()
@@ -311,13 +320,18 @@ def codecs(as_json):
 @click.option("--scores", "with_scores", is_flag=True,
               help="Also save attention statistics (for h2o, keyformer, snapkv, cam) as OUTPUT's .scores.safetensors.")
 @click.option("--window", type=click.IntRange(1), default=None,
-              help="Observation-window queries kept with --scores [64; larger lets keyformer accumulate over more].")
+              help=f"Observation-window queries kept with --scores [{DEFAULT_WINDOW}; larger lets keyformer "
+                   "accumulate over more].")
 @model_option()
 @force_option
 @quiet_option
 def capture(text, tokens, dtype, output, with_scores, window, model, force, quiet):
     """Run a development model (SmolLM2-135M, Gemma-3-270M) on a text and save its real KV cache."""
+    import torch
+
+    from kvcodec import cachefiles
     from kvcodec.eval import capture as cap
+    from kvcodec.selection import scores
 
     if not output.lower().endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise InputError(f"{output}: output must end in .pt or .safetensors")
@@ -338,7 +352,7 @@ def capture(text, tokens, dtype, output, with_scores, window, model, force, quie
         cap.load_model(model)
         show(f"running the model on {tokens} tokens" + (" (recording attention)" if with_scores else ""))
         cache, stats = cap.capture_with_scores(text, tokens, getattr(torch, dtype),
-                                               window=(window or cap.DEFAULT_WINDOW) if with_scores else None,
+                                               window=(window or DEFAULT_WINDOW) if with_scores else None,
                                                model=model)
     cachefiles.save_cache(cache, output, overwrite=force)
     if stats is not None:

@@ -1,4 +1,9 @@
-"""Pieces shared by the `kvc` commands: error handling, progress, option parsing."""
+"""Pieces shared by the `kvc` commands: error handling, progress, option parsing.
+
+The tools import torch and the codecs inside the commands that need them, never at module level:
+`kvc --help` and `kvc COMMAND --help` stay fast. Defaults shown in the help come from modules that
+import nothing heavy (`kvcodec.constants`, `kvcodec.eval.texts`, `kvcodec.eval.models`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import sys
 
 import click
 
-from kvcodec import cachefiles
+from kvcodec.constants import LAYOUTS
 from kvcodec.errors import InputError, KVCError
 from kvcodec.eval.models import DEFAULT_MODEL, MODELS
 
@@ -124,7 +129,7 @@ def human(n: float) -> str:
         n /= 1024
 
 
-layout_option = click.option("--layout", type=click.Choice(cachefiles.LAYOUTS[:4]), default=None,
+layout_option = click.option("--layout", type=click.Choice(LAYOUTS[:4]), default=None,
                              help="Layout of a .pt input when it cannot be detected.")
 heads_option = click.option("--heads", type=click.IntRange(1), default=None,
                             help="KV heads, for the cachegen [layers, tokens, heads*head_dim] layout.")

@@ -4,44 +4,50 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import click
 
-from kvcodec import api, cachefiles
-from kvcodec.encoding import pipeline
+from kvcodec.constants import DEFAULT_CHUNK_TOKENS
 from kvcodec.errors import InputError
-from kvcodec.eval import bench, capture, fidelity, models
+from kvcodec.eval import models
+from kvcodec.eval.texts import DEFAULT_CONTINUATION, DEFAULT_GREEDY, DEFAULT_PREFIX, shipped_texts
 from kvcodec.tools.common import (heads_option, layout_option, make_console, model_option, parse_options, progress_bar,
                                   quiet_option)
+
+if TYPE_CHECKING:
+    from kvcodec.eval import bench, fidelity
 
 
 def texts_option(default: str):
     return click.option("--texts", default=default, show_default=True,
-                        help=f"Comma-separated shipped texts ({', '.join(capture.shipped_texts())}).")
+                        help=f"Comma-separated shipped texts ({', '.join(shipped_texts())}).")
 
 
 def length_options(fn):
-    fn = click.option("--greedy", type=click.IntRange(0), default=fidelity.DEFAULT_GREEDY, show_default=True,
+    fn = click.option("--greedy", type=click.IntRange(0), default=DEFAULT_GREEDY, show_default=True,
                       help="Greedy tokens generated to compare.")(fn)
-    fn = click.option("--continuation", type=click.IntRange(1), default=fidelity.DEFAULT_CONTINUATION,
+    fn = click.option("--continuation", type=click.IntRange(1), default=DEFAULT_CONTINUATION,
                       show_default=True, help="Continuation tokens scored teacher-forced.")(fn)
-    fn = click.option("--prefix", type=click.IntRange(1), default=fidelity.DEFAULT_PREFIX, show_default=True,
+    fn = click.option("--prefix", type=click.IntRange(1), default=DEFAULT_PREFIX, show_default=True,
                       help="Prefix tokens whose cache is compressed.")(fn)
     return fn
 
 
 def text_names(texts: str) -> list[str]:
     names = [t.strip() for t in texts.split(",") if t.strip()]
-    unknown = [t for t in names if t not in capture.shipped_texts()]
+    unknown = [t for t in names if t not in shipped_texts()]
     if unknown or not names:
         raise InputError(f"unknown text {unknown[0] if unknown else '(none)'!r}; "
-                         f"shipped: {', '.join(capture.shipped_texts())}")
+                         f"shipped: {', '.join(shipped_texts())}")
     return names
 
 
 def contexts_of(names: list[str], prefix: int, continuation: int, greedy: int, model: str, update=None):
     """The texts' contexts (a prefill and the reference continuation each), reporting progress
     through a `progress_bar` update."""
+    from kvcodec.eval import fidelity
+
     contexts = []
     for i, name in enumerate(names):
         if update:
@@ -90,17 +96,18 @@ def print_report(report: fidelity.Report, layers: bool) -> None:
 @click.option("--original", type=click.Path(dir_okay=False), help="With FILE: the cache it was packed from.")
 @click.option("-c", "--codec", default=None, help="Codec to evaluate (instead of FILE).")
 @click.option("--opt", "opts", multiple=True, metavar="KEY=VALUE", help="Codec option, repeatable.")
-@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
+@click.option("--chunk-tokens", type=click.IntRange(1), default=DEFAULT_CHUNK_TOKENS, show_default=True,
               help="Tokens per chunk (record) of the files the codecs write.")
 @texts_option("prose,code,data")
 @length_options
 @click.option("--layers", is_flag=True, help="Also print the reconstruction error of every layer.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output instead of the tables (every layer's errors included).")
 @layout_option
 @heads_option
 @model_option()
 @quiet_option
-def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, json_path,
+def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, continuation, greedy, layers, as_json,
                  layout, heads, model, quiet):
     """Measure how a codec or pipeline (or an existing .kvc FILE) changes a model's predictions.
 
@@ -108,8 +115,14 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
     a continuation scored with the restored versus the original cache. With FILE and --original
     (a cache from `kvc capture`): the file is scored against the original on the text it names.
     """
+    if as_json and file is not None and file.lower().endswith(".json"):
+        raise InputError(f"--json prints the report on stdout: write it to a file with --json > {file}")
     if (file is None) == (codec is None):
         raise InputError("give either a codec (-c NAME) or a .kvc FILE with --original")
+    from kvcodec import api, cachefiles
+    from kvcodec.encoding import pipeline
+    from kvcodec.eval import fidelity
+
     if file is not None:
         if not original:
             raise InputError("evaluating a .kvc file needs --original, the cache it was packed from")
@@ -126,13 +139,16 @@ def eval_command(file, original, codec, opts, chunk_tokens, texts, prefix, conti
                                              options, chunk_tokens=chunk_tokens,
                                              progress=None if update is None else
                                              lambda done, text: update(len(names) + done, f"scoring {text}"))
-    print_report(report, layers)
-    if json_path:
-        write_json(json_path, report.to_dict())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report, layers)
 
 
 def parse_sweep(specs) -> dict[str, list[dict]]:
     """`NAME` or `NAME:key=value,key=value`, repeatable, in order."""
+    from kvcodec.encoding import pipeline
+
     sweep: dict[str, list[dict]] = {}
     for spec in specs:
         name, _, opts = spec.partition(":")
@@ -147,6 +163,8 @@ BUSY_SPREAD = 0.25  # timings of one figure further apart than this (over their 
 
 def print_bench(result: bench.BenchResult) -> None:
     from rich.table import Table
+
+    from kvcodec.eval import bench
 
     bws = bench.BANDWIDTHS_GBPS
     table = Table(title=f"{models.model_named(result.model).title}, texts {', '.join(result.texts)}, prefix {result.prefix}, "
@@ -181,7 +199,7 @@ def print_bench(result: bench.BenchResult) -> None:
               help="Caches from `kvc capture` to sweep over, repeatable [the shipped texts].")
 @texts_option("prose,code,data")
 @length_options
-@click.option("--chunk-tokens", type=click.IntRange(1), default=api.DEFAULT_CHUNK_TOKENS, show_default=True,
+@click.option("--chunk-tokens", type=click.IntRange(1), default=DEFAULT_CHUNK_TOKENS, show_default=True,
               help="Tokens per chunk (record) of the files the codecs write.")
 @click.option("--repeat", type=click.IntRange(1), default=5, show_default=True,
               help="Timing runs after a warm-up (their median is reported).")
@@ -192,6 +210,9 @@ def print_bench(result: bench.BenchResult) -> None:
 def bench_command(codec_specs, quick, selection, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat,
                   out_dir, quiet, model):
     """Sweep codecs: ratio, speed, ΔPPL, top-1 and time to first token; JSON and plots."""
+    from kvcodec import cachefiles
+    from kvcodec.eval import bench, fidelity
+
     sweep = (parse_sweep(codec_specs) if codec_specs else bench.SELECTION_SWEEP if selection
              else bench.QUICK_SWEEP if quick else bench.SWEEP)
     if quick:

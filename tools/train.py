@@ -6,9 +6,7 @@ import hashlib
 import os
 
 import click
-import torch
 
-from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
 from kvcodec.eval.models import MODELS
 from kvcodec.tools.common import force_option, model_option, progress_bar, quiet_option
@@ -38,7 +36,11 @@ def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, mod
     Caches are captured from training texts disjoint from the evaluation texts; keys and values
     get separate networks. Prints the relative reconstruction error on the training caches and
     the weights' sha256 (what a file packed without embedded weights refers to)."""
+    import torch
+
+    from kvcodec.cache import KVCache
     from kvcodec.eval import ae_training, capture
+    from kvcodec.eval.texts import shipped_texts, training_texts
 
     if not output.endswith(".safetensors"):
         raise InputError(f"{output}: the weights file must end in .safetensors")
@@ -46,8 +48,8 @@ def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, mod
     for path in (output, config_path):
         if os.path.exists(path) and not force:
             raise InputError(f"{path} exists (use --force to overwrite)")
-    names = [t.strip() for t in texts.split(",") if t.strip()] if texts else list(capture.training_texts())
-    evaluation = [n for n in names if n in capture.shipped_texts()]
+    names = [t.strip() for t in texts.split(",") if t.strip()] if texts else list(training_texts())
+    evaluation = [n for n in names if n in shipped_texts()]
     if evaluation:
         raise InputError(f"{evaluation[0]!r} is an evaluation text; train on others (train-prose, train-code, "
                          "train-data or your own files)")

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from kvcodec.cache import TENSORS, KVCache
 from kvcodec.codecs.base import ChunkInfo, Chunks
+from kvcodec.constants import DEFAULT_CHUNK_TOKENS
 from kvcodec.container import format as fmt
 from kvcodec.errors import InputError
-
-DEFAULT_CHUNK_TOKENS = 1024
 
 
 def check_chunk_tokens(chunk_tokens) -> None:

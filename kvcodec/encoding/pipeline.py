@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcodec import selection as _builtin_selectors  # noqa: F401  (registers the built-in stages)
 from kvcodec.codecs.base import Codec
 from kvcodec.errors import CodecError
 from kvcodec.registry import CODECS, SELECTORS, codec_class, selector_class

@@ -4,48 +4,18 @@ shipped in wheels) on a text. Nothing is downloaded."""
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import torch
 
 from kvcodec.cache import KVCache
 from kvcodec.errors import InputError
 from kvcodec.eval import models
-
-TEXTS_DIR = Path(__file__).parent / "data" / "texts"
-TRAINING_DIR = Path(__file__).parent / "data" / "train"  # disjoint from the evaluation texts
-
-
-def shipped_texts() -> dict[str, Path]:
-    """The evaluation texts, by name."""
-    return {p.stem: p for p in sorted(TEXTS_DIR.glob("*.txt"))}
-
-
-def training_texts() -> dict[str, Path]:
-    """The texts autoencoders train on, by name (`train-prose`, ...)."""
-    return {f"train-{p.stem}": p for p in sorted(TRAINING_DIR.glob("*.txt"))}
+from kvcodec.eval.texts import DEFAULT_TOKENS, DEFAULT_WINDOW, read_text
 
 
 def load_model(model: str | None = None):
     """(model, tokenizer) of a development model (`models.MODELS`, default SmolLM2)."""
     return models.load(models.model_named(model).name)
-
-
-def read_text(text: str | os.PathLike | None) -> tuple[str, str]:
-    """(name, contents) of a shipped text name or a path; default the shipped prose."""
-    texts = {**shipped_texts(), **training_texts()}
-    if text is None:
-        text = "prose"
-    if isinstance(text, str) and text in texts:
-        return text, texts[text].read_text(encoding="utf-8")
-    path = Path(text)
-    if not path.is_file():
-        raise InputError(f"{text}: no such text file (shipped texts: {', '.join(texts)})")
-    try:
-        return path.name, path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError) as exc:
-        raise InputError(f"{text}: cannot read as UTF-8 text ({type(exc).__name__})") from None
 
 
 def tokenize(text: str, tokens: int | None, model: str | None = None) -> torch.Tensor:
@@ -56,10 +26,6 @@ def tokenize(text: str, tokens: int | None, model: str | None = None) -> torch.T
             raise InputError(f"the text has {ids.shape[1]} tokens, fewer than the {tokens} asked for")
         ids = ids[:, :tokens]
     return ids
-
-
-DEFAULT_WINDOW = 64
-DEFAULT_TOKENS = 1024  # what a capture reads of a text unless told
 
 
 @torch.no_grad()

@@ -19,11 +19,9 @@ from kvcodec.cache import KVCache, LayerKV
 from kvcodec.encoding import pipeline
 from kvcodec.encoding.plan import make_codec
 from kvcodec.errors import InputError
-from kvcodec.eval import capture, models
+from kvcodec.eval import capture, models, texts
+from kvcodec.eval.texts import DEFAULT_CONTINUATION, DEFAULT_GREEDY, DEFAULT_PREFIX
 
-DEFAULT_PREFIX = 1536
-DEFAULT_CONTINUATION = 512
-DEFAULT_GREEDY = 64
 FP16_BYTES = 2
 
 
@@ -69,7 +67,7 @@ class Context:
     def scores(self):
         """Attention statistics of the prefix (AttentionScores), computed on first use."""
         if self._scores is None:
-            self._scores = capture.prefill(self.ids[:, :self.prefix], capture.DEFAULT_WINDOW, self.model)[2]
+            self._scores = capture.prefill(self.ids[:, :self.prefix], texts.DEFAULT_WINDOW, self.model)[2]
         return self._scores
 
     @property
@@ -85,7 +83,7 @@ class Context:
                   greedy: int = DEFAULT_GREEDY, dtype: torch.dtype = torch.float16,
                   model: str | None = None) -> "Context":
         model = models.model_named(model).name
-        name, contents = capture.read_text(text)
+        name, contents = texts.read_text(text)
         ids = capture.tokenize(contents, prefix + continuation + 1, model)
         _, past, _ = capture.prefill(ids[:, :prefix], model=model)
         cache = KVCache.from_hf(past, metadata={"model": models.MODELS[model].title, "text": name}).to(dtype=dtype)
@@ -109,12 +107,12 @@ class Context:
                       greedy: int = DEFAULT_GREEDY) -> "Context":
         """For a cache saved by `kvc capture`: its metadata names the text, its token ids the prefix."""
         text = cache.metadata.get("text")
-        if text not in capture.shipped_texts() or cache.token_ids is None:
+        if text not in texts.shipped_texts() or cache.token_ids is None:
             raise InputError("the original cache must come from `kvc capture` on a shipped text "
                              f"(it names text {text!r} and {'has' if cache.token_ids is not None else 'lacks'} token ids)")
         model = models.of_cache(cache.metadata).name
         prefix = cache.token_ids.shape[1]
-        ids = capture.tokenize(capture.read_text(text)[1], None, model)[:, :prefix + continuation + 1]
+        ids = capture.tokenize(texts.read_text(text)[1], None, model)[:, :prefix + continuation + 1]
         if not torch.equal(ids[:, :prefix], cache.token_ids):
             raise InputError(f"the cache's token ids are not the start of the shipped text {text!r}")
         return cls.from_cache(text, ids, cache, greedy, model)
