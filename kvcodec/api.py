@@ -25,7 +25,8 @@ def pack(cache, dest, /, codec: str | Codec | Encoding = "raw", *, chunk_tokens:
     selection stage prunes tokens first; `scores` (AttentionScores) feed the stages that need
     them. Options go to the stage that has them (`stage.option` to name one). With
     `target_ratio` (file at most `cache.nbytes / target_ratio` bytes) or `max_error` (every
-    chunk within that relative RMS error), each chunk gets one of the codec's presets.
+    layer's key and value within that relative RMS error), each chunk gets one of the codec's
+    presets.
     A path is written under a temporary name and renamed when complete; an existing file is
     replaced only with `overwrite=True` (as `kvc pack --force`).
     """

@@ -58,7 +58,8 @@ def cli():
 @click.option("--target-ratio", type=click.FloatRange(1.0), default=None,
               help="Pick the codec's preset per chunk so the file is at most 1/R of the cache.")
 @click.option("--max-error", type=click.FloatRange(0.0), default=None,
-              help="Pick per chunk the smallest preset within this relative RMS error.")
+              help="Keep every layer's key and value within this relative RMS error (as `kvc verify` "
+                   "reports it), in as few bytes as the presets chosen per chunk allow.")
 @layout_option
 @heads_option
 @force_option

@@ -52,6 +52,11 @@ VECTORS = {
     "cachegen2-bf16-ladder": ("cachegen", {"target_ratio": 2.0, "sinks": 2, "tables": 2}, 64,
                               dict(layers=2, batch=2, heads=1, tokens=200, dims=(16, 16), dtype=torch.bfloat16,
                                    drift=True)),
+    # per-chunk presets whose tables are narrowed to the tensors that use them (placeholders for
+    # the others, spec 8.5); the ladder vector above was written before, with every preset's tables whole
+    "cachegen2-bf16-narrowed": ("cachegen", {"target_ratio": 2.4, "sinks": 2, "tables": 2}, 64,
+                                dict(layers=3, batch=1, heads=2, tokens=200, dims=(16, 16), dtype=torch.bfloat16,
+                                     drift=True)),
     # version 1.2: sliding-window layers (window 8: the last 7 of 20 positions) beside a full one
     "zstd-f16-sliding": ("zstd", {"level": 3}, 4, dict(layers=3, heads=1, tokens=[7, 20, 7], dims=(4, 4),
                                                         dtype=torch.float16, positions="window")),

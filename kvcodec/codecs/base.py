@@ -122,6 +122,12 @@ class Codec(Configurable):
         """The shared context blobs for a file of these chunks (none by default)."""
         return []
 
+    def narrow_context(self, blobs: Sequence[bytes], used: set[tuple[int, str]]) -> list[bytes]:
+        """The context blobs for a file in which only the (layer, "key"/"value") tensors `used`
+        have chunks of this codec (per-chunk presets leave a preset to a few layers): a codec
+        whose context holds per-tensor parts may drop the others; unchanged by default."""
+        return list(blobs)
+
     def load_context(self, blobs: Sequence[bytes]):
         """What `encode`/`decode` receive as `context`, from the file's blobs for this codec."""
         if self.blob_count is not None and len(blobs) != self.blob_count:

@@ -125,6 +125,13 @@ class CacheGenCodec(Codec):
             raise CodecError("cachegen needs exactly one context blob (its tables)")
         return (FileTables if self.lanes == 1 else SharedTables).from_blob(blobs[0], self.name)
 
+    def narrow_context(self, blobs, used) -> list[bytes]:
+        """Lane format 2 keeps the tables of `used` tensors and a placeholder for the others."""
+        if self.lanes == 1:
+            return list(blobs)
+        tables = self.load_context(blobs)
+        return [tables.narrowed(used).to_blob(1 + max(layer for layer, _ in tables.tensors))]
+
     # -- chunks ------------------------------------------------------------------------------
     def coded(self, info, context: SharedTables) -> shared_lanes.Coded:
         """What lane format 2 codes of a chunk: its coded tokens' shape, tables and name."""

@@ -55,6 +55,16 @@ class TensorTables:
     def anchored(self) -> np.ndarray:
         return self.delta >= 0
 
+    def placeholder(self) -> "TensorTables":
+        """Tables of the same shape that code nothing useful (unit steps, every channel direct,
+        one two-symbol table): what a file stores for a tensor no chunk codes with them, in a few
+        bytes once compressed, so that the set list stays complete (spec 8.5)."""
+        c = self.heads * self.head_dim
+        half = 1 << int(rans32.precision_of(np.array([2]))[0] - 1)
+        return TensorTables(self.heads, self.head_dim, self.group_size, self.anchor_bits, np.ones(c, np.float32),
+                            np.zeros(c, np.int64), np.full(c, -1, np.int64), np.zeros(1, np.int64),
+                            np.full(1, 2, np.int64), np.full(2, half, np.int64))
+
 
 def _spans(group: np.ndarray, first: np.ndarray, last: np.ndarray):
     """Each row's group index (groups numbered in order) and every group's value span [lo, hi)."""
@@ -291,6 +301,10 @@ class SharedTables:
             lookup = rans32.Lookup.build(f.weights, f.sizes, f.los, device)
             self._lookups[key] = lookup.numpy() if device is None else lookup
         return self._lookups[key]
+
+    def narrowed(self, used: set[tuple[int, str]]) -> "SharedTables":
+        """These tables with every (layer, key/value) outside `used` replaced by its placeholder."""
+        return SharedTables({key: t if key in used else t.placeholder() for key, t in self.tensors.items()})
 
     def to_blob(self, num_layers: int) -> bytes:
         """The stored form (spec 8.5, lane format 2): one zstd frame holding every layer's key then
