@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import zlib
@@ -99,7 +100,7 @@ def check_header(doc) -> None:
 def check_config(codec: dict, blobs: int) -> None:
     """Section 8: every member of a built-in codec's config, and its context blobs."""
     cid, cfg = codec["id"], codec["config"]
-    rule = {1: "8.1", 2: "8.2", 3: "8.3", 4: "8.4", 5: "8.5", 6: "8.6"}.get(cid, "8")
+    rule = {1: "8.1", 2: "8.2", 3: "8.3", 4: "8.4", 5: "8.5", 6: "8.6", 7: "8.7"}.get(cid, "8")
 
     def exactly(allowed: dict):
         need(set(cfg) <= set(allowed) and all(k in cfg or allowed[k][1] for k in allowed), rule, "config members")
@@ -130,11 +131,16 @@ def check_config(codec: dict, blobs: int) -> None:
                  "group_size": (lambda v: is_int(v, 1, 65536), False), "entropy": (flag, True),
                  "step": (number(1e-4, 100), True)})
         need(blobs == int(cfg["embed"]) + int(cfg.get("entropy", False)), rule, "ae's context blobs")
+    elif cid == 7:
+        exactly({"profile": (lambda v: type(v) is str and re.fullmatch("sha256:[0-9a-f]{64}", v) is not None, False),
+                 "target_kl": (number(1e-7, 10), False), "sinks": (lambda v: is_int(v, 0, 1024), False),
+                 "tables": (lambda v: is_int(v, 1, 256), False), "embed": (lambda v: type(v) is bool, False)})
+        need(blobs == 1 + int(cfg["embed"]), rule, "kvtc's context blobs")
     need(cid not in (1, 2, 3, 4) or blobs == 0, rule, "this codec takes no context blobs")
     need(cid != 5 or blobs == 1, "8.5", "cachegen takes one context blob")
 
 
-MAX_EXPANSION = {1: 1, 2: 32768, 3: 32768, 4: 16, 5: 4096, 6: 32768}
+MAX_EXPANSION = {1: 1, 2: 32768, 3: 32768, 4: 16, 5: 4096, 6: 32768, 7: 4096}
 
 
 def validate(data: bytes) -> tuple[dict, list, dict]:
@@ -243,7 +249,11 @@ def read_kvc(data: bytes) -> dict:
         name = ("key", "value")[tensor]
         dtype = doc["layers"][layer][name]["dtype"]
         context = [blobs[(slot, j)] for j in range(len([k for k in blobs if k[0] == slot]))]
-        chunk = decode_payload(codec, payload, name, (b, h, n, d), dtype, context, layer, start)
+        spec = doc["layers"][layer].get("positions")
+        rows = ([row[start:start + n] for row in read_positions(blobs[(0xFFFF, 1 + layer)], spec["rows"],
+                                                                 spec.get("encoding", "int64"))]
+                if spec else [list(range(start, start + n))])
+        chunk = decode_payload(codec, payload, name, (b, h, n, d), dtype, context, layer, start, rows)
         out[(layer, name)][:, :, start:start + n] = chunk
     return out
 
@@ -272,7 +282,7 @@ def read_positions(blob: bytes, rows: int, encoding: str) -> list[list[int]]:
 
 
 def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, context=(), layer=0,
-                   start=0) -> np.ndarray:
+                   start=0, positions=None) -> np.ndarray:
     size = ITEMSIZE[dtype]
     numel = int(np.prod(shape))
     if codec["id"] == 1:
@@ -294,6 +304,9 @@ def decode_payload(codec: dict, payload: bytes, tensor: str, shape, dtype: str, 
         return cachegen(codec["config"], context, payload, layer, tensor, start, shape, dtype)
     elif codec["id"] == 6:
         return ae(codec["config"], context, payload, layer, tensor, start, shape, dtype)
+    elif codec["id"] == 7:
+        return kvtc(codec["config"], context, payload, layer, tensor, shape, dtype,
+                    positions or [list(range(start, start + shape[2]))])
     else:
         raise ValueError(f"codec {codec['id']}")
     need(len(raw) == numel * size, "8.1", "payload length")
@@ -624,3 +637,61 @@ def ae(config, context, payload, layer, tensor, start, shape, dtype):
     hidden = hidden / (1 + np.exp(-hidden))  # silu
     x = (hidden @ tensors[k + "w_out"][s] + tensors[k + "b_out"][s]) * tensors[k + "std"][layer] + tensors[k + "mean"][layer]
     return to_dtype(x.astype(np.float32), dtype)
+
+
+# -- section 8.7: kvtc ----------------------------------------------------------------------------
+
+def kvtc(config, context, payload, layer, tensor, shape, dtype, positions):
+    b, h, n_tok, d = shape
+    c = h * d
+    need(config["embed"], "8.7", "this reader finds profiles only embedded in the file")
+    profile = context[1]
+    need("sha256:" + hashlib.sha256(profile).hexdigest() == config["profile"], "8.7", "profile hash")
+    arrays, meta = read_safetensors(profile)
+    need(meta.get("format") == "kvcodec-kvtc-profile" and meta.get("version") == "1", "8.7", "a kvtc profile")
+    need(layer < int(meta["layers"]) and h == int(meta["heads"]) and d == int(meta[f"{tensor}_dim"]), "8.7",
+         "a record of the profile's shape")
+    hh, dd, g, k, steps, main, delta, tables = parse_tables2(context[0])[(layer, tensor)]
+    need((hh, dd, g, k) == (1, c, 1, 0), "8.7", "tables of one direct channel per component")
+    top = [max(row[i] for row in positions) for i in range(n_tok)]
+    s = next((i for i, p in enumerate(top) if p >= config["sinks"]), n_tok)
+    n = n_tok - s
+    size = ITEMSIZE[dtype]
+    out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    sink_bytes = b * h * s * d * size
+    need(len(payload) >= sink_bytes + 4 * b * c, "8.7", "the payload holds its lane lengths")
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
+    lengths = struct.unpack_from(f"<{b * c}I", payload, sink_bytes)
+    pos = sink_bytes + 4 * b * c
+    need(len(payload) == pos + 2 * sum(lengths), "8.7", "the payload's length")
+    v = np.zeros((b, c, n), dtype=np.int64)
+    for bi in range(b):
+        for j in range(c):
+            length = lengths[bi * c + j]
+            words = list(struct.unpack_from(f"<{length}H", payload, pos))
+            pos += 2 * length
+            v[bi, j] = decode_lane2(words, [tables[main[j]]] * n)
+    m = arrays[f"{layer}.{tensor}.decoder"]
+    mean = arrays[f"{layer}.{tensor}.mean"]
+    a = [[float(m[ch, j]) * float(steps[j]) for j in range(c)] for ch in range(c)]
+    beta = max(sum(abs(x) for x in row) for row in a)
+    f = 32 - (math.frexp(beta)[1] if beta > 0 else 0)
+    w = [[round(math.ldexp(x, f)) for x in row] for row in a]  # Python's round: half to even
+    rope = arrays.get(f"{layer}.rope.inv_freq") if tensor == "key" else None
+    for bi in range(b):
+        for i in range(n):
+            y = [math.ldexp(sum(int(v[bi, j, i]) * w[ch][j] for j in range(c)), -f) + float(mean[ch]) for ch in range(c)]
+            for hd in range(h):
+                row = y[hd * d:(hd + 1) * d]
+                if rope is not None:
+                    p_ = positions[hd if len(positions) > 1 else 0][s + i]
+                    scale, half = float(arrays[f"{layer}.rope.scale"][0]), len(rope)
+                    turned = list(row)
+                    for j in range(half):
+                        theta = float(p_) * float(rope[j])
+                        cs, sn = float(np.float32(math.cos(theta))), float(np.float32(math.sin(theta)))
+                        turned[j] = (row[j] * cs - row[j + half] * sn) * scale
+                        turned[j + half] = (row[j + half] * cs + row[j] * sn) * scale
+                    row = turned
+                out[bi, hd, s + i] = to_dtype(np.array(row, dtype=np.float64).astype(np.float32), dtype)
+    return out

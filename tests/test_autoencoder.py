@@ -232,7 +232,7 @@ def test_a_network_is_loaded_once_per_process(trained, monkeypatch):
     monkeypatch.setenv(SEARCH_ENV, str(folder))
     data = kvcodec.encode(cache, "ae", weights=str(folder / "ae.safetensors"), embed=False)
     first = kvcodec.decode(data)
-    monkeypatch.setattr(ae_codec, "find_weights", lambda digest: pytest.fail("searched again"))
+    monkeypatch.setattr(ae_codec.WEIGHTS, "find", lambda digest: pytest.fail("searched again"))
     assert kvcodec.decode(data).equal(first)
     assert list(ae_codec._NETWORKS) == [(digest, "cpu")]
 

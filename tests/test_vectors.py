@@ -27,7 +27,7 @@ def expected_cache(name):
 
 
 def test_there_is_a_vector_for_every_builtin_codec():
-    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen", "ae"}
+    assert {MANIFEST[n]["codec"] for n in NAMES} >= {"raw", "zstd", "shuffle-zstd", "quant", "cachegen", "ae", "kvtc"}
     cachegen = [read_kvc((VECTORS / f"{n}.kvc").read_bytes()) for n in NAMES if MANIFEST[n]["codec"] == "cachegen"]
     assert any(len(v["header"]["codecs"]) > 1 for v in cachegen)  # per-chunk presets
     blobs = {lanes: [blob for v in cachegen for (owner, _), blob in v["blobs"].items() if owner != 0xFFFF
@@ -105,5 +105,8 @@ def test_reencoding_is_byte_identical(name):
     if entry["codec"] != "raw" and entry["codec"] != "quant" and list(zstandard.ZSTD_VERSION) != MANIFEST["_zstd_library"]:
         pytest.skip(f"zstd output is fixed per library version; vectors were made with {MANIFEST['_zstd_library']}")
     cache = cachefiles.load_cache(VECTORS / f"{name}.input.safetensors")
-    data = kvcodec.encode(cache, entry["codec"], chunk_tokens=entry["chunk_tokens"], **entry["config"])
+    options = dict(entry["config"])
+    if entry["codec"] == "kvtc":  # its profile beside it
+        options["profile"] = str(VECTORS / f"{name}.profile.safetensors")
+    data = kvcodec.encode(cache, entry["codec"], chunk_tokens=entry["chunk_tokens"], **options)
     assert data == (VECTORS / f"{name}.kvc").read_bytes()

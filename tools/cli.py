@@ -31,7 +31,7 @@ from kvcodec.tools.common import (
     status,
 )
 from kvcodec.tools.harness import bench_command, eval_command
-from kvcodec.tools.train import train_ae_command
+from kvcodec.tools.train import calibrate_command, train_ae_command
 
 DEFAULT_PACK_CODEC = "shuffle-zstd"  # lossless, and the smallest of the lossless codecs on real caches
 DEFAULT_TARGET_CODEC = "cachegen"  # the codec whose presets size and error targets choose from
@@ -396,6 +396,7 @@ def main():
 cli.add_command(eval_command)
 cli.add_command(bench_command)
 cli.add_command(train_ae_command)
+cli.add_command(calibrate_command)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,42 @@ def train_ae_command(latent_dim, shared, hidden, texts, tokens, steps, seed, mod
         click.echo(f"{output}: latent {latent_dim}, {'shared' if shared else 'per-layer'} weights, "
                    f"{os.path.getsize(output) / 2**20:.1f} MiB, sha256 {digest}; relative error on the training "
                    f"caches: keys {key:.3f}, values {value:.3f}", err=True)
+
+
+@click.command("calibrate")
+@model_option("Development model to calibrate.")
+@click.option("--tokens", type=click.IntRange(64), default=1024, show_default=True,
+              help="Tokens of each training text read (the last 128 score the sensitivities).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Profile file [MODEL-SHA256.safetensors in ~/.cache/kvcodec/profiles, where decoding looks].")
+@force_option
+@quiet_option
+def calibrate_command(model, tokens, output, force, quiet):
+    """Measure a model's kvtc profile on the training texts, for `kvc pack -c kvtc --opt profile=FILE`.
+
+    Records each layer's rotary embedding, the transform of its keys and values (principal axes
+    weighted by the model's sensitivity to each channel) and each tensor's measured sensitivity.
+    Files name the profile by its sha256; decoding finds it in ~/.cache/kvcodec/profiles or the
+    folders of KVCODEC_PROFILE_PATH. Takes a minute (SmolLM2) to a few (Gemma-3)."""
+    from pathlib import Path
+
+    from kvcodec.artifacts import sha256
+    from kvcodec.calibration.fit import calibrate
+    from kvcodec.codecs.kvtc import PROFILES
+    from kvcodec.files import atomic_output
+
+    if output is not None and not output.endswith(".safetensors"):
+        raise InputError(f"{output}: the profile file must end in .safetensors")
+    if output is not None and os.path.exists(output) and not force:
+        raise InputError(f"{output} exists (use --force to overwrite)")
+    with progress_bar(100, "calibrating (%)", quiet) as update:
+        data = calibrate(model, tokens=tokens, progress=update).to_bytes()
+    digest = sha256(data)
+    if output is None:
+        PROFILES.folder.mkdir(parents=True, exist_ok=True)
+        output = str(PROFILES.folder / f"{model}-{digest[:16]}.safetensors")
+    with atomic_output(Path(output), True) as f:
+        f.write(data)
+    if not quiet:
+        click.echo(f"{output}: kvtc profile of {MODELS[model].title}, sha256:{digest}", err=True)
+    click.echo(output)

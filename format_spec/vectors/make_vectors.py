@@ -57,6 +57,14 @@ VECTORS = {
     "cachegen2-bf16-narrowed": ("cachegen", {"target_ratio": 2.4, "sinks": 2, "tables": 2}, 64,
                                 dict(layers=3, batch=1, heads=2, tokens=200, dims=(16, 16), dtype=torch.bfloat16,
                                      drift=True)),
+    # kvtc with its profile embedded (NAME.profile.safetensors, kept: safetensors does not write its
+    # metadata in the same order twice): sinks in the first chunk; then per-head positions, a
+    # batch of two and a rotary embedding over 6 of 8 key channels
+    "kvtc-f16-sinks": ("kvtc", {"target_kl": 0.01, "sinks": 2, "tables": 2, "embed": True}, 8,
+                       dict(layers=2, heads=2, tokens=20, dims=(8, 4), dtype=torch.float16)),
+    "kvtc-bf16-positions": ("kvtc", {"target_kl": 0.05, "sinks": 1, "tables": 3, "embed": True}, 6,
+                            dict(layers=2, batch=2, heads=2, tokens=9, dims=(8, 8), dtype=torch.bfloat16,
+                                 positions="per-head")),
     # version 1.2: sliding-window layers (window 8: the last 7 of 20 positions) beside a full one
     "zstd-f16-sliding": ("zstd", {"level": 3}, 4, dict(layers=3, heads=1, tokens=[7, 20, 7], dims=(4, 4),
                                                         dtype=torch.float16, positions="window")),
@@ -105,6 +113,21 @@ def ae_weights(path: Path) -> str:
     return str(path)
 
 
+def kvtc_profile(name: str, cache: kvcodec.KVCache) -> str:
+    """The vector's profile file, fitted on the cache itself (rotary frequencies of 3 pairs) when
+    it does not exist yet."""
+    import numpy as np
+
+    from kvcodec.calibration.fit import from_caches
+    from kvcodec.calibration.profile import Rope
+
+    path = HERE / f"{name}.profile.safetensors"
+    if not path.exists():
+        ropes = [Rope(np.array([1.0, 0.1, 0.01], np.float32), 1.25)] * len(cache.layers)
+        path.write_bytes(from_caches([cache.to(dtype=torch.float32)], ropes, model="test-vector").to_bytes())
+    return str(path)
+
+
 def main(names: list[str]) -> None:
     import tempfile
 
@@ -118,6 +141,8 @@ def main(names: list[str]) -> None:
         cachefiles.save_cache(cache, HERE / f"{name}.input.safetensors", overwrite=True)
         cache = cachefiles.load_cache(HERE / f"{name}.input.safetensors")  # layout "safetensors", as the test reads it
         options = dict(config, weights=weights) if codec == "ae" else config
+        if codec == "kvtc":
+            options = dict(config, profile=kvtc_profile(name, cache))
         data = kvcodec.encode(cache, codec, chunk_tokens=chunk, **options)
         (HERE / f"{name}.kvc").write_bytes(data)
         lossless = kvcodec.codec_class(codec).lossless

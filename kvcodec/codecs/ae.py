@@ -11,16 +11,15 @@ context (`embed=True`), or stay outside it and are looked up by that hash in the
 
 from __future__ import annotations
 
-import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kvcodec.artifacts import HASH, Artifacts, sha256
 from kvcodec.cache import TENSORS
-from kvcodec.codecs.autoencoder import CacheAutoencoder, sha256
+from kvcodec.codecs.autoencoder import CacheAutoencoder
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.codecs.quant import QuantCodec
 from kvcodec.dtypes import to_dtype
@@ -30,41 +29,11 @@ from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
 
 SEARCH_ENV = "KVCODEC_AE_PATH"
-DEFAULT_FOLDER = Path.home() / ".cache" / "kvcodec" / "ae"
-_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+WEIGHTS = Artifacts("ae weights", SEARCH_ENV, Path.home() / ".cache" / "kvcodec" / "ae", "weights")
 # Networks already built, by (sha256, device): weights named by their hash never change, so a
 # process restoring many files loads each network once.
 _NETWORKS: OrderedDict[tuple[str, str], CacheAutoencoder] = OrderedDict()
 MAX_NETWORKS = 8
-# Weight files this process was given by path (sha256 -> path), so encoding finds them by hash.
-_GIVEN: dict[str, str] = {}
-
-
-def search_folders() -> list[Path]:
-    folders = [Path(p) for p in os.environ.get(SEARCH_ENV, "").split(os.pathsep) if p]
-    return folders + [DEFAULT_FOLDER]
-
-
-def find_weights(digest: str) -> bytes:
-    """The weights file whose sha256 is `digest`, from the search folders."""
-    for folder in search_folders():
-        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-            data = path.read_bytes()
-            if sha256(data) == digest:
-                return data
-    where = ", ".join(str(f) for f in search_folders())
-    raise CodecError(f"ae weights sha256:{digest[:16]}... are not embedded in the file and not found in {where} "
-                     f"(set {SEARCH_ENV} to the folder holding them)")
-
-
-def weights_named(digest: str) -> bytes:
-    """The weights whose sha256 is `digest`: the file given by path, else from the search folders."""
-    path = _GIVEN.get(digest)
-    if path is not None and os.path.isfile(path):
-        data = Path(path).read_bytes()
-        if sha256(data) == digest:
-            return data
-    return find_weights(digest)
 
 
 @dataclass(frozen=True)
@@ -91,7 +60,7 @@ class AECodec(Codec):
 
     def __init__(self, weights: str = "", embed: bool = True, bits: int = 8, group_size: int = 16,
                  entropy: bool = False, step: float = 0.25):
-        if not isinstance(weights, str) or _HASH.fullmatch(weights) is None:
+        if not isinstance(weights, str) or HASH.fullmatch(weights) is None:
             raise ValueError("weights must name a weights file from `kvc train-ae` (or sha256:<hex>)")
         for name, v in (("embed", embed), ("entropy", entropy)):
             if not isinstance(v, bool):
@@ -107,18 +76,17 @@ class AECodec(Codec):
         """As the base's, but `weights` may be a path: it is read once here, and the codec
         names the weights by their hash (files record only that)."""
         weights = config.get("weights")
-        if isinstance(weights, str) and weights and _HASH.fullmatch(weights) is None:
-            if not os.path.isfile(weights):
-                raise CodecError(f"codec 'ae': {weights}: no such weights file")
-            digest = sha256(Path(weights).read_bytes())
-            _GIVEN[digest] = weights
-            config = dict(config, weights=f"sha256:{digest}")
+        if isinstance(weights, str) and weights and HASH.fullmatch(weights) is None:
+            try:
+                config = dict(config, weights=WEIGHTS.remember(weights))
+            except CodecError as exc:
+                raise CodecError(f"codec 'ae': {exc}") from None
         return super().from_config(config)
 
     @classmethod
     def from_header(cls, config):
         """A file names its weights by hash only; a path in a header is refused, never opened."""
-        if not isinstance(config.get("weights"), str) or _HASH.fullmatch(config["weights"]) is None:
+        if not isinstance(config.get("weights"), str) or HASH.fullmatch(config["weights"]) is None:
             raise CodecError("ae: the header must name its weights as sha256:<64 hex digits>")
         return super().from_header(config)
 
@@ -135,7 +103,7 @@ class AECodec(Codec):
             if context.embedded is not None:
                 data = context.embedded
             else:
-                data = weights_named(self.digest) if encoding else find_weights(self.digest)
+                data = WEIGHTS.named(self.digest) if encoding else WEIGHTS.find(self.digest)
             _NETWORKS[key] = CacheAutoencoder.from_bytes(data).to(device)
             while len(_NETWORKS) > MAX_NETWORKS:
                 _NETWORKS.popitem(last=False)
@@ -170,7 +138,7 @@ class AECodec(Codec):
 
     @torch.no_grad()
     def fit(self, chunks: Chunks):
-        weights = weights_named(self.digest)
+        weights = WEIGHTS.named(self.digest)
         context = AEContext(self.digest, weights, None)
         ae = self.network(context, "cpu", encoding=True)
         ae.config.check_fits(chunks.num_layers, chunks)

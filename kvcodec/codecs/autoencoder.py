@@ -9,7 +9,6 @@ their config travel as one safetensors file whose sha256 names them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvcodec.artifacts import sha256
 from kvcodec.cache import TENSORS
 from kvcodec.errors import CodecError, InputError
 
@@ -187,5 +187,3 @@ def _metadata(data: bytes) -> dict:
     return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

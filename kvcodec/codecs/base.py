@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Sequence
 
 import torch
@@ -21,6 +21,16 @@ class ChunkInfo:
     token_start: int
     shape: tuple[int, int, int, int]  # batch, heads, tokens, head_dim
     dtype: torch.dtype
+    # int64 [1 or heads, tokens]: the tokens' positions in the sequence where the layer records
+    # them (pruned or sliding-window layers); None: token i of the chunk is at token_start + i
+    positions: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def token_positions(self) -> torch.Tensor:
+        """int64 [1 or heads, tokens]: every token's position in the sequence."""
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(self.token_start, self.token_start + self.shape[2], dtype=torch.int64)[None]
 
     @property
     def numel(self) -> int:

@@ -24,7 +24,8 @@ def cut(cache: KVCache, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Chunks:
         for name, tensor in zip(TENSORS, (lay.key, lay.value)):
             for start in range(0, tensor.shape[2], chunk_tokens):
                 chunk = tensor[:, :, start:start + chunk_tokens]
-                chunks.append((ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype), chunk))
+                at = None if lay.positions is None else lay.positions.reshape(-1, tensor.shape[2])[:, start:start + chunk_tokens]
+                chunks.append((ChunkInfo(layer, name, start, tuple(chunk.shape), chunk.dtype, at), chunk))
         layers.append(tuple(chunks))
     return Chunks(tuple(layers), chunk_tokens, tuple((tuple(l.key.shape), tuple(l.value.shape)) for l in cache.layers))
 

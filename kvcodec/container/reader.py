@@ -21,8 +21,8 @@ from kvcodec.cache import TENSORS, KVCache, LayerKV, sequence_end, to_dynamic_ca
 from kvcodec.codecs import device as device_seam
 from kvcodec.codecs.base import ChunkInfo, Codec
 from kvcodec.container import device_read, positions
-from kvcodec.container.chunking import layer_groups
 from kvcodec.container import format as fmt
+from kvcodec.container.chunking import layer_groups
 from kvcodec.container.read_plan import ReadPlan
 from kvcodec.container.source import ByteSource
 from kvcodec.dtypes import ITEMSIZE_OF_CODE, itemsize, torch_dtype
@@ -84,6 +84,7 @@ class KVCReader:
         self.index_offset = index_offset
         self._codecs: dict[int, Codec] = {}
         self._contexts: dict[int, object] = {}  # per slot: what its codec's load_context made of its blobs
+        self._positions: dict[int, torch.Tensor] = {}  # per layer with recorded positions, once read
         self._making = threading.Lock()  # threads sharing a reader build each slot's codec and context once
 
     # -- context management ------------------------------------------------------------------
@@ -212,9 +213,13 @@ class KVCReader:
         r = self.records[i]
         layer, tensor = int(r["layer"]), TENSORS[r["tensor"]]
         spec = getattr(self.header.layers[layer], tensor)
-        return ChunkInfo(layer, tensor, int(r["token_start"]),
-                         (int(r["batch"]), int(r["heads"]), int(r["tokens"]), int(r["head_dim"])),
-                         torch_dtype(spec.dtype))
+        start, tokens = int(r["token_start"]), int(r["tokens"])
+        at = None
+        if self.header.layers[layer].position_rows is not None:
+            at = self._held_positions(layer)
+            at = at.reshape(-1, at.shape[-1])[:, start:start + tokens]
+        return ChunkInfo(layer, tensor, start, (int(r["batch"]), int(r["heads"]), tokens, int(r["head_dim"])),
+                         torch_dtype(spec.dtype), at)
 
     def payload(self, i: int):
         """Record `i`'s payload bytes, checksum verified."""
@@ -364,6 +369,15 @@ class KVCReader:
         spec = self.header.layers[layer]
         if spec.position_rows is None:
             return None
+        return self._held_positions(layer).clone()  # the caller's to change
+
+    def _held_positions(self, layer: int) -> torch.Tensor:
+        """A layer's recorded positions, read once (its codecs are told them chunk by chunk)."""
+        if layer not in self._positions:
+            self._positions[layer] = self._read_positions(layer, self.header.layers[layer])
+        return self._positions[layer]
+
+    def _read_positions(self, layer: int, spec) -> torch.Tensor:
         data = self._container_blob(1 + layer)
         if spec.position_encoding == "int64":
             found = np.frombuffer(data, dtype="<i8").reshape(spec.position_rows, -1).astype(np.int64)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcodec.cache import KVCache
+from kvcodec.codecs import device
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec
 from kvcodec.container import format as fmt
-from kvcodec.codecs import device
 from kvcodec.container.chunking import DEFAULT_CHUNK_TOKENS, cut, layer_groups
 from kvcodec.container.writer import header_for
 from kvcodec.encoding.engine import ENCODE_BATCH, Encoding, write_cache

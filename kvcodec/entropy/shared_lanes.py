@@ -120,6 +120,12 @@ def outside_error(items: list[Coded], batch: list[int], widths: list[int], lane:
 def decode_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> list[np.ndarray]:
     """Inverse of `encode_many`: each chunk's coded tokens, float32 [B, H, n, D], from its lane
     bytes (a payload without its exact tokens). CodecError naming the chunk if one is corrupt."""
+    return [_dequantize(v, item) for v, item in zip(decode_values_many(payloads, items, lookup), items)]
+
+
+def decode_values_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> list[np.ndarray]:
+    """Each chunk's decoded values [n, B*C] (int, lane (b, c) as column b*C + c), before the
+    anchors and steps make coded tokens of them: for codecs whose values are not the tokens."""
     out: list[np.ndarray] = [None] * len(items)
     for batch in batches(items):
         group = items[batch[0]].tables.group_size
@@ -153,12 +159,12 @@ def decode_many(payloads: list, items: list[Coded], lookup: rans32.Lookup) -> li
             if len(batch) == 1:
                 raise CodecError(f"{items[batch[0]].where}: {exc}") from None
             for i in batch:  # name the corrupt chunk
-                decode_many([payloads[i]], [items[i]], lookup)
+                decode_values_many([payloads[i]], [items[i]], lookup)
             raise
         first = 0
         for i in batch:
             b, h, n_i, d = items[i].shape
-            out[i] = _dequantize(values[:n_i, first:first + b * h * d], items[i])
+            out[i] = values[:n_i, first:first + b * h * d]
             first += b * h * d
     return out
 
