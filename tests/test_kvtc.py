@@ -4,6 +4,8 @@ before their rotary embedding, and profiles refused when they do not fit or are 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,30 @@ def test_the_codec_is_immutable_and_its_config_round_trips(profile_path):
     before = dict(vars(codec))
     kvcodec.decode(kvcodec.encode(correlated_cache(11), codec))
     assert vars(codec) == before
+
+
+def test_the_command_line_packs_inspects_and_unpacks_kvtc(profile_path, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from kvcodec.tools.cli import cli
+
+    from kvcodec import cachefiles
+
+    def run(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.output
+
+    cache = correlated_cache(12)
+    cachefiles.save_cache(cache, tmp_path / "c.pt")
+    code, out = run("pack", tmp_path / "c.pt", "-c", "kvtc", "--opt", f"profile={profile_path}", "-q")
+    assert code == 0, out
+    code, out = run("inspect", tmp_path / "c.kvc")
+    assert code == 0 and "kvtc" in out
+    monkeypatch.setattr(kvtc.PROFILES, "_given", {})  # a later process: the profile is found by its hash
+    code, out = run("unpack", tmp_path / "c.kvc", "-o", tmp_path / "back.pt")
+    assert code == 1 and "not found" in out and "KVCODEC_PROFILE_PATH" in out
+    monkeypatch.setenv(kvtc.SEARCH_ENV, str(Path(profile_path).parent))
+    code, out = run("unpack", tmp_path / "c.kvc", "-o", tmp_path / "back.pt")
+    assert code == 0, out
+    assert max(rel_errors(cache, cachefiles.load_cache(tmp_path / "back.pt"))) < 0.2
+    code, out = run("calibrate", "-o", tmp_path / "profile.txt")
+    assert code == 1 and "must end in .safetensors" in out

@@ -7,9 +7,10 @@ values into components worth coding separately; this module is the codec.
 - A token's channels, all heads together, go through the profile's transform for its (layer,
   key/value): components decorrelated and scaled by the model's sensitivity to each, so one
   uniform step for all of them spends bits where errors would cost most.
-- The step of each (layer, key/value) follows its measured sensitivity: `s = s0 / sqrt(sensitivity)`
-  puts the same predicted divergence on every tensor, and `s0` is set so the divergences sum
-  to `target_kl` (scaled by the profile's measured ratio of real to predicted divergence).
+- The step of each (layer, key/value) follows its measured sensitivity (divergence per unit
+  noise variance per element, scaled by all tensors' elements): `sqrt(12 target_kl /
+  (kl_scale * sensitivity))` spends bits where they buy the most divergence, for a predicted
+  total of `target_kl` (`kl_scale`: the profile's measured ratio of real to predicted).
 - The first `sinks` positions are stored exactly, as in `cachegen`.
 - Components' integer symbols are entropy-coded in lane format 2 (`entropy.shared_tables`,
   `entropy.shared_lanes`): one lane per (batch entry, component), tables fitted on the cache.
@@ -127,8 +128,7 @@ class KVTCCodec(Codec):
     # -- policy ------------------------------------------------------------------------------
     def step(self, profile: Profile, layer: int, tensor: str) -> float:
         """The uniform step of a (layer, key/value)'s components (see the module's docstring)."""
-        base = math.sqrt(12 * self.target_kl / (len(profile.transforms) * profile.kl_scale))
-        return base / math.sqrt(profile.transforms[(layer, tensor)].sensitivity)
+        return math.sqrt(12 * self.target_kl / (profile.kl_scale * profile.transforms[(layer, tensor)].sensitivity))
 
     def check_fits(self, profile: Profile, num_layers: int, shape, layer: int, tensor: str) -> None:
         b, h, t, d = shape
@@ -159,7 +159,7 @@ class KVTCCodec(Codec):
         n = t - s
         w, f, mean = context.decoder(info.layer, info.tensor, device)
         symbols = torch.as_tensor(q).to(device, torch.float64).reshape(n, b, h * d).transpose(0, 1)
-        y = torch.ldexp(symbols @ w.T, torch.tensor(-f, dtype=torch.float64, device=device)) + mean
+        y = (symbols @ w.T) * math.ldexp(1.0, -f) + mean  # an exact power of two (torch.ldexp goes through pow)
         y = y.reshape(b, n, h, d).permute(0, 2, 1, 3)
         lay = context.profile.ropes[info.layer]
         if info.tensor == "key" and lay is not None:
