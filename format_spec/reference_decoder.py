@@ -123,7 +123,9 @@ def check_config(codec: dict, blobs: int) -> None:
                  "sinks": (lambda v: is_int(v, 0, 1024), False), "group_size": (lambda v: is_int(v, 1, 1024), False),
                  "anchor_bits": (lambda v: is_int(v, 0, 8), False), "lanes": (lambda v: v in (1, 2) and type(v) is int,
                                                                                True),
-                 "tables": (lambda v: is_int(v, 1, 256), True)})
+                 "tables": (lambda v: is_int(v, 1, 256), True),
+                 "profile": (lambda v: type(v) is str and re.fullmatch("sha256:[0-9a-f]{64}", v) is not None, True),
+                 "target_kl": (lambda v: v is None or number(1e-7, 10)(v), True)})
     elif cid == 6:
         flag = lambda v: type(v) is bool  # noqa: E731
         exactly({"weights": (lambda v: type(v) is str and re.fullmatch("sha256:[0-9a-f]{64}", v) is not None, False),

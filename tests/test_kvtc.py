@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.calibration import rope
 from kvcodec.calibration.fit import from_caches
-from kvcodec.calibration.profile import Profile, Rope
 from kvcodec.codecs import kvtc
 from kvcodec.errors import CodecError, KVCError
+from kvcodec.transform import rope
+from kvcodec.transform.profile import Profile, Rope
 
 LAYERS, HEADS, DIM = 3, 2, 16
 ROPES = [Rope((1.0 / 10000 ** (np.arange(0, DIM, 2) / DIM)).astype(np.float32), 1.0)] * LAYERS
@@ -191,3 +191,26 @@ def test_the_command_line_packs_inspects_and_unpacks_kvtc(profile_path, tmp_path
     assert max(rel_errors(cache, cachefiles.load_cache(tmp_path / "back.pt"))) < 0.2
     code, out = run("calibrate", "-o", tmp_path / "profile.txt")
     assert code == 1 and "must end in .safetensors" in out
+
+
+def test_cachegen_takes_its_steps_from_a_profile(profile_path, monkeypatch):
+    """cachegen with a profile: per-channel steps from the profile's sensitivities and metric,
+    finer for a lower target; the file decodes without the profile (its steps are in the file)."""
+    cache = correlated_cache(13)
+    errors, sizes = [], []
+    for target in (1e-4, 1e-2):
+        data = kvcodec.encode(cache, "cachegen", profile=profile_path, target_kl=target)
+        monkeypatch.setattr(kvtc.PROFILES, "_given", {})
+        errors.append(max(rel_errors(cache, kvcodec.decode(data))))
+        sizes.append(len(data))
+        assert kvcodec.open(data).header.codecs[0].config["profile"].startswith("sha256:")
+        monkeypatch.undo()
+    assert errors[0] < errors[1] and sizes[0] > sizes[1]
+    plain = kvcodec.get_codec("cachegen").get_config()
+    assert "profile" not in plain and "target_kl" not in plain  # files without a profile are as before
+    for options, pattern in (({"target_kl": 0.01}, "needs a profile"),
+                             ({"profile": profile_path, "key_step": 0.2}, "leave out key_step")):
+        with pytest.raises(KVCError, match=pattern):
+            kvcodec.encode(cache, "cachegen", **options)
+    with pytest.raises(KVCError, match="profile is for a model of 3 layers"):
+        kvcodec.encode(kvcodec.KVCache(cache.layers[:2]), "cachegen", profile=profile_path)

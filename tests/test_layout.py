@@ -13,14 +13,15 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 PACKAGES = {"kvcodec": ROOT / "kvcodec", "kvcodec.kernels": ROOT / "kernels", "kvcodec.tools": ROOT / "tools"}
 CORE = {"kvcodec.errors", "kvcodec.dtypes", "kvcodec.options", "kvcodec.cache", "kvcodec.files", "kvcodec.uploads",
-        "kvcodec.constants"}
+        "kvcodec.constants", "kvcodec.artifacts"}
 
 # room -> the rooms its modules may import (core is open to everyone)
 BELOW = {
     "core": set(),
     "entropy": set(),
-    "codecs": {"entropy"},
-    "kernels": {"codecs", "entropy"},
+    "transform": set(),
+    "codecs": {"entropy", "transform"},
+    "kernels": {"codecs", "entropy", "transform"},
     "registry": {"codecs"},
     "selection": {"registry"},
     "container": {"codecs", "registry"},
@@ -31,8 +32,9 @@ BELOW = {
     "integrations": {"api", "encoding", "container", "registry", "codecs", "storage"},
     "eval": {"api", "encoding", "container", "registry", "codecs", "selection", "cachefiles"},
     "testing": {"api", "container", "codecs"},
+    "calibration": {"api", "codecs", "transform", "eval"},
     "tools": {"api", "encoding", "container", "registry", "codecs", "selection", "cachefiles", "storage", "eval",
-              "kernels"},
+              "kernels", "calibration", "transform"},
 }
 
 

@@ -119,7 +119,7 @@ def kvtc_profile(name: str, cache: kvcodec.KVCache) -> str:
     import numpy as np
 
     from kvcodec.calibration.fit import from_caches
-    from kvcodec.calibration.profile import Rope
+    from kvcodec.transform.profile import Rope
 
     path = HERE / f"{name}.profile.safetensors"
     if not path.exists():

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from kvcodec.cache import TENSORS, KVCache, LayerKV
-from kvcodec.calibration import rope
-from kvcodec.calibration.profile import Profile, Rope, Transform
 from kvcodec.eval import attention, capture, models, texts
 from kvcodec.eval.fidelity import continue_logits
+from kvcodec.transform import rope
+from kvcodec.transform.profile import Profile, Rope, Transform
 
 NOISE = 0.1  # noise RMS per component, as a fraction of the tensor's mean component spread
 SINKS = 4  # positions left out of the statistics (the codec keeps them exact)

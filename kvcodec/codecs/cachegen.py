@@ -27,20 +27,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvcodec.artifacts import HASH
 from kvcodec.cache import TENSORS
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, shared_lanes, shared_tables, tables
-from kvcodec.entropy.quantizer import channel_steps
+from kvcodec.entropy.quantizer import MAX_SPAN_STEPS, channel_steps
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
+from kvcodec.transform import profile as profiles
 
 PRESETS = {  # relative base step of (shallow, other) layers; finest first
     "high": (0.18, 0.25),
     "medium": (0.25, 0.36),
     "low": (0.35, 0.5),
 }
+DEFAULT_TARGET_KL = 0.002  # with a profile and no target_kl (kvtc's default too)
 TARGET_STEPS = (0.1, 0.18, 0.25, 0.36, 0.5, 0.7, 1.0, 1.4)  # per-chunk choices for size or error targets
 
 
@@ -57,11 +60,13 @@ class CacheGenCodec(Codec):
     max_expansion = 4096.0  # float32 output from lanes of at least 1/128 bit per symbol
     device_decoder = "kvcodec.kernels.cachegen"
     device_encoder = "kvcodec.kernels.cachegen"
-    optional_in_header = frozenset({"lanes", "tables"})  # files before lane format 2 lack them: format 1
+    # files before lane format 2 lack lanes and tables (format 1); files without a profile name none
+    optional_in_header = frozenset({"lanes", "tables", "profile", "target_kl"})
 
     def __init__(self, quality: str = "medium", key_step: float | None = None, value_step: float | None = None,
                  key_emphasis: float = 1.0, value_emphasis: float = 0.5, shallow_layers: float = 0.1,
-                 sinks: int = 4, group_size: int = 10, anchor_bits: int = 1, lanes: int = 2, tables: int = 16):
+                 sinks: int = 4, group_size: int = 10, anchor_bits: int = 1, lanes: int = 2, tables: int = 16,
+                 profile: str = "", target_kl: float | None = None):
         if quality not in PRESETS:
             raise ValueError(f"quality must be one of {', '.join(PRESETS)}, not {quality!r}")
         for name, v, lo, hi in (("key_step", key_step, 1e-4, 100), ("value_step", value_step, 1e-4, 100),
@@ -73,6 +78,16 @@ class CacheGenCodec(Codec):
                                 ("anchor_bits", anchor_bits, 0, 8), ("lanes", lanes, 1, 2), ("tables", tables, 1, 256)):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be an integer from {lo} to {hi}, not {v!r}")
+        if not isinstance(profile, str) or (profile and HASH.fullmatch(profile) is None):
+            raise ValueError("profile must name a profile from `kvc calibrate` (a path, or sha256:<hex>)")
+        if target_kl is not None and (not isinstance(target_kl, (int, float)) or isinstance(target_kl, bool)
+                                      or not 1e-7 <= target_kl <= 10):
+            raise ValueError(f"target_kl must be a number from 1e-07 to 10, not {target_kl!r}")
+        if target_kl is not None and not profile:
+            raise ValueError("target_kl needs a profile (from `kvc calibrate`) to set steps by")
+        if profile and (key_step is not None or value_step is not None):
+            raise ValueError("a profile sets the steps: leave out key_step and value_step")
+        self.profile, self.target_kl = profile, target_kl
         self.quality, self.key_step, self.value_step = quality, key_step, value_step
         self.key_emphasis, self.value_emphasis = key_emphasis, value_emphasis
         self.shallow_layers, self.sinks = shallow_layers, sinks
@@ -80,9 +95,23 @@ class CacheGenCodec(Codec):
         self.lanes, self.tables = lanes, tables
 
     @classmethod
+    def from_config(cls, config):
+        """As the base's, but `profile` may be a path: files record only its hash."""
+        return super().from_config(profiles.named_by_hash(config, cls.name))
+
+    @classmethod
     def from_header(cls, config: dict) -> "CacheGenCodec":
         """A header without `lanes` was written in lane format 1."""
+        if config.get("profile") and HASH.fullmatch(str(config["profile"])) is None:
+            raise CodecError("cachegen: the header must name its profile as sha256:<64 hex digits>")
         return super().from_header({"lanes": 1, **config})
+
+    def get_config(self) -> dict:
+        """Without a profile, the config names neither it nor a target (as files before them)."""
+        config = super().get_config()
+        if not self.profile:
+            del config["profile"], config["target_kl"]
+        return config
 
     @classmethod
     def presets(cls) -> list[dict]:
@@ -96,6 +125,24 @@ class CacheGenCodec(Codec):
         scale = (shallow / other) if layer < round(self.shallow_layers * num_layers) else 1.0
         return (base if base is not None else other) * scale
 
+    def profile_steps(self, profile, layer: int, tensor: str, coded: torch.Tensor, chunks: Chunks) -> np.ndarray:
+        """Channel steps from a model's profile: `sqrt(12 target_kl / (kl_scale * sensitivity *
+        metric_c))`, metric_c the error metric's diagonal at channel c (the rule kvtc follows for
+        its components, here on channels), never finer than the channel's range over 4000."""
+        b, h, _, d = chunks.shape(layer, tensor)
+        if chunks.num_layers != profile.num_layers or (h, d) != (profile.heads, profile.head_dims[tensor]):
+            raise CodecError(f"cachegen: the profile is for a model of {profile.num_layers} layers of {profile.heads} "
+                             f"heads x {profile.head_dims[tensor]} ({profile.model}); layer {layer} {tensor} is "
+                             f"{h} heads x {d} of {chunks.num_layers} layers")
+        t = profile.transforms[(layer, tensor)]
+        target = self.target_kl if self.target_kl is not None else DEFAULT_TARGET_KL
+        metric = np.maximum(profiles.metric_diagonal(t), 1e-30)
+        steps = np.sqrt(12 * target / (profile.kl_scale * t.sensitivity * metric)).astype(np.float32)
+        if coded.shape[2]:
+            spread = (coded.amax(dim=(0, 2)) - coded.amin(dim=(0, 2))).reshape(-1).numpy()
+            steps = np.maximum(steps, (spread / MAX_SPAN_STEPS).astype(np.float32))
+        return steps
+
     def sink_count(self, info: ChunkInfo) -> int:
         return int(sink_counts(self.sinks, info.token_start, info.shape[2]))
 
@@ -104,6 +151,7 @@ class CacheGenCodec(Codec):
         """One blob with every (layer, key/value)'s steps, channel modes and tables (spec 8.5),
         fitted where the cache lies: a GPU fits the same tables."""
         fitted = {}
+        profile = profiles.load(self.profile.removeprefix("sha256:"), codec=self.name) if self.profile else None
         for i in range(chunks.num_layers):
             for name in TENSORS:
                 for info, chunk in chunks.of(i, name):
@@ -112,7 +160,10 @@ class CacheGenCodec(Codec):
                           for info, chunk in chunks.of(i, name)] or [torch.zeros(chunks.shape(i, name))]
                 emphasis = self.key_emphasis if name == "key" else self.value_emphasis
                 joined = bodies[0] if len(bodies) == 1 else torch.cat(bodies, 2)
-                steps = channel_steps(joined, self.relative_step(i, chunks.num_layers, name), emphasis)
+                if profile is not None:
+                    steps = self.profile_steps(profile, i, name, joined, chunks)
+                else:
+                    steps = channel_steps(joined, self.relative_step(i, chunks.num_layers, name), emphasis)
                 where = f"cachegen: layer {i} {name}"
                 fitted[(i, name)] = (tables.fit(bodies, steps, self.group_size, self.anchor_bits, where)
                                      if self.lanes == 1 else

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvcodec.artifacts import HASH, Artifacts, sha256
+from kvcodec.artifacts import HASH
 from kvcodec.cache import TENSORS
-from kvcodec.calibration import rope
-from kvcodec.calibration.profile import Profile, Transform
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import shared_lanes, shared_tables
@@ -38,9 +35,10 @@ from kvcodec.entropy.quantizer import MAX_SPAN_STEPS
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import MAX_SYMBOL
 from kvcodec.errors import CodecError
+from kvcodec.transform import profile as profiles
+from kvcodec.transform import rope
+from kvcodec.transform.profile import PROFILES, SEARCH_ENV, Profile, Transform  # noqa: F401 (SEARCH_ENV: public here)
 
-SEARCH_ENV = "KVCODEC_PROFILE_PATH"
-PROFILES = Artifacts("kvtc profile", SEARCH_ENV, Path.home() / ".cache" / "kvcodec" / "profiles", "profile")
 DEFAULT_TARGET_KL = 0.002
 
 
@@ -102,13 +100,7 @@ class KVTCCodec(Codec):
     @classmethod
     def from_config(cls, config):
         """As the base's, but `profile` may be a path: files record only its hash."""
-        chosen = config.get("profile")
-        if isinstance(chosen, str) and chosen and HASH.fullmatch(chosen) is None:
-            try:
-                config = dict(config, profile=PROFILES.remember(chosen))
-            except CodecError as exc:
-                raise CodecError(f"codec 'kvtc': {exc}") from None
-        return super().from_config(config)
+        return super().from_config(profiles.named_by_hash(config, cls.name))
 
     @classmethod
     def from_header(cls, config):
@@ -119,11 +111,6 @@ class KVTCCodec(Codec):
     @property
     def digest(self) -> str:
         return self.profile.removeprefix("sha256:")
-
-    def load_profile(self, data: bytes) -> Profile:
-        if sha256(data) != self.digest:
-            raise CodecError("kvtc: the embedded profile does not match the sha256 the header names")
-        return Profile.from_bytes(data, f"kvtc profile sha256:{self.digest[:16]}...")
 
     # -- policy ------------------------------------------------------------------------------
     def step(self, profile: Profile, layer: int, tensor: str) -> float:
@@ -171,7 +158,7 @@ class KVTCCodec(Codec):
         """The tables blob of every (layer, key/value)'s components (spec 8.7), and the profile
         when it is embedded."""
         data = PROFILES.named(self.digest)
-        profile = self.load_profile(data)
+        profile = profiles.load(self.digest, data)
         fitted = {}
         for i in range(chunks.num_layers):
             for name in TENSORS:
@@ -195,7 +182,7 @@ class KVTCCodec(Codec):
             raise CodecError(f"kvtc with embed={self.embed} needs {1 + int(self.embed)} context blob(s); "
                              f"the file has {len(blobs)}")
         tables = SharedTables.from_blob(blobs[0], self.name)
-        profile = self.load_profile(bytes(blobs[1]) if self.embed else PROFILES.named(self.digest))
+        profile = profiles.load(self.digest, bytes(blobs[1]) if self.embed else None)
         for (layer, tensor), t in tables.tensors.items():
             if layer >= profile.num_layers or (t.heads, t.head_dim) != (1, profile.channels(tensor)):
                 raise CodecError(f"kvtc tables of layer {layer} {tensor} do not fit the profile")

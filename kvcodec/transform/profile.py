@@ -22,12 +22,16 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from kvcodec.artifacts import HASH, Artifacts, sha256
 from kvcodec.cache import TENSORS
 from kvcodec.errors import CodecError
 
+SEARCH_ENV = "KVCODEC_PROFILE_PATH"
+PROFILES = Artifacts("kvtc profile", SEARCH_ENV, Path.home() / ".cache" / "kvcodec" / "profiles", "profile")
 FORMAT = "kvcodec-kvtc-profile"
 VERSION = "1"
 MAX_CHANNELS = 1 << 14  # a profile's C at most (its transforms are C x C)
@@ -153,3 +157,31 @@ class Profile:
         if not (kl_scale > 0 and math.isfinite(kl_scale)):
             raise CodecError("kl_scale must be positive")
         return cls(meta.get("model", ""), heads, dims, tuple(ropes), transforms, calibration, kl_scale)
+
+
+def load(digest: str, data: bytes | None = None, codec: str = "kvtc") -> Profile:
+    """The profile whose sha256 is `digest` (hex): `data` when given (embedded in a file, checked
+    against the hash), else the file given by path or found in the search folders."""
+    if data is None:
+        data = PROFILES.named(digest)
+    elif sha256(data) != digest:
+        raise CodecError(f"{codec}: the embedded profile does not match the sha256 the header names")
+    return Profile.from_bytes(data, f"kvtc profile sha256:{digest[:16]}...")
+
+
+def metric_diagonal(t: Transform) -> np.ndarray:
+    """float64 [C]: the diagonal of the error metric a transform whitens by (encoder^T encoder)."""
+    e = t.encoder.astype(np.float64)
+    return (e * e).sum(0)
+
+
+def named_by_hash(config: dict, codec: str) -> dict:
+    """`config` with a `profile` given as a path replaced by `sha256:<hex>` of the file (which
+    encoding then finds by that hash): files record only the hash."""
+    chosen = config.get("profile")
+    if isinstance(chosen, str) and chosen and HASH.fullmatch(chosen) is None:
+        try:
+            return dict(config, profile=PROFILES.remember(chosen))
+        except CodecError as exc:
+            raise CodecError(f"codec {codec!r}: {exc}") from None
+    return config
