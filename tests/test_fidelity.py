@@ -145,7 +145,7 @@ def test_kvc_bench_writes_table_json_and_plots(tmp_path, real_model):
     assert set(rows[("raw", None)]["ttft_s"]) == {"1", "10", "100"} and doc["prefill_s"] > 0
     assert rows[("raw", None)]["ttft_s"]["1"] > rows[("raw", None)]["ttft_s"]["100"]
     assert doc["repeat"] == 1 and doc["model"] == "smollm2" and all(r["speed_spread"] >= 0 for r in doc["rows"])
-    for png in ("rate_distortion.png", "ttft.png"):
+    for png in ("rate_distortion.png", "rate_kl.png", "ttft.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "quant" in out.output and "TTFT" in out.output
 

@@ -214,3 +214,12 @@ def test_cachegen_takes_its_steps_from_a_profile(profile_path, monkeypatch):
             kvcodec.encode(cache, "cachegen", **options)
     with pytest.raises(KVCError, match="profile is for a model of 3 layers"):
         kvcodec.encode(kvcodec.KVCache(cache.layers[:2]), "cachegen", profile=profile_path)
+
+
+def test_size_and_error_targets_choose_among_divergence_targets(profile_path):
+    cache = correlated_cache(14, tokens=120)
+    data = kvcodec.encode(cache, "kvtc", profile=profile_path, chunk_tokens=40, target_ratio=3)
+    assert 3 <= cache.nbytes / len(data) < 3.75  # the planner stays under the budget
+    assert len(kvcodec.open(data).header.codecs) >= 2  # presets mixed per chunk
+    bounded = kvcodec.encode(cache, "kvtc", profile=profile_path, chunk_tokens=40, max_error=0.05)
+    assert max(rel_errors(cache, kvcodec.decode(bounded))) <= 0.05

@@ -170,7 +170,7 @@ def print_bench(result: bench.BenchResult) -> None:
     table = Table(title=f"{models.model_named(result.model).title}, texts {', '.join(result.texts)}, prefix {result.prefix}, "
                         f"continuation {result.continuation}, device {result.device}", show_edge=False)
     cols = ["codec", "options", "bits/elem", "ratio", "enc MB/s", "dec MB/s", "GPU dec MB/s", "ΔPPL %", "|ΔPPL| %", "top-1",
-            "restore s"] + [f"TTFT {bw}G s" for bw in bws]
+            "KL", "restore s"] + [f"TTFT {bw}G s" for bw in bws]
     for c in cols:
         table.add_column(c, justify="left" if c in ("codec", "options") else "right")
     for r in result.rows:
@@ -178,7 +178,7 @@ def print_bench(result: bench.BenchResult) -> None:
                       f"{r.ratio:.2f}", f"{r.encode_MBps:.0f}", f"{r.decode_MBps:.0f}",
                       "-" if r.gpu_decode_MBps is None else f"{r.gpu_decode_MBps:.0f}", f"{r.delta_ppl_pct:+.3f}",
                       f"{r.abs_delta_ppl_pct:.3f}",
-                      f"{r.top1:.4f}", f"{r.restore_s:.4f}", *[f"{r.ttft_s[str(bw)]:.4f}" for bw in bws])
+                      f"{r.top1:.4f}", f"{r.kl:.2e}", f"{r.restore_s:.4f}", *[f"{r.ttft_s[str(bw)]:.4f}" for bw in bws])
     console = make_console()
     console.print(table)
     console.print(f"recompute prefill of {result.prefix} tokens: {result.prefill_s:.3f} s; "
@@ -204,7 +204,7 @@ def print_bench(result: bench.BenchResult) -> None:
 @click.option("--repeat", type=click.IntRange(1), default=5, show_default=True,
               help="Timing runs after a warm-up (their median is reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench_out", show_default=True,
-              help="Folder for bench.json, rate_distortion.png and ttft.png.")
+              help="Folder for bench.json, rate_distortion.png (ratio vs ΔPPL), rate_kl.png and ttft.png.")
 @quiet_option
 @model_option()
 def bench_command(codec_specs, quick, selection, caches, texts, prefix, continuation, greedy, chunk_tokens, repeat,
@@ -229,6 +229,7 @@ def bench_command(codec_specs, quick, selection, caches, texts, prefix, continua
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "bench.json"), result.to_dict())
     bench.plot_rate_distortion(result, os.path.join(out_dir, "rate_distortion.png"))
+    bench.plot_rate_distortion(result, os.path.join(out_dir, "rate_kl.png"), "kl")
     bench.plot_ttft(result, os.path.join(out_dir, "ttft.png"))
     if not quiet:
-        click.echo(f"wrote {out_dir}/bench.json, rate_distortion.png, ttft.png", err=True)
+        click.echo(f"wrote {out_dir}/bench.json, rate_distortion.png, rate_kl.png, ttft.png", err=True)

@@ -40,6 +40,7 @@ from kvcodec.transform import rope
 from kvcodec.transform.profile import PROFILES, SEARCH_ENV, Profile, Transform  # noqa: F401 (SEARCH_ENV: public here)
 
 DEFAULT_TARGET_KL = 0.002
+TARGET_LADDER = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # per-chunk choices for size or error targets
 
 
 def sink_count(sinks: int, info: ChunkInfo) -> int:
@@ -107,6 +108,11 @@ class KVTCCodec(Codec):
         if not isinstance(config.get("profile"), str) or HASH.fullmatch(config["profile"]) is None:
             raise CodecError("kvtc: the header must name its profile as sha256:<64 hex digits>")
         return super().from_header(config)
+
+    @classmethod
+    def presets(cls) -> list[dict]:
+        """Divergence targets, finest first, for `--target-ratio` and `--max-error`."""
+        return [{"target_kl": t} for t in TARGET_LADDER]
 
     @property
     def digest(self) -> str:
@@ -176,6 +182,12 @@ class KVTCCodec(Codec):
                 steps = np.maximum(np.full(c, step, np.float32), (spans / MAX_SPAN_STEPS).astype(np.float32))
                 fitted[(i, name)] = shared_tables.fit(bodies, steps, 1, 0, self.tables, f"kvtc: layer {i} {name}")
         return [SharedTables(fitted).to_blob(chunks.num_layers)] + ([data] if self.embed else [])
+
+    def narrow_context(self, blobs, used) -> list[bytes]:
+        """The tables of `used` tensors and placeholders for the others (as cachegen's, 8.5); an
+        embedded profile stays whole."""
+        tables = SharedTables.from_blob(blobs[0], self.name)
+        return [tables.narrowed(used).to_blob(1 + max(layer for layer, _ in tables.tensors))] + list(blobs[1:])
 
     def load_context(self, blobs) -> Context:
         if len(blobs) != 1 + int(self.embed):

@@ -273,9 +273,15 @@ def _figure(path: str, xlabel: str, ylabel: str, title: str, legend_size: float 
         plt.close(fig)
 
 
-def plot_rate_distortion(result: BenchResult, path: str) -> None:
-    """Compression ratio versus ΔPPL, one curve per codec or pipeline. Pipelines take their
-    selection stage's colour, dashed when a lossy codec follows it."""
+DISTORTIONS = {  # what a rate-distortion plot can show against the ratio: (axis label, y scale)
+    "abs_delta_ppl_pct": ("mean |ΔPPL| (%) of the continuation", "symlog"),
+    "kl": ("mean KL divergence of the next-token distributions", "log"),
+}
+
+
+def plot_rate_distortion(result: BenchResult, path: str, distortion: str = "abs_delta_ppl_pct") -> None:
+    """Compression ratio versus a distortion (`DISTORTIONS`), one curve per codec or pipeline.
+    Pipelines take their selection stage's colour, dashed when a lossy codec follows it."""
     import matplotlib
 
     title = (f"{models.model_named(result.model).title}, prefix {result.prefix}, continuation {result.continuation}, "
@@ -284,18 +290,21 @@ def plot_rate_distortion(result: BenchResult, path: str) -> None:
     stages = list(dict.fromkeys(f.split("+")[0] for f in families))
     palette = matplotlib.colormaps["tab20" if len(stages) > 10 else "tab10"]
     width = 9.5 if len(families) > 6 else 7
-    with _figure(path, "compression ratio vs float16 cache", "mean |ΔPPL| (%) of the continuation", title,
-                 legend_size=7, width=width) as ax:
+    ylabel, yscale = DISTORTIONS[distortion]
+    with _figure(path, "compression ratio vs float16 cache", ylabel, title, legend_size=7, width=width) as ax:
         for family in families:
             stage, _, value_codec = family.partition("+")
             rows = sorted((r for r in result.rows if r.codec == family), key=lambda r: r.ratio)
-            ax.plot([r.ratio for r in rows], [r.abs_delta_ppl_pct for r in rows], marker="o", label=family,
+            ax.plot([r.ratio for r in rows], [getattr(r, distortion) for r in rows], marker="o", label=family,
                     color=palette(stages.index(stage)), linestyle="--" if value_codec not in ("", "raw") else "-")
             for r in rows:
                 if len(rows) > 1 and not value_codec:
-                    ax.annotate(distinguishing_options(r, rows), (r.ratio, r.abs_delta_ppl_pct),
+                    ax.annotate(distinguishing_options(r, rows), (r.ratio, getattr(r, distortion)),
                                 fontsize=6, textcoords="offset points", xytext=(4, 4))
-        ax.set_yscale("symlog", linthresh=0.1)
+        if yscale == "symlog":
+            ax.set_yscale("symlog", linthresh=0.1)
+        elif all(getattr(r, distortion) > 0 for r in result.rows):
+            ax.set_yscale(yscale)
 
 
 def plot_ttft(result: BenchResult, path: str) -> None:
