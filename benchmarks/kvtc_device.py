@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import kvcodec
-from kvcodec.calibration import rope
 from kvcodec.calibration.fit import from_caches
-from kvcodec.calibration.profile import Rope
+from kvcodec.transform import rope
+from kvcodec.transform.profile import Rope
 
 SHAPES = {"smollm2": (30, 3, 64), "llama3-8b": (32, 8, 128)}
 

@@ -16,7 +16,7 @@ PREFIX, CONTINUATION = 512, 128
 
 
 def judged(model: str, tmp_path_factory):
-    profile = calibrate(model, tokens=384, continuation=96, per_text=1)
+    profile = calibrate(model, tokens=320, continuation=64, per_text=1)
     path = tmp_path_factory.mktemp(f"profile-{model}") / "profile.safetensors"
     path.write_bytes(profile.to_bytes())
     ctx = fidelity.Context.from_text("prose", prefix=PREFIX, continuation=CONTINUATION, greedy=0, model=model)
