@@ -16,7 +16,7 @@ PREFIX, CONTINUATION = 512, 128
 
 
 def judged(model: str, tmp_path_factory):
-    profile = calibrate(model, tokens=320, continuation=64, per_text=1)
+    profile = calibrate(model, tokens=PREFIX, continuation=64, per_text=1)  # calibrated at the judged length
     path = tmp_path_factory.mktemp(f"profile-{model}") / "profile.safetensors"
     path.write_bytes(profile.to_bytes())
     ctx = fidelity.Context.from_text("prose", prefix=PREFIX, continuation=CONTINUATION, greedy=0, model=model)
@@ -38,7 +38,7 @@ def check(profile: str, ctx) -> None:
     got = {target: fidelity.evaluate_codec([ctx], "kvtc", {"profile": profile, "target_kl": target}).mean
            for target in (0.002, 0.004)}
     for target, mean in got.items():
-        assert target / 4 < mean["kl"] < target * 3, (target, mean)
+        assert target / 4 < mean["kl"] < target * 4, (target, mean)
     assert got[0.002]["ratio"] < got[0.004]["ratio"]
     assert got[0.002]["ratio"] > quant["ratio"] and got[0.002]["kl"] < quant["kl"], (got, quant)
 
