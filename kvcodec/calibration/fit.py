@@ -28,7 +28,7 @@ from kvcodec.cache import TENSORS, KVCache, LayerKV
 from kvcodec.eval import attention, capture, models, texts
 from kvcodec.eval.fidelity import continue_logits
 from kvcodec.transform import rope
-from kvcodec.transform.profile import Profile, Rope, Transform
+from kvcodec.transform.profile import DEFAULT_TARGET_KL, Profile, Rope, Transform
 
 NOISE = 0.1  # noise RMS per component, as a fraction of the tensor's mean component spread
 SINKS = 4  # positions left out of the statistics (the codec keeps them exact)
@@ -288,7 +288,6 @@ def measure_kl_scale(profile: Profile, first, model: str, rounds: int = 2) -> Pr
     from pathlib import Path
 
     from kvcodec import api
-    from kvcodec.codecs.kvtc import DEFAULT_TARGET_KL
 
     cache, ids, prefix = first
     ref = continue_logits(cache, ids[:, prefix:], prefix, model).log_softmax(-1)

@@ -43,7 +43,6 @@ PRESETS = {  # relative base step of (shallow, other) layers; finest first
     "medium": (0.25, 0.36),
     "low": (0.35, 0.5),
 }
-DEFAULT_TARGET_KL = 0.002  # with a profile and no target_kl (kvtc's default too)
 TARGET_STEPS = (0.1, 0.18, 0.25, 0.36, 0.5, 0.7, 1.0, 1.4)  # per-chunk choices for size or error targets
 
 
@@ -135,7 +134,7 @@ class CacheGenCodec(Codec):
                              f"heads x {profile.head_dims[tensor]} ({profile.model}); layer {layer} {tensor} is "
                              f"{h} heads x {d} of {chunks.num_layers} layers")
         t = profile.transforms[(layer, tensor)]
-        target = self.target_kl if self.target_kl is not None else DEFAULT_TARGET_KL
+        target = self.target_kl if self.target_kl is not None else profiles.DEFAULT_TARGET_KL
         metric = np.maximum(profiles.metric_diagonal(t), 1e-30)
         steps = np.sqrt(12 * target / (profile.kl_scale * t.sensitivity * metric)).astype(np.float32)
         if coded.shape[2]:

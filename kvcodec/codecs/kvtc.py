@@ -37,9 +37,14 @@ from kvcodec.entropy.tables import MAX_SYMBOL
 from kvcodec.errors import CodecError
 from kvcodec.transform import profile as profiles
 from kvcodec.transform import rope
-from kvcodec.transform.profile import PROFILES, SEARCH_ENV, Profile, Transform  # noqa: F401 (SEARCH_ENV: public here)
+from kvcodec.transform.profile import (  # noqa: F401 (SEARCH_ENV: public here)
+    DEFAULT_TARGET_KL,
+    PROFILES,
+    SEARCH_ENV,
+    Profile,
+    Transform,
+)
 
-DEFAULT_TARGET_KL = 0.002
 TARGET_LADDER = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # per-chunk choices for size or error targets
 
 

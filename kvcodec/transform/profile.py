@@ -32,6 +32,7 @@ from kvcodec.errors import CodecError
 
 SEARCH_ENV = "KVCODEC_PROFILE_PATH"
 PROFILES = Artifacts("kvtc profile", SEARCH_ENV, Path.home() / ".cache" / "kvcodec" / "profiles", "profile")
+DEFAULT_TARGET_KL = 0.002  # the divergence a profile's steps aim at unless told (kvtc, cachegen with a profile)
 FORMAT = "kvcodec-kvtc-profile"
 VERSION = "1"
 MAX_CHANNELS = 1 << 14  # a profile's C at most (its transforms are C x C)
