@@ -223,3 +223,29 @@ def test_size_and_error_targets_choose_among_divergence_targets(profile_path):
     assert len(kvcodec.open(data).header.codecs) >= 2  # presets mixed per chunk
     bounded = kvcodec.encode(cache, "kvtc", profile=profile_path, chunk_tokens=40, max_error=0.05)
     assert max(rel_errors(cache, kvcodec.decode(bounded))) <= 0.05
+
+
+def test_cachegen_with_a_profile_meets_size_and_error_targets(profile_path):
+    cache = correlated_cache(15, tokens=120)
+    data = kvcodec.encode(cache, "cachegen", profile=profile_path, chunk_tokens=40, target_ratio=1.8)
+    assert 1.8 <= cache.nbytes / len(data) < 2.25
+    assert {c.config.get("target_kl") for c in kvcodec.open(data).header.codecs} <= set(kvtc.profiles.TARGET_LADDER)
+
+
+def test_hostile_profiles_give_clean_errors(profile_path, tmp_path):
+    good = Profile.from_bytes(open(profile_path, "rb").read())
+    t = good.transforms[(0, "key")]
+    huge = dict(good.transforms)
+    huge[(0, "key")] = type(t)(t.mean, np.full_like(t.encoder, 3e38), t.decoder, t.spread, t.sensitivity)
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(Profile(good.model, good.heads, good.head_dims, good.ropes, huge, {}).to_bytes())
+    with pytest.raises(KVCError, match="out of float32's range"):
+        kvcodec.encode(correlated_cache(16), "kvtc", profile=str(path))
+    tiny = {k: type(v)(v.mean, v.encoder, v.decoder, v.spread, 1e-45) for k, v in good.transforms.items()}
+    path.write_bytes(Profile(good.model, good.heads, good.head_dims, good.ropes, tiny, {}, 1e-38).to_bytes())
+    for codec in ("kvtc", "cachegen"):
+        with pytest.raises(KVCError, match="out of float32's range"):
+            kvcodec.encode(correlated_cache(16), codec, profile=str(path), target_kl=10)
+    zero = [Rope(r.inv_freq, 0.0) for r in good.ropes]
+    with pytest.raises(CodecError, match="rope.scale must be positive"):
+        Profile.from_bytes(Profile(good.model, good.heads, good.head_dims, tuple(zero), good.transforms, {}).to_bytes())

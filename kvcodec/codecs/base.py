@@ -124,8 +124,9 @@ class Codec(Configurable):
         return cls.from_config(config)
 
     @classmethod
-    def presets(cls) -> list[dict]:
-        """Option sets, finest first, among which size or error targets choose per chunk."""
+    def presets(cls, options: dict | None = None) -> list[dict]:
+        """Option sets, finest first, among which size or error targets choose per chunk (for a
+        codec given `options`, which may change the ladder)."""
         return []
 
     def fit(self, chunks: Chunks) -> list[bytes]:

@@ -82,10 +82,6 @@ class CacheGenCodec(Codec):
         if target_kl is not None and (not isinstance(target_kl, (int, float)) or isinstance(target_kl, bool)
                                       or not 1e-7 <= target_kl <= 10):
             raise ValueError(f"target_kl must be a number from 1e-07 to 10, not {target_kl!r}")
-        if target_kl is not None and not profile:
-            raise ValueError("target_kl needs a profile (from `kvc calibrate`) to set steps by")
-        if profile and (key_step is not None or value_step is not None):
-            raise ValueError("a profile sets the steps: leave out key_step and value_step")
         self.profile, self.target_kl = profile, target_kl
         self.quality, self.key_step, self.value_step = quality, key_step, value_step
         self.key_emphasis, self.value_emphasis = key_emphasis, value_emphasis
@@ -101,7 +97,7 @@ class CacheGenCodec(Codec):
     @classmethod
     def from_header(cls, config: dict) -> "CacheGenCodec":
         """A header without `lanes` was written in lane format 1."""
-        if config.get("profile") and HASH.fullmatch(str(config["profile"])) is None:
+        if "profile" in config and HASH.fullmatch(str(config["profile"])) is None:
             raise CodecError("cachegen: the header must name its profile as sha256:<64 hex digits>")
         return super().from_header({"lanes": 1, **config})
 
@@ -113,8 +109,11 @@ class CacheGenCodec(Codec):
         return config
 
     @classmethod
-    def presets(cls) -> list[dict]:
-        """A ladder of relative steps (finer than `high` to far coarser than `low`) for targets."""
+    def presets(cls, options: dict | None = None) -> list[dict]:
+        """A ladder of relative steps (finer than `high` to far coarser than `low`) for targets;
+        with a profile, its ladder of divergence targets."""
+        if (options or {}).get("profile"):
+            return [{"target_kl": t} for t in profiles.TARGET_LADDER]
         return [{"key_step": r, "value_step": r} for r in TARGET_STEPS]
 
     # -- policy ------------------------------------------------------------------------------
@@ -137,6 +136,9 @@ class CacheGenCodec(Codec):
         target = self.target_kl if self.target_kl is not None else profiles.DEFAULT_TARGET_KL
         metric = np.maximum(profiles.metric_diagonal(t), 1e-30)
         steps = np.sqrt(12 * target / (profile.kl_scale * t.sensitivity * metric)).astype(np.float32)
+        if not (np.isfinite(steps).all() and (steps > 0).all()):
+            raise CodecError(f"cachegen: the profile gives layer {layer} {tensor} steps out of float32's range "
+                             "(a damaged profile)")
         if coded.shape[2]:
             spread = (coded.amax(dim=(0, 2)) - coded.amin(dim=(0, 2))).reshape(-1).numpy()
             steps = np.maximum(steps, (spread / MAX_SPAN_STEPS).astype(np.float32))
@@ -149,6 +151,10 @@ class CacheGenCodec(Codec):
     def fit(self, chunks: Chunks) -> list[bytes]:
         """One blob with every (layer, key/value)'s steps, channel modes and tables (spec 8.5),
         fitted where the cache lies: a GPU fits the same tables."""
+        if self.target_kl is not None and not self.profile:  # a header may hold both: they only inform
+            raise CodecError("cachegen: target_kl needs a profile (from `kvc calibrate`) to set steps by")
+        if self.profile and (self.key_step is not None or self.value_step is not None):
+            raise CodecError("cachegen: a profile sets the steps: leave out key_step and value_step")
         fitted = {}
         profile = profiles.load(self.profile.removeprefix("sha256:"), codec=self.name) if self.profile else None
         for i in range(chunks.num_layers):

@@ -45,7 +45,6 @@ from kvcodec.transform.profile import (  # noqa: F401 (SEARCH_ENV: public here)
     Transform,
 )
 
-TARGET_LADDER = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # per-chunk choices for size or error targets
 
 
 def sink_count(sinks: int, info: ChunkInfo) -> int:
@@ -58,7 +57,7 @@ def integer_decoder(transform: Transform, steps: np.ndarray) -> tuple[np.ndarray
     """(W, F) of spec 8.7: W [C, C] float64 integers, W[c, j] = round(decoder[c, j] * step[j] * 2**F),
     with F the largest exponent keeping every product sum below 2**53 for symbols below 2**20."""
     scaled = transform.decoder.astype(np.float64) * steps.astype(np.float64)[None, :]  # exact products
-    bound = float(np.abs(scaled).sum(1).max(initial=0.0))
+    bound = float(np.abs(scaled).cumsum(1)[:, -1].max(initial=0.0))  # each row summed left to right (spec)
     exponent = math.frexp(bound)[1] if bound > 0 else 0
     f = 32 - exponent
     return np.rint(np.ldexp(scaled, f)), f
@@ -115,9 +114,9 @@ class KVTCCodec(Codec):
         return super().from_header(config)
 
     @classmethod
-    def presets(cls) -> list[dict]:
+    def presets(cls, options: dict | None = None) -> list[dict]:
         """Divergence targets, finest first, for `--target-ratio` and `--max-error`."""
-        return [{"target_kl": t} for t in TARGET_LADDER]
+        return [{"target_kl": t} for t in profiles.TARGET_LADDER]
 
     @property
     def digest(self) -> str:
@@ -183,6 +182,9 @@ class KVTCCodec(Codec):
                 bodies = bodies or [torch.zeros(shape[0], 1, 0, c)]
                 joined = torch.cat(bodies, 2)
                 step = np.float32(self.step(profile, i, name))
+                if not (torch.isfinite(joined).all() and np.isfinite(step) and step > 0):
+                    raise CodecError(f"kvtc: the profile gives layer {i} {name} components or a step out of "
+                                     "float32's range (a damaged profile)")
                 spans = (joined.amax((0, 1, 2)) - joined.amin((0, 1, 2))).numpy() if joined.shape[2] else np.zeros(c)
                 steps = np.maximum(np.full(c, step, np.float32), (spans / MAX_SPAN_STEPS).astype(np.float32))
                 fitted[(i, name)] = shared_tables.fit(bodies, steps, 1, 0, self.tables, f"kvtc: layer {i} {name}")
@@ -200,6 +202,8 @@ class KVTCCodec(Codec):
                              f"the file has {len(blobs)}")
         tables = SharedTables.from_blob(blobs[0], self.name)
         profile = profiles.load(self.digest, bytes(blobs[1]) if self.embed else None)
+        if len(tables.tensors) != 2 * profile.num_layers:
+            raise CodecError(f"kvtc tables cover {len(tables.tensors) // 2} layers; the profile has {profile.num_layers}")
         for (layer, tensor), t in tables.tensors.items():
             if layer >= profile.num_layers or (t.heads, t.head_dim) != (1, profile.channels(tensor)):
                 raise CodecError(f"kvtc tables of layer {layer} {tensor} do not fit the profile")

@@ -52,7 +52,7 @@ class QuantCodec(Codec):
     device_decoder = "kvcodec.kernels.quant"
 
     @classmethod
-    def presets(cls) -> list[dict]:
+    def presets(cls, options: dict | None = None) -> list[dict]:
         return [{"bits": b} for b in sorted(bitpack.SUPPORTED_BITS, reverse=True)]
 
     def __init__(self, bits: int = 4, group_size: int = 64):

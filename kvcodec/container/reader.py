@@ -217,7 +217,7 @@ class KVCReader:
         at = None
         if self.header.layers[layer].position_rows is not None:
             at = self._held_positions(layer)
-            at = at.reshape(-1, at.shape[-1])[:, start:start + tokens]
+            at = at.reshape(-1, at.shape[-1])[:, start:start + tokens].clone()  # the codec's to keep or change
         return ChunkInfo(layer, tensor, start, (int(r["batch"]), int(r["heads"]), tokens, int(r["head_dim"])),
                          torch_dtype(spec.dtype), at)
 

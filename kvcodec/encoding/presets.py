@@ -53,7 +53,7 @@ class PlannedEncoding(Encoding):
 def candidates(codec: str, options: dict) -> list[Codec]:
     """The codec at each of its presets, finest first, with the user's other options."""
     cls = codec_class(codec)
-    presets = cls.presets()
+    presets = cls.presets(options)
     if not presets:
         with_presets = ", ".join(sorted(c.name for c in available_codecs() if c.presets()))
         raise InputError(f"codec {cls.name!r} has no presets to choose from (codecs with presets: {with_presets})")

@@ -33,6 +33,7 @@ from kvcodec.errors import CodecError
 SEARCH_ENV = "KVCODEC_PROFILE_PATH"
 PROFILES = Artifacts("kvtc profile", SEARCH_ENV, Path.home() / ".cache" / "kvcodec" / "profiles", "profile")
 DEFAULT_TARGET_KL = 0.002  # the divergence a profile's steps aim at unless told (kvtc, cachegen with a profile)
+TARGET_LADDER = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)  # per-chunk choices for size or error targets
 FORMAT = "kvcodec-kvtc-profile"
 VERSION = "1"
 MAX_CHANNELS = 1 << 14  # a profile's C at most (its transforms are C x C)
@@ -141,6 +142,8 @@ class Profile:
                 if inv.ndim != 1 or 2 * len(inv) > dims["key"]:
                     raise CodecError(f"{layer}.rope.inv_freq does not fit head_dim {dims['key']}")
                 ropes.append(Rope(take(f"{layer}.rope.inv_freq", inv.shape), float(take(f"{layer}.rope.scale", (1,))[0])))
+                if not ropes[-1].scale > 0:
+                    raise CodecError(f"{layer}.rope.scale must be positive")
             else:
                 ropes.append(None)
         transforms = {}
