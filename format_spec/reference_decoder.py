@@ -575,26 +575,36 @@ def decode_lane2(words: list[int], symbols: list) -> list[int]:
     return out
 
 
+def sinks_and_lanes(payload: bytes, shape, s: int, dtype: str, count: int, rule: str):
+    """(the record's output holding its `s` exact sink tokens, the words of each of its `count`
+    lanes) of a payload laid out as in 8.5's lane format 2: raw sinks, u32 lengths, the words."""
+    b, h, _, d = shape
+    size = ITEMSIZE[dtype]
+    out = np.zeros(shape, dtype=BITS_DTYPE[size])
+    sink_bytes = b * h * s * d * size
+    need(len(payload) >= sink_bytes + 4 * count, rule, "the payload holds its lane lengths")
+    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
+    lengths = struct.unpack_from(f"<{count}I", payload, sink_bytes)
+    pos = sink_bytes + 4 * count
+    need(len(payload) == pos + 2 * sum(lengths), rule, "the payload's length")
+    lanes = []
+    for length in lengths:
+        lanes.append(list(struct.unpack_from(f"<{length}H", payload, pos)))
+        pos += 2 * length
+    return out, lanes
+
+
 def cachegen_format2(config, context, payload, layer, tensor, start, shape, dtype):
     b, h, n_tok, d = shape
     hh, dd, g, k, steps, main, delta, tables = parse_tables2(context[0])[(layer, tensor)]
     need((hh, dd) == (h, d), "8.5", "tables of the record's shape")
-    size = ITEMSIZE[dtype]
     s = max(0, min(config["sinks"] - start, n_tok))
     n = n_tok - s
     c = h * d
-    out = np.zeros(shape, dtype=BITS_DTYPE[size])
-    sink_bytes = b * h * s * d * size
-    need(len(payload) >= sink_bytes + 4 * b * c, "8.5", "the payload holds its lane lengths")
-    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
-    lengths = struct.unpack_from(f"<{b * c}I", payload, sink_bytes)
-    pos = sink_bytes + 4 * b * c
-    need(len(payload) == pos + 2 * sum(lengths), "8.5", "the payload's length")
+    out, lanes = sinks_and_lanes(payload, shape, s, dtype, b * c, "8.5")
     for bi in range(b):
         for ch in range(c):
-            length = lengths[bi * c + ch]
-            words = list(struct.unpack_from(f"<{length}H", payload, pos))
-            pos += 2 * length
+            words = lanes[bi * c + ch]
             anchored = delta[ch] != 0xFFFF
             use = [tables[main[ch]] if i % g == 0 or not anchored else tables[delta[ch]] for i in range(n)]
             v = decode_lane2(words, use)
@@ -658,21 +668,11 @@ def kvtc(config, context, payload, layer, tensor, shape, dtype, positions):
     top = [max(row[i] for row in positions) for i in range(n_tok)]
     s = next((i for i, p in enumerate(top) if p >= config["sinks"]), n_tok)
     n = n_tok - s
-    size = ITEMSIZE[dtype]
-    out = np.zeros(shape, dtype=BITS_DTYPE[size])
-    sink_bytes = b * h * s * d * size
-    need(len(payload) >= sink_bytes + 4 * b * c, "8.7", "the payload holds its lane lengths")
-    out[:, :, :s] = np.frombuffer(payload, BITS_DTYPE[size], b * h * s * d).reshape(b, h, s, d)
-    lengths = struct.unpack_from(f"<{b * c}I", payload, sink_bytes)
-    pos = sink_bytes + 4 * b * c
-    need(len(payload) == pos + 2 * sum(lengths), "8.7", "the payload's length")
+    out, lanes = sinks_and_lanes(payload, shape, s, dtype, b * c, "8.7")
     v = np.zeros((b, c, n), dtype=np.int64)
     for bi in range(b):
         for j in range(c):
-            length = lengths[bi * c + j]
-            words = list(struct.unpack_from(f"<{length}H", payload, pos))
-            pos += 2 * length
-            v[bi, j] = decode_lane2(words, [tables[main[j]]] * n)
+            v[bi, j] = decode_lane2(lanes[bi * c + j], [tables[main[j]]] * n)
     m = arrays[f"{layer}.{tensor}.decoder"]
     mean = arrays[f"{layer}.{tensor}.mean"]
     a = [[float(m[ch, j]) * float(steps[j]) for j in range(c)] for ch in range(c)]

@@ -21,6 +21,8 @@ window kept exact) are compared in BENCHMARKS.md.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -164,8 +166,7 @@ def from_caches(caches: list[KVCache], ropes: list[Rope | None], model: str = ""
             cov = (z - mean).T @ (z - mean) / max(len(z), 1)
             m = (metric_of or {}).get((i, tensor), torch.eye(z.shape[1], dtype=torch.float64))
             t = weighted_transform(mean, cov, m)
-            transforms[(i, tensor)] = Transform(t.mean, t.encoder, t.decoder, t.spread,
-                                                float((sensitivity or {}).get((i, tensor), 1.0)))
+            transforms[(i, tensor)] = replace(t, sensitivity=float((sensitivity or {}).get((i, tensor), 1.0)))
     return Profile(model, heads, dims, tuple(ropes), transforms, {"from": "caches"})
 
 
@@ -275,10 +276,10 @@ def measure_sensitivity(profile: Profile, first, model: str, progress=None) -> P
         sigma = NOISE * float(np.sqrt(np.mean(t.spread.astype(np.float64) ** 2)))
         kl = _kl(ref, continue_logits(_noisy(cache, profile, layer, tensor, sigma, k), ids[:, prefix:], prefix, model))
         per_element = max(kl, 1e-12) / (sigma ** 2 * _coded_elements(cache.layers[layer], tensor))
-        transforms[(layer, tensor)] = Transform(t.mean, t.encoder, t.decoder, t.spread, per_element * total)
+        transforms[(layer, tensor)] = replace(t, sensitivity=per_element * total)
         if progress:
             progress(20 + 70 * (k + 1) // len(profile.transforms))
-    return Profile(profile.model, profile.heads, profile.head_dims, profile.ropes, transforms, profile.calibration)
+    return replace(profile, transforms=transforms)
 
 
 def measure_kl_scale(profile: Profile, first, model: str, rounds: int = 2) -> Profile:
@@ -294,12 +295,10 @@ def measure_kl_scale(profile: Profile, first, model: str, rounds: int = 2) -> Pr
     scale = 1.0
     with tempfile.TemporaryDirectory() as folder:
         for k in range(rounds):
-            profile = Profile(profile.model, profile.heads, profile.head_dims, profile.ropes, profile.transforms,
-                              profile.calibration, scale)
+            profile = replace(profile, kl_scale=scale)
             path = Path(folder) / f"profile{k}.safetensors"
             path.write_bytes(profile.to_bytes())
             restored = api.decode(api.encode(cache.to(dtype=torch.float16), "kvtc", profile=str(path)))
             kl = _kl(ref, continue_logits(restored, ids[:, prefix:], prefix, model))
             scale *= max(kl, 1e-9) / DEFAULT_TARGET_KL
-    return Profile(profile.model, profile.heads, profile.head_dims, profile.ropes, profile.transforms,
-                   profile.calibration, scale)
+    return replace(profile, kl_scale=scale)

@@ -32,7 +32,7 @@ from kvcodec.cache import TENSORS
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import lanes, shared_lanes, shared_tables, tables
-from kvcodec.entropy.quantizer import MAX_SPAN_STEPS, channel_steps
+from kvcodec.entropy.quantizer import channel_steps, span_floor
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import FileTables
 from kvcodec.errors import CodecError
@@ -127,11 +127,7 @@ class CacheGenCodec(Codec):
         """Channel steps from a model's profile: `sqrt(12 target_kl / (kl_scale * sensitivity *
         metric_c))`, metric_c the error metric's diagonal at channel c (the rule kvtc follows for
         its components, here on channels), never finer than the channel's range over 4000."""
-        b, h, _, d = chunks.shape(layer, tensor)
-        if chunks.num_layers != profile.num_layers or (h, d) != (profile.heads, profile.head_dims[tensor]):
-            raise CodecError(f"cachegen: the profile is for a model of {profile.num_layers} layers of {profile.heads} "
-                             f"heads x {profile.head_dims[tensor]} ({profile.model}); layer {layer} {tensor} is "
-                             f"{h} heads x {d} of {chunks.num_layers} layers")
+        profile.check_fits(chunks.num_layers, chunks.shape(layer, tensor), layer, tensor, self.name)
         t = profile.transforms[(layer, tensor)]
         target = self.target_kl if self.target_kl is not None else profiles.DEFAULT_TARGET_KL
         metric = np.maximum(profiles.metric_diagonal(t), 1e-30)
@@ -139,10 +135,7 @@ class CacheGenCodec(Codec):
         if not (np.isfinite(steps).all() and (steps > 0).all()):
             raise CodecError(f"cachegen: the profile gives layer {layer} {tensor} steps out of float32's range "
                              "(a damaged profile)")
-        if coded.shape[2]:
-            spread = (coded.amax(dim=(0, 2)) - coded.amin(dim=(0, 2))).reshape(-1).numpy()
-            steps = np.maximum(steps, (spread / MAX_SPAN_STEPS).astype(np.float32))
-        return steps
+        return span_floor(steps, coded)
 
     def sink_count(self, info: ChunkInfo) -> int:
         return int(sink_counts(self.sinks, info.token_start, info.shape[2]))
@@ -185,8 +178,7 @@ class CacheGenCodec(Codec):
         """Lane format 2 keeps the tables of `used` tensors and a placeholder for the others."""
         if self.lanes == 1:
             return list(blobs)
-        tables = self.load_context(blobs)
-        return [tables.narrowed(used).to_blob(1 + max(layer for layer, _ in tables.tensors))]
+        return [SharedTables.narrowed_blob(blobs[0], used, self.name)]
 
     # -- chunks ------------------------------------------------------------------------------
     def coded(self, info, context: SharedTables) -> shared_lanes.Coded:

@@ -31,7 +31,7 @@ from kvcodec.cache import TENSORS
 from kvcodec.codecs.base import ChunkInfo, Chunks, Codec, check_finite
 from kvcodec.dtypes import to_dtype
 from kvcodec.entropy import shared_lanes, shared_tables
-from kvcodec.entropy.quantizer import MAX_SPAN_STEPS
+from kvcodec.entropy.quantizer import span_floor
 from kvcodec.entropy.shared_tables import SharedTables
 from kvcodec.entropy.tables import MAX_SYMBOL
 from kvcodec.errors import CodecError
@@ -127,13 +127,6 @@ class KVTCCodec(Codec):
         """The uniform step of a (layer, key/value)'s components (see the module's docstring)."""
         return math.sqrt(12 * self.target_kl / (profile.kl_scale * profile.transforms[(layer, tensor)].sensitivity))
 
-    def check_fits(self, profile: Profile, num_layers: int, shape, layer: int, tensor: str) -> None:
-        b, h, t, d = shape
-        if num_layers != profile.num_layers or h != profile.heads or d != profile.head_dims[tensor]:
-            raise CodecError(f"kvtc: the profile is for a model of {profile.num_layers} layers of {profile.heads} "
-                             f"heads x {profile.head_dims[tensor]} ({profile.model}); layer {layer} {tensor} is "
-                             f"{h} heads x {d} of {num_layers} layers")
-
     # -- transform ---------------------------------------------------------------------------
     def components(self, profile: Profile, chunk: torch.Tensor, info: ChunkInfo) -> torch.Tensor:
         """float32 [B, 1, n, C]: the components of the chunk's coded tokens (after its sinks)."""
@@ -173,7 +166,7 @@ class KVTCCodec(Codec):
         for i in range(chunks.num_layers):
             for name in TENSORS:
                 shape = chunks.shape(i, name)
-                self.check_fits(profile, chunks.num_layers, shape, i, name)
+                profile.check_fits(chunks.num_layers, shape, i, name, self.name)
                 bodies = []
                 for info, chunk in chunks.of(i, name):
                     check_finite(chunk, info, self.name)
@@ -185,16 +178,14 @@ class KVTCCodec(Codec):
                 if not (torch.isfinite(joined).all() and np.isfinite(step) and step > 0):
                     raise CodecError(f"kvtc: the profile gives layer {i} {name} components or a step out of "
                                      "float32's range (a damaged profile)")
-                spans = (joined.amax((0, 1, 2)) - joined.amin((0, 1, 2))).numpy() if joined.shape[2] else np.zeros(c)
-                steps = np.maximum(np.full(c, step, np.float32), (spans / MAX_SPAN_STEPS).astype(np.float32))
+                steps = span_floor(np.full(c, step, np.float32), joined)
                 fitted[(i, name)] = shared_tables.fit(bodies, steps, 1, 0, self.tables, f"kvtc: layer {i} {name}")
         return [SharedTables(fitted).to_blob(chunks.num_layers)] + ([data] if self.embed else [])
 
     def narrow_context(self, blobs, used) -> list[bytes]:
         """The tables of `used` tensors and placeholders for the others (as cachegen's, 8.5); an
         embedded profile stays whole."""
-        tables = SharedTables.from_blob(blobs[0], self.name)
-        return [tables.narrowed(used).to_blob(1 + max(layer for layer, _ in tables.tensors))] + list(blobs[1:])
+        return [SharedTables.narrowed_blob(blobs[0], used, self.name)] + list(blobs[1:])
 
     def load_context(self, blobs) -> Context:
         if len(blobs) != 1 + int(self.embed):

@@ -82,8 +82,15 @@ def channel_steps(x: torch.Tensor, rel_step: float, emphasis: float) -> np.ndarr
     weight = (rms / rms.mean()).clamp_min(1e-6).pow(-emphasis) if rms.mean() > 0 else torch.ones_like(rms)
     weight = (weight / weight.log().mean().exp()).clamp(1 / MAX_WEIGHT, MAX_WEIGHT)
     steps = (rel_step * sigma * weight).numpy().astype(np.float32)
-    # a channel of outliers would span more symbols than a table holds: its step widens to fit
-    # (min and max are exact on any device, so the steps stay the same bits everywhere)
+    return span_floor(steps, x)
+
+
+def span_floor(steps: np.ndarray, x: torch.Tensor) -> np.ndarray:
+    """`steps` [H*D] widened where a channel of `x` [B, H, N, D] would span more symbols than a
+    table holds (its range over MAX_SPAN_STEPS), in x's dtype: min and max are exact on any
+    device, so the steps stay the same bits everywhere."""
+    if x.shape[2] == 0:
+        return steps
     spread = (x.amax(dim=(0, 2)) - x.amin(dim=(0, 2))).cpu().reshape(-1).numpy()
     return np.maximum(steps, (spread / MAX_SPAN_STEPS).astype(np.float32))
 

@@ -306,6 +306,12 @@ class SharedTables:
         """These tables with every (layer, key/value) outside `used` replaced by its placeholder."""
         return SharedTables({key: t if key in used else t.placeholder() for key, t in self.tensors.items()})
 
+    @classmethod
+    def narrowed_blob(cls, blob: bytes, used: set[tuple[int, str]], codec: str) -> bytes:
+        """A stored tables blob with only the `used` tensors' tables, placeholders for the rest."""
+        tables = cls.from_blob(blob, codec)
+        return tables.narrowed(used).to_blob(1 + max(layer for layer, _ in tables.tensors))
+
     def to_blob(self, num_layers: int) -> bytes:
         """The stored form (spec 8.5, lane format 2): one zstd frame holding every layer's key then
         value set heads, then each field of all sets back to back."""

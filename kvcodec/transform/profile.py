@@ -75,6 +75,15 @@ class Profile:
     def channels(self, tensor: str) -> int:
         return self.heads * self.head_dims[tensor]
 
+    def check_fits(self, num_layers: int, shape, layer: int, tensor: str, codec: str) -> None:
+        """CodecError unless a cache of `num_layers` layers whose (layer, tensor) has `shape`
+        [B, H, T, D] is of this profile's model: a profile never codes another model's cache."""
+        h, d = shape[1], shape[3]
+        if num_layers != self.num_layers or (h, d) != (self.heads, self.head_dims[tensor]):
+            raise CodecError(f"{codec}: the profile is for a model of {self.num_layers} layers of {self.heads} "
+                             f"heads x {self.head_dims[tensor]} ({self.model}); layer {layer} {tensor} is "
+                             f"{h} heads x {d} of {num_layers} layers")
+
     def to_bytes(self) -> bytes:
         from safetensors.numpy import save
 
